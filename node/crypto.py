@@ -1,0 +1,123 @@
+"""The one module that owns the envelope's primitives and constants.
+
+Callers never touch HKDF, AES-GCM or BLAKE2b directly: they call these helpers, so the
+protocol's parameters (PROTOCOL.md part A, "Primitives") live in exactly one place.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import os
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+SALT_SIZE = 16
+NONCE_SIZE = 12
+X25519_KEY_SIZE = 32
+HASH_SIZE = 32
+AES_KEY_SIZE = 32
+TAG_SIZE = 16
+ED25519_SIGNATURE_SIZE = 64
+ED25519_KEY_SIZE = 32
+SUI_ED25519_FLAG = 0x00
+SUI_SIGNATURE_SIZE = 1 + ED25519_SIGNATURE_SIZE + ED25519_KEY_SIZE
+HKDF_INFO = b""
+
+__all__ = [
+    "AES_KEY_SIZE",
+    "Aead",
+    "Base64Error",
+    "HASH_SIZE",
+    "NONCE_SIZE",
+    "SALT_SIZE",
+    "SUI_ED25519_FLAG",
+    "SUI_SIGNATURE_SIZE",
+    "TAG_SIZE",
+    "X25519_KEY_SIZE",
+    "b64d",
+    "b64e",
+    "blake2b_256",
+    "constant_time_equal",
+    "derive_key",
+    "random_nonce",
+    "random_salt",
+]
+
+
+class Base64Error(ValueError):
+    """A field is not canonical standard base64 with padding."""
+
+
+def b64e(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def b64d(text: str) -> bytes:
+    """Strict standard base64: only the standard alphabet, padding required, canonical form.
+
+    Re-encoding catches non-zero trailing bits, which `validate=True` alone lets through, so
+    one byte string has exactly one accepted encoding.
+    """
+    if not isinstance(text, str) or not text.isascii():
+        raise Base64Error("not base64")
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise Base64Error("not base64") from None
+    if base64.b64encode(data).decode("ascii") != text:
+        raise Base64Error("not canonical base64")
+    return data
+
+
+def blake2b_256(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=HASH_SIZE).digest()
+
+
+def constant_time_equal(a: bytes, b: bytes) -> bool:
+    return hmac.compare_digest(a, b)
+
+
+def derive_key(shared_secret: bytes, salt: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=AES_KEY_SIZE, salt=salt, info=HKDF_INFO).derive(
+        shared_secret
+    )
+
+
+def random_nonce() -> bytes:
+    return os.urandom(NONCE_SIZE)
+
+
+def random_salt() -> bytes:
+    return os.urandom(SALT_SIZE)
+
+
+class Aead:
+    """AES-256-GCM with no associated data and the tag appended (the `AESGCM` default layout)."""
+
+    __slots__ = ("_aesgcm",)
+
+    def __init__(self, key: bytes) -> None:
+        self._aesgcm = AESGCM(key)
+
+    @classmethod
+    def from_shared_secret(cls, shared_secret: bytes, salt: bytes) -> Aead:
+        return cls(derive_key(shared_secret, salt))
+
+    def encrypt(self, nonce: bytes, plaintext: bytes) -> bytes:
+        return self._aesgcm.encrypt(nonce, plaintext, None)
+
+    def decrypt(self, nonce: bytes, ciphertext: bytes) -> bytes | None:
+        """The plaintext, or None when the tag does not verify."""
+        try:
+            return self._aesgcm.decrypt(nonce, ciphertext, None)
+        except InvalidTag:
+            return None
+
+    def __repr__(self) -> str:
+        return "Aead(<key hidden>)"

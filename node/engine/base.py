@@ -1,0 +1,57 @@
+"""The engine interface: what the server asks of vLLM, an upstream server or the echo engine.
+
+Requests and responses are OpenAI-format dicts (the decrypted plaintext, parsed). A streamed
+call yields `chat.completion.chunk` / `text_completion` chunk dicts; the last chunk carries
+`usage` and empty `choices` (the node always asks for usage). Engines raise the node's error
+types: ModelNotFound, EngineBadRequest (parameters the engine refuses), NotReady, EngineError.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+Task = Literal["chat", "completions", "embeddings"]
+Chunk = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """One served model, as listed by GET /v1/models."""
+
+    id: str
+    tasks: frozenset[Task] = field(default_factory=lambda: frozenset({"chat", "completions"}))
+    owned_by: str = "tee-node"
+    max_model_len: int | None = None
+
+    def to_openai(self, created: int) -> dict[str, Any]:
+        return {"id": self.id, "object": "model", "created": created, "owned_by": self.owned_by}
+
+
+@runtime_checkable
+class Engine(Protocol):
+    name: str
+    # Whether the engine may serve in a real TEE (the echo engine may not).
+    tee_capable: bool
+
+    async def start(self) -> None:
+        """Load models; may take minutes. `ready` turns True when done."""
+
+    async def stop(self) -> None: ...
+
+    @property
+    def ready(self) -> bool: ...
+
+    def models(self) -> list[ModelCard]: ...
+
+    async def chat(self, request: dict[str, Any], request_id: str) -> dict[str, Any] | AsyncIterator[Chunk]:
+        """A chat completion; an async iterator of chunks when request["stream"] is true."""
+
+    async def complete(self, request: dict[str, Any], request_id: str) -> dict[str, Any] | AsyncIterator[Chunk]:
+        """A text completion; an async iterator of chunks when request["stream"] is true."""
+
+    async def embed(self, request: dict[str, Any], request_id: str) -> dict[str, Any]: ...
+
+    async def abort(self, request_id: str) -> None:
+        """Free the engine slot of a request whose client went away (idempotent)."""

@@ -1,0 +1,200 @@
+"""The node's keys: an X25519 keyring with integer epochs and an Ed25519 signer (Sui format).
+
+Key material never appears in a repr, a log line or an exception text; objects here show only
+public keys and epochs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+
+from cryptography.exceptions import InvalidSignature as _CryptoInvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from .crypto import (
+    ED25519_KEY_SIZE,
+    SUI_ED25519_FLAG,
+    SUI_SIGNATURE_SIZE,
+    Base64Error,
+    b64d,
+    b64e,
+)
+from .errors import BadSignature, ReplayedRequest
+
+_RAW = (Encoding.Raw, PublicFormat.Raw)
+
+
+def _raw_public(key: X25519PublicKey | Ed25519PublicKey) -> bytes:
+    return key.public_bytes(*_RAW)
+
+
+class Signer:
+    """Ed25519 signing key producing Sui-format signatures: flag 0x00 ‖ signature ‖ public key."""
+
+    __slots__ = ("_private", "public_key", "_suffix")
+
+    def __init__(self, private_key: Ed25519PrivateKey) -> None:
+        self._private = private_key
+        self.public_key = _raw_public(private_key.public_key())
+        self._suffix = self.public_key
+
+    @classmethod
+    def generate(cls) -> Signer:
+        return cls(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def from_seed(cls, seed: bytes) -> Signer:
+        return cls(Ed25519PrivateKey.from_private_bytes(seed))
+
+    @property
+    def public_key_b64(self) -> str:
+        return b64e(self.public_key)
+
+    def sign(self, message: bytes) -> bytes:
+        """The 97-byte Sui signature over `message` (the raw 32 hash bytes, no intent prefix)."""
+        return b"\x00" + self._private.sign(message) + self._suffix
+
+    def sign_b64(self, message: bytes) -> str:
+        return b64e(self.sign(message))
+
+    def __repr__(self) -> str:
+        return f"Signer(public_key={self.public_key_b64})"
+
+
+def verify_sui_signature(
+    signature: str | bytes, message: bytes, expected_public_key: bytes | None = None
+) -> bytes:
+    """Verify a Sui Ed25519 signature over `message`; return the signer's public key.
+
+    Raises BadSignature for a wrong encoding, flag, length, key or signature.
+    """
+    if isinstance(signature, str):
+        try:
+            signature = b64d(signature)
+        except Base64Error:
+            raise BadSignature("signature is not base64") from None
+    if len(signature) != SUI_SIGNATURE_SIZE:
+        raise BadSignature("signature has the wrong length")
+    if signature[0] != SUI_ED25519_FLAG:
+        raise BadSignature("signature scheme flag is not Ed25519")
+    public_key = signature[-ED25519_KEY_SIZE:]
+    if expected_public_key is not None and public_key != expected_public_key:
+        raise BadSignature("signature is by an unexpected key")
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key).verify(signature[1:-ED25519_KEY_SIZE], message)
+    except (_CryptoInvalidSignature, ValueError):
+        raise BadSignature() from None
+    return public_key
+
+
+class NodeKey:
+    """One X25519 key epoch and the replay identities accepted under it."""
+
+    __slots__ = ("epoch", "public_key", "public_key_b64", "created_at", "_private", "_seen", "_capacity")
+
+    def __init__(self, epoch: int, private_key: X25519PrivateKey, created_at: float, capacity: int) -> None:
+        self.epoch = epoch
+        self._private = private_key
+        self.public_key = _raw_public(private_key.public_key())
+        self.public_key_b64 = b64e(self.public_key)
+        self.created_at = created_at
+        self._seen: set[bytes] = set()
+        self._capacity = capacity
+
+    def exchange(self, peer_public_key: bytes) -> bytes:
+        """The raw X25519 shared secret; ValueError for an invalid or low-order peer key."""
+        return self._private.exchange(X25519PublicKey.from_public_bytes(peer_public_key))
+
+    @property
+    def replay_entries(self) -> int:
+        return len(self._seen)
+
+    @property
+    def full(self) -> bool:
+        return len(self._seen) >= self._capacity
+
+    def __repr__(self) -> str:
+        return f"NodeKey(epoch={self.epoch}, public_key={self.public_key_b64})"
+
+
+def replay_identity(client_public_key: bytes, salt: bytes, nonce: bytes) -> bytes:
+    """A 16-byte digest of (client key, salt, nonce): what the replay cache stores per request."""
+    return hashlib.blake2b(client_public_key + salt + nonce, digest_size=16).digest()
+
+
+class KeyRing:
+    """The current X25519 key and, for `overlap` seconds after a rotation, the previous one.
+
+    A key rotates every `rotation_interval` seconds, on demand, and early when its replay cache
+    reaches `replay_capacity`: a full key takes no new requests (they get STALE_NODE_KEY and the
+    current key), so replay protection is total and memory is bounded by two caches.
+    """
+
+    def __init__(
+        self,
+        rotation_interval: float = 3600.0,
+        overlap: float = 300.0,
+        replay_capacity: int = 500_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if overlap < 0 or rotation_interval <= 0 or replay_capacity <= 0:
+            raise ValueError("rotation_interval and replay_capacity must be positive, overlap non-negative")
+        self.rotation_interval = rotation_interval
+        self.overlap = overlap
+        self.replay_capacity = replay_capacity
+        self._clock = clock
+        self._epoch = 0
+        self._previous: NodeKey | None = None
+        self._previous_until = 0.0
+        self._listeners: list[Callable[[NodeKey], None]] = []
+        self.current = self._new_key()
+
+    def _new_key(self) -> NodeKey:
+        self._epoch += 1
+        return NodeKey(self._epoch, X25519PrivateKey.generate(), self._clock(), self.replay_capacity)
+
+    def on_rotate(self, listener: Callable[[NodeKey], None]) -> None:
+        self._listeners.append(listener)
+
+    def rotate(self) -> NodeKey:
+        now = self._clock()
+        self._previous, self._previous_until = self.current, now + self.overlap
+        self.current = self._new_key()
+        for listener in self._listeners:
+            listener(self.current)
+        return self.current
+
+    def maintain(self) -> None:
+        """Rotate when the interval has passed; retire the previous key after its overlap."""
+        now = self._clock()
+        if now - self.current.created_at >= self.rotation_interval:
+            self.rotate()
+        if self._previous is not None and now >= self._previous_until:
+            self._previous = None
+
+    def live_keys(self) -> list[NodeKey]:
+        self.maintain()
+        return [k for k in (self.current, self._previous) if k is not None]
+
+    def live_key(self, public_key: bytes) -> NodeKey | None:
+        """The live key with this public key that still takes requests, else None."""
+        for key in self.live_keys():
+            if key.public_key == public_key:
+                return None if key.full else key
+        return None
+
+    def claim(self, key: NodeKey, identity: bytes) -> None:
+        """Record a request's replay identity under `key`; ReplayedRequest if seen before."""
+        if identity in key._seen:
+            raise ReplayedRequest()
+        key._seen.add(identity)
+        if key.full and key is self.current:
+            self.rotate()
+
+    def __repr__(self) -> str:
+        previous = self._previous.epoch if self._previous else None
+        return f"KeyRing(current_epoch={self.current.epoch}, previous_epoch={previous})"
