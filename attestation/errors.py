@@ -1,0 +1,53 @@
+"""One exception hierarchy for everything that can go wrong with attestation evidence."""
+
+
+class AttestationError(Exception):
+    """Base class: the evidence cannot be trusted (or cannot be produced)."""
+
+
+class ParseError(AttestationError):
+    """The bytes are not a well-formed quote/report (truncated, bad value, unsupported type)."""
+
+
+class SignatureInvalid(AttestationError):
+    """A signature in the evidence or its certificate chain does not verify."""
+
+
+class ChainInvalid(AttestationError):
+    """A certificate chain is malformed, expired at the verification time or not rooted in a pinned root."""
+
+
+class CertificateRevoked(ChainInvalid):
+    """A certificate of the chain is listed in a CRL."""
+
+
+class CollateralInvalid(AttestationError):
+    """Supplied vendor collateral (CRL, TCB info, QE identity) is malformed, stale or does not match."""
+
+
+class ReportDataMismatch(AttestationError):
+    """REPORTDATA does not commit to the document's keys, nonce and configuration."""
+
+
+class NonceMismatch(AttestationError):
+    """The evidence answers a different nonce than the one the verifier sent."""
+
+
+class SimulatedNotAllowed(AttestationError):
+    """The evidence comes from the simulated TEE and the verifier did not allow it."""
+
+
+class MeasurementNotAllowed(AttestationError):
+    """The measured code (MRTD / MEASUREMENT) is not in the verifier's allow list."""
+
+
+class TeeNotAllowed(AttestationError):
+    """The TEE type is not in the verifier's allow list."""
+
+
+class GpuEvidenceInvalid(AttestationError):
+    """GPU evidence is missing, malformed, bound to another nonce, or could not be verified while required."""
+
+
+class AttestationUnavailable(AttestationError):
+    """The TEE or GPU attestation device is missing or refused to produce evidence."""
