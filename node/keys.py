@@ -121,9 +121,27 @@ class NodeKey:
         return f"NodeKey(epoch={self.epoch}, public_key={self.public_key_b64})"
 
 
+_P25519 = 2**255 - 19
+
+
+def _canonical_x25519(public_key: bytes) -> bytes:
+    """The u-coordinate X25519 actually uses: bit 255 cleared, reduced mod p (RFC 7748 5).
+
+    Without this, flipping the ignored top bit of a captured request's client key (or adding
+    p) gives the same shared secret under a different replay identity: a replay bypass.
+    """
+    if len(public_key) != 32 or public_key[31] < 0x7F:  # fast path: already canonical
+        return public_key
+    u = (int.from_bytes(public_key, "little") & ((1 << 255) - 1)) % _P25519
+    return u.to_bytes(32, "little")
+
+
 def replay_identity(client_public_key: bytes, salt: bytes, nonce: bytes) -> bytes:
-    """A 16-byte digest of (client key, salt, nonce): what the replay cache stores per request."""
-    return hashlib.blake2b(client_public_key + salt + nonce, digest_size=16).digest()
+    """A 16-byte digest of (client key, salt, nonce): what the replay cache stores per request.
+
+    The client key is canonicalised first, so every encoding of one X25519 key is one identity.
+    """
+    return hashlib.blake2b(_canonical_x25519(client_public_key) + salt + nonce, digest_size=16).digest()
 
 
 class KeyRing:

@@ -1,0 +1,113 @@
+"""`tee-node`: serve the node, prepare models, verify quotes, attest and chat with a node."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import NodeConfig, load_config
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        merged[key] = _deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def config_from_args(args: argparse.Namespace) -> NodeConfig:
+    """The config file and environment, then the CLI flags on top."""
+    config = load_config(args.config)
+    flags: dict[str, Any] = {}
+    if getattr(args, "host", None):
+        flags["host"] = args.host
+    if getattr(args, "port", None) is not None:
+        flags["port"] = args.port
+    if getattr(args, "engine", None):
+        flags.setdefault("engine", {})["kind"] = args.engine
+    if getattr(args, "model", None):
+        flags.setdefault("engine", {})["models"] = [{"name": args.model, "source": args.model}]
+    if getattr(args, "upstream_url", None):
+        flags.setdefault("engine", {})["upstream_url"] = args.upstream_url
+    if not flags:
+        return config
+    return NodeConfig(**_deep_merge(config.model_dump(), flags))
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from .server import create_app
+
+    config = config_from_args(args)
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    app = create_app(config)
+    logging.getLogger("tee_node").info(
+        "tee-node on http://%s:%d, tee_mode=%s, engine=%s, config_digest=%s",
+        config.host,
+        config.port,
+        config.tee_mode,
+        config.engine.kind,
+        config.digest().hex(),
+    )
+    web.run_app(
+        app,
+        host=config.host,
+        port=config.port,
+        shutdown_timeout=config.shutdown_grace,
+        access_log=None,
+        print=None,
+    )
+    return 0
+
+
+def _models_prepare(args: argparse.Namespace) -> int:
+    from .models import prepare_all
+
+    for path in prepare_all(config_from_args(args)):
+        print(path)
+    return 0
+
+
+def _config_digest(args: argparse.Namespace) -> int:
+    print(config_from_args(args).digest().hex())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tee-node", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", type=Path, default=None, help="TOML config (default: configs/simulated.toml)")
+        return p
+
+    serve = with_config(commands.add_parser("serve", help="run the node"))
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--engine", choices=["vllm", "upstream", "echo"])
+    serve.add_argument("--model", help="a model directory or name to serve instead of the configured ones")
+    serve.add_argument("--upstream-url", help="OpenAI-compatible server for --engine upstream")
+    serve.set_defaults(func=_serve)
+
+    models = commands.add_parser("models", help="model cache").add_subparsers(dest="models_command", required=True)
+    prepare = with_config(models.add_parser("prepare", help="prepare the configured models ahead of time"))
+    prepare.add_argument("--model")
+    prepare.set_defaults(func=_models_prepare)
+
+    config = commands.add_parser("config", help="configuration").add_subparsers(dest="config_command", required=True)
+    digest = with_config(config.add_parser("digest", help="print the config digest the attestation reports"))
+    digest.set_defaults(func=_config_digest)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""Node configuration: defaults < TOML file (`--config`) < `TEE_NODE_*` environment < CLI flags.
+
+Nested keys use `__` in the environment, e.g. `TEE_NODE_LIMITS__MAX_IN_FLIGHT=32`. The
+config's digest (`config_digest`) is what the attestation document reports, so a client
+can pin the exact configuration a node runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+TeeMode = Literal["simulated", "tdx", "sev-snp"]
+EngineKind = Literal["vllm", "upstream", "echo"]
+
+REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = REPO_CONFIGS / "simulated.toml"
+EMBEDDED_CHAT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+EMBEDDED_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "tee-node"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Section):
+    """One served model. `source` is `embedded:smollm2`, `embedded:minilm`, a local directory
+    or a model name vLLM can load; `name` is what clients put in `model`."""
+
+    name: str
+    source: str
+    task: Literal["generate", "embed"] = "generate"
+    dtype: str = "auto"
+    max_model_len: int | None = Field(default=None, ge=16)
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    pipeline_parallel_size: int = Field(default=1, ge=1)
+    distributed_executor_backend: Literal["mp", "ray", "uni", "external_launcher"] | None = None
+    # Anything else vLLM's AsyncEngineArgs takes, passed through unchanged.
+    engine_args: dict[str, Any] = Field(default_factory=dict)
+
+
+def _default_models() -> list[ModelConfig]:
+    return [
+        ModelConfig(name=EMBEDDED_CHAT_MODEL, source="embedded:smollm2", dtype="float32", max_model_len=2048),
+        ModelConfig(name=EMBEDDED_EMBEDDING_MODEL, source="embedded:minilm", task="embed", dtype="float32"),
+    ]
+
+
+class EngineConfig(_Section):
+    kind: EngineKind = "vllm"
+    models: list[ModelConfig] = Field(default_factory=_default_models)
+    # UpstreamEngine: an OpenAI-compatible server inside the same confidential VM.
+    upstream_url: str | None = None
+    upstream_api_key: str | None = Field(default=None, repr=False)
+    upstream_timeout: float = Field(default=600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _upstream_needs_url(self) -> EngineConfig:
+        if self.kind == "upstream" and not self.upstream_url:
+            raise ValueError("engine.kind = 'upstream' needs engine.upstream_url")
+        return self
+
+
+class AuthConfig(_Section):
+    # SHA-256 (hex) of each accepted bearer token; the tokens themselves are never stored.
+    api_token_sha256: list[str] = Field(default_factory=list)
+    # Ed25519 public keys (base64) of proxies whose X-Signature is required when any is set.
+    trusted_proxy_keys: list[str] = Field(default_factory=list)
+
+    @field_validator("api_token_sha256")
+    @classmethod
+    def _hex_digests(cls, values: list[str]) -> list[str]:
+        for value in values:
+            if len(value) != 64 or any(c not in "0123456789abcdef" for c in value.lower()):
+                raise ValueError("api_token_sha256 entries must be 64 hex characters")
+        return [v.lower() for v in values]
+
+
+class LimitsConfig(_Section):
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    max_in_flight: int = Field(default=64, ge=1)
+    max_queue: int = Field(default=256, ge=0)
+    queue_timeout: float = Field(default=30.0, gt=0)
+    retry_after: int = Field(default=1, ge=1)
+    # Seconds a client may take to send its headers and body; a slow client cannot hold a slot.
+    read_timeout: float = Field(default=30.0, gt=0)
+    keepalive_interval: float = Field(default=15.0, gt=0)
+    attestation_per_minute: int = Field(default=120, ge=1)
+
+
+class KeysConfig(_Section):
+    rotation_interval: float = Field(default=3600.0, gt=0)
+    overlap: float = Field(default=300.0, ge=0)
+    replay_capacity: int = Field(default=500_000, ge=1)
+
+
+class AttestationConfig(_Section):
+    # Simulated mode keeps its software root of trust here (0600), unless a seed is set.
+    state_dir: Path = Field(default_factory=lambda: default_cache_dir() / "state")
+    simulated_seed: str | None = Field(default=None, repr=False)
+    require_gpu: bool = False
+    configfs_tsm_path: Path = Path("/sys/kernel/config/tsm/report")
+
+
+class NodeConfig(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TEE_NODE_", env_nested_delimiter="__", extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    tee_mode: TeeMode = "simulated"
+    # Plain OpenAI routes (/v1/chat/completions ...) bypass the envelope: off unless asked for.
+    allow_plaintext: bool = False
+    node_small_id: int = Field(default=0, ge=0)
+    log_level: str = "INFO"
+    shutdown_grace: float = Field(default=30.0, ge=0)
+    cache_dir: Path = Field(default_factory=default_cache_dir)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    keys: KeysConfig = Field(default_factory=KeysConfig)
+    attestation: AttestationConfig = Field(default_factory=AttestationConfig)
+
+    @model_validator(mode="after")
+    def _tee_rules(self) -> NodeConfig:
+        if self.tee_mode != "simulated":
+            if not self.auth.api_token_sha256:
+                raise ValueError("a TEE mode needs at least one api token: open access is simulated-only")
+            if self.engine.kind == "echo":
+                raise ValueError("the echo engine cannot serve in a TEE mode")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if _toml_path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=_toml_path))
+        return tuple(sources)
+
+    def digest(self) -> bytes:
+        """SHA-256 of the canonical JSON of the whole configuration (reported by attestation)."""
+        data = self.model_dump(mode="json")
+        return hashlib.sha256(
+            json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        ).digest()
+
+
+_toml_path: Path | None = None
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> NodeConfig:
+    """Defaults, then the TOML file (`configs/simulated.toml` when none is given), then the
+    environment, then `overrides` (CLI flags; None values are ignored)."""
+    global _toml_path
+    _toml_path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not _toml_path.is_file():
+        raise FileNotFoundError(f"config file not found: {_toml_path}")
+    try:
+        return NodeConfig(**{k: v for k, v in overrides.items() if v is not None})
+    finally:
+        _toml_path = None

@@ -1,0 +1,168 @@
+"""The aiohttp app factory: wires routes to serving logic, owns lifecycles (`cleanup_ctx`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import orjson
+from aiohttp import web
+from pydantic import ValidationError
+
+from ..config import NodeConfig
+from ..engine import Engine, build_engine
+from ..errors import ModelNotFound, MalformedJson, NotReady, SchemaViolation
+from ..protocol import NodesCreateLockRequest
+from .middleware import CONTEXT, error_middleware
+from .openapi import openapi_document
+from .serving import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint, check_auth, read_body, serve_confidential, serve_plain
+from .state import NODE, NodeState
+
+log = logging.getLogger("tee_node.server")
+
+CONFIDENTIAL_ROUTES = {
+    "/v1/confidential/chat/completions": CHAT,
+    "/v1/confidential/completions": COMPLETIONS,
+    "/v1/confidential/embeddings": EMBEDDINGS,
+}
+PLAIN_ROUTES = {"/v1/chat/completions": CHAT, "/v1/completions": COMPLETIONS, "/v1/embeddings": EMBEDDINGS}
+
+
+def _json(data: object, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def _confidential(endpoint: Endpoint):
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await serve_confidential(request, endpoint)
+
+    return handler
+
+
+def _plain(endpoint: Endpoint):
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await serve_plain(request, endpoint)
+
+    return handler
+
+
+async def nodes_lock(request: web.Request) -> web.Response:
+    """Key discovery for clients pointed straight at the node (Atoma's proxy answers it there)."""
+    state = request.app[NODE]
+    check_auth(state, request)
+    body = await read_body(state, request, request[CONTEXT])
+    try:
+        lock = NodesCreateLockRequest.model_validate_json(body)
+    except ValidationError as exc:
+        if any(e["type"] == "json_invalid" for e in exc.errors(include_input=False)):
+            raise MalformedJson() from None
+        raise SchemaViolation() from None
+    if not any(card.id == lock.model for card in state.engine.models()):
+        raise ModelNotFound()
+    key = state.keyring.live_keys()[0]
+    return _json(
+        {
+            "public_key": key.public_key_b64,
+            "node_small_id": state.config.node_small_id,
+            "stack_entry_digest": None,
+            "stack_small_id": 0,
+        }
+    )
+
+
+async def list_models(request: web.Request) -> web.Response:
+    state = request.app[NODE]
+    created = int(state.started_at)
+    return _json({"object": "list", "data": [card.to_openai(created) for card in state.engine.models()]})
+
+
+async def health(request: web.Request) -> web.Response:
+    return _json({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    state = request.app[NODE]
+    if not state.engine.ready:
+        raise NotReady()
+    return _json({"status": "ready", "key_epoch": state.keyring.current.epoch})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    state = request.app[NODE]
+    state.metrics.engine_ready.set(1 if state.engine.ready else 0)
+    state.metrics.in_flight.set(state.admission.in_flight)
+    state.metrics.queued.set(state.admission.queued)
+    state.metrics.key_epoch.set(state.keyring.current.epoch)
+    return web.Response(body=state.metrics.render(), content_type="text/plain", charset="utf-8")
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return _json(request.app[OPENAPI])
+
+
+OPENAPI: web.AppKey[dict] = web.AppKey("openapi", dict)
+
+
+async def _engine_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    """Load the engine in the background: /health answers at once, /ready once it is loaded."""
+    state = app[NODE]
+
+    async def load() -> None:
+        started = time.perf_counter()
+        try:
+            await state.engine.start()
+        except Exception as exc:  # the reason by type only; /ready stays 503
+            log.error("engine %s failed to start: %s", state.engine.name, type(exc).__name__)
+            return
+        log.info("engine %s ready in %.1f s", state.engine.name, time.perf_counter() - started)
+
+    loading = asyncio.create_task(load())
+    yield
+    loading.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await loading
+    await state.engine.stop()
+
+
+async def _key_maintenance(app: web.Application) -> AsyncIterator[None]:
+    """Rotate keys on schedule even when no request arrives."""
+    state = app[NODE]
+    period = max(0.05, min(5.0, state.config.keys.rotation_interval / 10, (state.config.keys.overlap or 5.0) / 10))
+
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(period)
+            state.keyring.maintain()
+
+    task = asyncio.create_task(loop())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def create_app(config: NodeConfig, engine: Engine | None = None) -> web.Application:
+    engine = engine or build_engine(config)
+    if config.tee_mode != "simulated" and not engine.tee_capable:
+        raise ValueError(f"the {engine.name} engine cannot serve in TEE mode {config.tee_mode}")
+    state = NodeState.build(config, engine)
+    app = web.Application(middlewares=[error_middleware], client_max_size=config.limits.max_body_bytes)
+    app[NODE] = state
+    app[OPENAPI] = openapi_document(config)
+    for path, endpoint in CONFIDENTIAL_ROUTES.items():
+        app.router.add_post(path, _confidential(endpoint))
+    if config.allow_plaintext:
+        for path, endpoint in PLAIN_ROUTES.items():
+            app.router.add_post(path, _plain(endpoint))
+    app.router.add_post("/v1/nodes/lock", nodes_lock)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi)
+    app.cleanup_ctx.append(_engine_lifecycle)
+    app.cleanup_ctx.append(_key_maintenance)
+    return app

@@ -1,0 +1,114 @@
+"""One error middleware: request ids, our exception types to the error table, access logs.
+
+Logs carry request id, route, model, sizes, status and timings only. Unexpected exceptions are
+logged by type and code location, never by message: messages of parsers and libraries can
+quote the input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import traceback
+import uuid
+from dataclasses import dataclass
+
+import orjson
+from aiohttp import web
+
+from ..errors import BodyTooLarge, InternalError, NodeError, Overloaded
+from .state import NODE
+
+log = logging.getLogger("tee_node.access")
+error_log = logging.getLogger("tee_node.errors")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+@dataclass
+class RequestContext:
+    request_id: str
+    route: str
+    started: float
+    model: str | None = None
+    request_bytes: int = 0
+    response_bytes: int = 0
+    first_event_at: float | None = None
+    events: int = 0
+
+
+CONTEXT: web.RequestKey = "tee_node.context"  # type: ignore[assignment]
+
+
+def error_response(exc: NodeError, request_id: str) -> web.Response:
+    body = {"error": {"code": exc.code, "message": exc.safe_message, **exc.extra()}}
+    headers = {"X-Request-Id": request_id}
+    if isinstance(exc, Overloaded):
+        headers["Retry-After"] = str(exc.retry_after)
+    return web.Response(status=exc.status, body=orjson.dumps(body), content_type="application/json", headers=headers)
+
+
+def _http_error(exc: web.HTTPException, request_id: str) -> web.Response:
+    code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(exc.status, "INVALID_BODY")
+    body = {"error": {"code": code, "message": exc.reason}}
+    return web.Response(
+        status=exc.status, body=orjson.dumps(body), content_type="application/json", headers={"X-Request-Id": request_id}
+    )
+
+
+def _where(exc: BaseException) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)
+    return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
+    given = request.headers.get("X-Request-Id", "")
+    request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    ctx = RequestContext(request_id, route, time.perf_counter())
+    request[CONTEXT] = ctx
+    try:
+        response = await handler(request)
+    except NodeError as exc:
+        response = error_response(exc, request_id)
+    except web.HTTPRequestEntityTooLarge:
+        response = error_response(BodyTooLarge(), request_id)
+    except web.HTTPException as exc:
+        response = _http_error(exc, request_id)
+    except (asyncio.CancelledError, ConnectionResetError):
+        _account(request, ctx, 499)
+        raise
+    except Exception as exc:
+        error_log.error("request %s failed: %s at %s", request_id, type(exc).__name__, _where(exc))
+        response = error_response(InternalError(), request_id)
+    if not response.prepared:
+        response.headers.setdefault("X-Request-Id", request_id)
+        if response.body is not None and hasattr(response.body, "__len__"):
+            ctx.response_bytes = len(response.body)
+    _account(request, ctx, response.status)
+    return response
+
+
+def _account(request: web.Request, ctx: RequestContext, status: int) -> None:
+    elapsed = time.perf_counter() - ctx.started
+    metrics = request.app[NODE].metrics
+    metrics.requests.labels(ctx.route, str(status)).inc()
+    metrics.latency.labels(ctx.route).observe(elapsed)
+    if log.isEnabledFor(logging.INFO):
+        ttft = f"{(ctx.first_event_at - ctx.started) * 1000:.1f}" if ctx.first_event_at else "-"
+        log.info(
+            "id=%s route=%s model=%s status=%d req_bytes=%d resp_bytes=%d events=%d ms=%.1f ttft_ms=%s",
+            ctx.request_id,
+            ctx.route,
+            ctx.model or "-",
+            status,
+            ctx.request_bytes,
+            ctx.response_bytes,
+            ctx.events,
+            elapsed * 1000,
+            ttft,
+        )

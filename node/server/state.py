@@ -1,0 +1,78 @@
+"""Typed application state shared by the handlers (`web.AppKey`)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from ..config import NodeConfig
+from ..crypto import b64d
+from ..engine.base import Engine, ModelCard, Task
+from ..keys import KeyRing, Signer
+from ..metrics import Metrics
+from .admission import Admission
+
+
+@dataclass
+class NodeState:
+    config: NodeConfig
+    engine: Engine
+    keyring: KeyRing
+    signer: Signer
+    metrics: Metrics
+    admission: Admission
+    config_digest: bytes
+    trusted_proxy_keys: frozenset[bytes]
+    token_digests: tuple[bytes, ...]
+    attestation: Any = None  # attestation.AttestationService, set by the app factory
+    started_at: float = field(default_factory=time.time)
+
+    @classmethod
+    def build(cls, config: NodeConfig, engine: Engine) -> NodeState:
+        limits = config.limits
+        keyring = KeyRing(config.keys.rotation_interval, config.keys.overlap, config.keys.replay_capacity)
+        metrics = Metrics()
+        metrics.key_epoch.set(keyring.current.epoch)
+
+        def on_rotate(key) -> None:
+            metrics.key_epoch.set(key.epoch)
+            metrics.key_rotations.inc()
+
+        keyring.on_rotate(on_rotate)
+        return cls(
+            config=config,
+            engine=engine,
+            keyring=keyring,
+            signer=Signer.generate(),
+            metrics=metrics,
+            admission=Admission(limits.max_in_flight, limits.max_queue, limits.queue_timeout, limits.retry_after),
+            config_digest=config.digest(),
+            trusted_proxy_keys=frozenset(b64d(k) for k in config.auth.trusted_proxy_keys),
+            token_digests=tuple(bytes.fromhex(d) for d in config.auth.api_token_sha256),
+        )
+
+    def token_allowed(self, token: str | None) -> bool:
+        """Open when no tokens are configured (simulated only); else a constant-time match."""
+        if not self.token_digests:
+            return True
+        if not token:
+            return False
+        digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+        matched = False
+        for allowed in self.token_digests:  # no early exit: timing does not tell which entry matched
+            matched |= hmac.compare_digest(digest, allowed)
+        return matched
+
+    def model_card(self, name: str, task: Task) -> ModelCard | None:
+        for card in self.engine.models():
+            if card.id == name and task in card.tasks:
+                return card
+        return None
+
+
+NODE: web.AppKey[NodeState] = web.AppKey("node", NodeState)
