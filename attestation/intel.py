@@ -1,0 +1,211 @@
+"""Intel PCS collateral for TDX quotes: CRLs, QE identity and TCB info, giving a TCB status string.
+
+The JSON bodies are matched against the quote and the PCK certificate. Their own signatures (by the
+Intel SGX TCB Signing certificate, which PCS sends in a response header) are not checked here: the
+status is advisory, the quote's trust comes from the PCK chain.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from cryptography import x509
+
+from . import der, trust
+from .errors import CollateralInvalid
+
+if TYPE_CHECKING:
+    from .tdx import TdxQuote
+
+OID_SGX_EXTENSIONS = "1.2.840.113741.1.13.1"
+OID_SGX_TCB = OID_SGX_EXTENSIONS + ".2"
+OID_SGX_PCESVN = OID_SGX_TCB + ".17"
+OID_SGX_CPUSVN = OID_SGX_TCB + ".18"
+OID_SGX_PCEID = OID_SGX_EXTENSIONS + ".3"
+OID_SGX_FMSPC = OID_SGX_EXTENSIONS + ".4"
+TCB_COMPONENT_COUNT = 16
+
+# Worst last; the overall status is the worst of the platform (TCB info) and QE (QE identity) statuses.
+_STATUS_ORDER = (
+    "UpToDate",
+    "SWHardeningNeeded",
+    "ConfigurationNeeded",
+    "ConfigurationAndSWHardeningNeeded",
+    "OutOfDate",
+    "OutOfDateConfigurationNeeded",
+    "TCBNotSupported",  # the platform is below every level the collateral lists
+    "Revoked",
+)
+
+
+@dataclass(frozen=True)
+class PckExtensions:
+    fmspc: bytes
+    pce_id: bytes
+    pce_svn: int
+    cpu_svn: bytes
+    sgx_components: tuple[int, ...]
+
+    @classmethod
+    def from_certificate(cls, cert: x509.Certificate) -> "PckExtensions":
+        try:
+            raw = cert.extensions.get_extension_for_oid(x509.ObjectIdentifier(OID_SGX_EXTENSIONS)).value.value
+        except x509.ExtensionNotFound:
+            raise CollateralInvalid("PCK certificate has no SGX extensions") from None
+        tag, body, _ = der.read_tlv(raw)
+        items = dict(_oid_items(body))
+        if tag != der.TAG_SEQUENCE or OID_SGX_TCB not in items or OID_SGX_FMSPC not in items:
+            raise CollateralInvalid("PCK certificate SGX extensions are incomplete")
+        tcb = dict(_oid_items(items[OID_SGX_TCB][1]))
+        comps = tuple(
+            int.from_bytes(tcb[f"{OID_SGX_TCB}.{i}"][1], "big") for i in range(1, TCB_COMPONENT_COUNT + 1)
+        )
+        return cls(
+            fmspc=items[OID_SGX_FMSPC][1],
+            pce_id=items[OID_SGX_PCEID][1],
+            pce_svn=int.from_bytes(tcb[OID_SGX_PCESVN][1], "big"),
+            cpu_svn=tcb[OID_SGX_CPUSVN][1],
+            sgx_components=comps,
+        )
+
+
+def _oid_items(body: bytes):
+    """SEQUENCE { SEQUENCE { OID, value } ... } -> (dotted OID, (tag, value))."""
+    for tag, entry in der.iter_elements(body):
+        if tag != der.TAG_SEQUENCE:
+            raise CollateralInvalid("PCK SGX extension entry is not a SEQUENCE")
+        elements = list(der.iter_elements(entry))
+        if len(elements) != 2 or elements[0][0] != der.TAG_OID:
+            raise CollateralInvalid("PCK SGX extension entry is malformed")
+        yield der.decode_oid(elements[0][1]), elements[1]
+
+
+@dataclass(frozen=True)
+class CollateralResult:
+    status: str
+    notes: tuple[str, ...] = ()
+
+
+def _parse_time(value: str) -> datetime:
+    return trust.as_utc(datetime.fromisoformat(value.replace("Z", "+00:00")))
+
+
+def _check_current(body: dict[str, Any], what: str, at: datetime) -> None:
+    if not _parse_time(body["issueDate"]) <= at <= _parse_time(body["nextUpdate"]):
+        raise CollateralInvalid(f"{what} is not current at {at.isoformat()}")
+
+
+def _masked_equal(value: bytes, expected_hex: str, mask_hex: str) -> bool:
+    expected, mask = bytes.fromhex(expected_hex), bytes.fromhex(mask_hex)
+    if not len(value) == len(expected) == len(mask):
+        return False
+    return all((v & m) == (e & m) for v, e, m in zip(value, expected, mask))
+
+
+def _worst(*statuses: str) -> str:
+    def rank(s: str) -> int:
+        return _STATUS_ORDER.index(s) if s in _STATUS_ORDER else len(_STATUS_ORDER)
+
+    return max(statuses, key=rank)
+
+
+@dataclass(frozen=True)
+class IntelCollateral:
+    """Raw PCS responses; any of them may be absent."""
+
+    pck_crl: bytes | None = None  # issued by the PCK Platform/Processor CA
+    root_crl: bytes | None = None  # issued by the Intel SGX Root CA
+    tcb_info: bytes | None = None  # body of /tdx/certification/v4/tcb
+    qe_identity: bytes | None = None  # body of /tdx/certification/v4/qe/identity
+    extra_notes: tuple[str, ...] = field(default=())
+
+    @classmethod
+    def from_directory(cls, path: str | Path) -> "IntelCollateral":
+        """Files named like the testdata: pckcrl, rootcrl.der, sample_tcbInfo_response, sample_qeIdentity_response."""
+        base = Path(path)
+
+        def read(*names: str) -> bytes | None:
+            for name in names:
+                if (base / name).is_file():
+                    return (base / name).read_bytes()
+            return None
+
+        return cls(
+            pck_crl=read("pckcrl", "pckcrl.der"),
+            root_crl=read("rootcrl.der", "rootcrl"),
+            tcb_info=read("tcbInfo.json", "sample_tcbInfo_response"),
+            qe_identity=read("qeIdentity.json", "sample_qeIdentity_response"),
+        )
+
+    def evaluate(self, quote: "TdxQuote", chain: Sequence[x509.Certificate], at: datetime) -> CollateralResult:
+        notes: list[str] = []
+        leaf, intermediate, root = chain[0], chain[1], chain[-1]
+        if self.root_crl is not None:
+            trust.check_crl(trust.load_crl(self.root_crl), root, chain[1:-1], at)
+            notes.append("root CRL checked")
+        if self.pck_crl is not None:
+            trust.check_crl(trust.load_crl(self.pck_crl), intermediate, [leaf], at)
+            notes.append("PCK CRL checked")
+        statuses: list[str] = []
+        try:
+            if self.qe_identity is not None:
+                statuses.append(self._qe_status(quote, at))
+                notes.append(f"QE identity: {statuses[-1]}")
+            if self.tcb_info is not None:
+                statuses.append(self._tcb_status(quote, PckExtensions.from_certificate(leaf), at))
+                notes.append(f"TCB info: {statuses[-1]}")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CollateralInvalid(f"collateral JSON is malformed: {type(exc).__name__}") from None
+        if not statuses:
+            return CollateralResult(status="CRLChecked" if notes else "Unknown", notes=tuple(notes))
+        return CollateralResult(status=_worst(*statuses), notes=tuple(notes))
+
+    def _qe_status(self, quote: "TdxQuote", at: datetime) -> str:
+        body = json.loads(self.qe_identity)["enclaveIdentity"]
+        qe = quote.signature_data.certification.qe_report
+        _check_current(body, "QE identity", at)
+        if bytes.fromhex(body["mrsigner"]) != qe.mr_signer:
+            raise CollateralInvalid("QE MRSIGNER does not match the QE identity")
+        if int(body["isvprodid"]) != qe.isv_prod_id:
+            raise CollateralInvalid("QE ISVPRODID does not match the QE identity")
+        if not _masked_equal(qe.misc_select.to_bytes(4, "big"), body["miscselect"], body["miscselectMask"]):
+            raise CollateralInvalid("QE MISCSELECT does not match the QE identity")
+        if not _masked_equal(qe.attributes, body["attributes"], body["attributesMask"]):
+            raise CollateralInvalid("QE ATTRIBUTES do not match the QE identity")
+        for level in body["tcbLevels"]:
+            if qe.isv_svn >= int(level["tcb"]["isvsvn"]):
+                return str(level["tcbStatus"])
+        return "TCBNotSupported"
+
+    def _tcb_status(self, quote: "TdxQuote", pck: PckExtensions, at: datetime) -> str:
+        body = json.loads(self.tcb_info)["tcbInfo"]
+        if body.get("id") != "TDX":
+            raise CollateralInvalid("TCB info is not for TDX")
+        _check_current(body, "TCB info", at)
+        if bytes.fromhex(body["fmspc"]) != pck.fmspc:
+            raise CollateralInvalid(f"TCB info is for FMSPC {body['fmspc']}, the PCK certificate has {pck.fmspc.hex()}")
+        if bytes.fromhex(body["pceId"]) != pck.pce_id:
+            raise CollateralInvalid("TCB info PCE ID does not match the PCK certificate")
+        module = body.get("tdxModule")
+        report = quote.body
+        if module is not None:
+            if bytes.fromhex(module["mrsigner"]) != report.mr_signer_seam:
+                raise CollateralInvalid("TDX module MRSIGNERSEAM does not match the TCB info")
+            if not _masked_equal(report.seam_attributes, module["attributes"], module["attributesMask"]):
+                raise CollateralInvalid("TDX module SEAMATTRIBUTES do not match the TCB info")
+        # Levels are listed newest first; the first one the platform meets gives the status.
+        for level in body["tcbLevels"]:
+            tcb = level["tcb"]
+            sgx = [int(c["svn"]) for c in tcb["sgxtcbcomponents"]]
+            tdx = [int(c["svn"]) for c in tcb["tdxtcbcomponents"]]
+            if (
+                all(have >= need for have, need in zip(pck.sgx_components, sgx))
+                and pck.pce_svn >= int(tcb["pcesvn"])
+                and all(have >= need for have, need in zip(report.tee_tcb_svn, tdx))
+            ):
+                return str(level["tcbStatus"])
+        return "TCBNotSupported"
