@@ -25,6 +25,10 @@ class CollateralInvalid(AttestationError):
     """Supplied vendor collateral (CRL, TCB info, QE identity) is malformed, stale or does not match."""
 
 
+class DocumentInvalid(AttestationError):
+    """The attestation document is not well-formed (missing field, wrong type, bad encoding or length)."""
+
+
 class ReportDataMismatch(AttestationError):
     """REPORTDATA does not commit to the document's keys, nonce and configuration."""
 

@@ -1,0 +1,235 @@
+"""The attestation document of GET /v1/attestation: build it on the node, verify it on a client."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from . import binding, sevsnp, tdx
+from .errors import (
+    DocumentInvalid,
+    GpuEvidenceInvalid,
+    MeasurementNotAllowed,
+    NonceMismatch,
+    ReportDataMismatch,
+    SimulatedNotAllowed,
+    TeeNotAllowed,
+)
+from .intel import IntelCollateral
+from .providers import FORMAT_NVIDIA, FORMAT_SNP, FORMAT_TDX, GpuProvider, TeeProvider
+
+DOCUMENT_VERSION = 1
+TEE_TYPES = ("tdx", "sev-snp", "simulated")
+_TEE_FORMAT = {"tdx": FORMAT_TDX, "simulated": FORMAT_TDX, "sev-snp": FORMAT_SNP}
+
+# The NVML report starts with the SPDM GET_MEASUREMENTS request the driver sent:
+# version, code, param1, param2 (1 byte each), then the 32-byte requester nonce.
+SPDM_REQUEST_NONCE_OFFSET = 4
+SPDM_NONCE_SIZE = 32
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def build_document(
+    provider: TeeProvider,
+    gpu_provider: GpuProvider | None,
+    *,
+    nonce: bytes,
+    dh_public_key: bytes,
+    signing_public_key: bytes,
+    key_epoch: int,
+    config_digest: bytes,
+) -> dict[str, Any]:
+    gpu_evidence: list[dict[str, Any]] = []
+    if gpu_provider is not None:
+        gpu_nonce = binding.gpu_nonce(nonce=nonce, dh_public_key=dh_public_key, signing_public_key=signing_public_key)
+        gpu_evidence = gpu_provider.get_evidence(gpu_nonce)
+    report_data = binding.report_data(
+        nonce=nonce,
+        dh_public_key=dh_public_key,
+        signing_public_key=signing_public_key,
+        key_epoch=key_epoch,
+        config_digest=config_digest,
+        gpu_evidence=gpu_evidence,
+    )
+    evidence = provider.get_evidence(report_data)
+    return {
+        "version": DOCUMENT_VERSION,
+        "tee": evidence.tee,
+        "simulated": evidence.simulated,
+        "nonce": nonce.hex(),
+        "dh_public_key": _b64(dh_public_key),
+        "signing_public_key": _b64(signing_public_key),
+        "key_epoch": key_epoch,
+        "config_digest": config_digest.hex(),
+        "report_data": report_data.hex(),
+        "cpu_evidence": {"format": evidence.format, "quote": _b64(evidence.quote), "certificates": evidence.certificates},
+        "gpu_evidence": gpu_evidence,
+    }
+
+
+@dataclass(frozen=True)
+class Policy:
+    allowed_tees: frozenset[str] = frozenset({"tdx", "sev-snp"})
+    expected_measurements: frozenset[str] = frozenset()  # hex MRTD / MEASUREMENT; empty = any
+    allow_simulated: bool = False
+    require_gpu: bool = False
+    trusted_roots: tuple | None = None  # override the pinned vendor roots (tests, private PKI)
+    collateral: IntelCollateral | None = None  # Intel PCS collateral for a TDX TCB status
+
+
+@dataclass(frozen=True)
+class VerifiedAttestation:
+    tee: str
+    simulated: bool
+    measurement: str  # hex MRTD (TDX) or MEASUREMENT (SEV-SNP)
+    dh_public_key: bytes
+    signing_public_key: bytes
+    key_epoch: int
+    config_digest: bytes
+    tcb_status: str | None = None
+    gpu_devices: int = 0
+    gpu_verified: bool = False  # GPU report signatures are not checked by this verifier (see notes)
+    notes: tuple[str, ...] = field(default=())
+
+
+def _field(doc: dict[str, Any], name: str, kind: type) -> Any:
+    value = doc.get(name)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise DocumentInvalid(f"document field {name!r} is missing or not a {kind.__name__}")
+    return value
+
+
+def _hex(doc: dict[str, Any], name: str, size: int) -> bytes:
+    text = _field(doc, name, str)
+    try:
+        value = bytes.fromhex(text)
+    except ValueError:
+        raise DocumentInvalid(f"document field {name!r} is not hex") from None
+    if len(value) != size:
+        raise DocumentInvalid(f"document field {name!r} must be {size} bytes")
+    return value
+
+
+def _unb64(doc: dict[str, Any], name: str, size: int | None = None) -> bytes:
+    try:
+        value = base64.b64decode(_field(doc, name, str), validate=True)
+    except (binascii.Error, ValueError):
+        raise DocumentInvalid(f"document field {name!r} is not standard base64") from None
+    if size is not None and len(value) != size:
+        raise DocumentInvalid(f"document field {name!r} must be {size} bytes")
+    return value
+
+
+def _check_gpu(entries: list[Any], gpu_nonce: bytes, policy: Policy) -> tuple[int, tuple[str, ...]]:
+    for entry in entries:
+        if not isinstance(entry, dict) or entry.get("format") != FORMAT_NVIDIA:
+            raise GpuEvidenceInvalid("GPU evidence entry is not of format 'nvidia-cc'")
+        _field(entry, "device", int)
+        report = _unb64(entry, "evidence")
+        _unb64(entry, "certificate")
+        got = report[SPDM_REQUEST_NONCE_OFFSET:SPDM_REQUEST_NONCE_OFFSET + SPDM_NONCE_SIZE]
+        if not hmac.compare_digest(got, gpu_nonce):
+            raise GpuEvidenceInvalid(f"GPU {entry['device']} evidence does not carry this document's GPU nonce")
+    if policy.require_gpu:
+        if not entries:
+            raise GpuEvidenceInvalid("GPU evidence is required but the document has none")
+        raise GpuEvidenceInvalid(
+            "GPU evidence is required, but this verifier does not check NVIDIA report signatures and certificate chains"
+        )
+    if entries:
+        return len(entries), ("GPU evidence nonce checked; GPU report signatures and certificates NOT verified",)
+    return 0, ()
+
+
+def verify_document(
+    doc: dict[str, Any],
+    *,
+    expected_nonce: bytes,
+    policy: Policy,
+    at: datetime | None = None,
+) -> VerifiedAttestation:
+    """Trust the document's keys only if its evidence chains to a trusted root and commits to them and to our nonce."""
+    if not isinstance(doc, dict) or doc.get("version") != DOCUMENT_VERSION:
+        raise DocumentInvalid(f"not an attestation document of version {DOCUMENT_VERSION}")
+    tee = _field(doc, "tee", str)
+    if tee not in TEE_TYPES:
+        raise DocumentInvalid(f"unknown TEE type {tee!r}")
+    claims_simulated = _field(doc, "simulated", bool)
+    if (tee == "simulated" or claims_simulated) and not policy.allow_simulated:
+        raise SimulatedNotAllowed("the document comes from the simulated TEE, which is not a TEE")
+    if tee != "simulated" and tee not in policy.allowed_tees:
+        raise TeeNotAllowed(f"TEE type {tee!r} is not allowed by the policy")
+
+    nonce = _hex(doc, "nonce", binding.NONCE_SIZE)
+    if not hmac.compare_digest(nonce, expected_nonce):
+        raise NonceMismatch("the document answers a different nonce")
+    dh_public_key = _unb64(doc, "dh_public_key", binding.KEY_SIZE)
+    signing_public_key = _unb64(doc, "signing_public_key", binding.KEY_SIZE)
+    key_epoch = _field(doc, "key_epoch", int)
+    config_digest = _hex(doc, "config_digest", binding.DIGEST_SIZE)
+    gpu_entries = _field(doc, "gpu_evidence", list)
+    try:
+        expected_report_data = binding.report_data(
+            nonce=expected_nonce,
+            dh_public_key=dh_public_key,
+            signing_public_key=signing_public_key,
+            key_epoch=key_epoch,
+            config_digest=config_digest,
+            gpu_evidence=gpu_entries,
+        )
+    except (ValueError, TypeError):
+        raise DocumentInvalid("document fields cannot be bound into report_data") from None
+    if not hmac.compare_digest(_hex(doc, "report_data", binding.REPORT_DATA_SIZE), expected_report_data):
+        raise ReportDataMismatch("document report_data does not commit to its keys, nonce and configuration")
+
+    cpu = _field(doc, "cpu_evidence", dict)
+    if cpu.get("format") != _TEE_FORMAT[tee]:
+        raise DocumentInvalid(f"cpu_evidence format {cpu.get('format')!r} does not match TEE type {tee!r}")
+    quote = _unb64(cpu, "quote")
+    certificates = cpu.get("certificates")
+    if certificates is not None and not isinstance(certificates, str):
+        raise DocumentInvalid("cpu_evidence certificates must be PEM text or null")
+
+    tcb_status = None
+    if cpu["format"] == FORMAT_TDX:
+        result = tdx.verify_quote(
+            quote, at=at, trusted_roots=policy.trusted_roots, allow_simulated=policy.allow_simulated, collateral=policy.collateral
+        )
+        simulated, evidence_report_data, measurement = result.simulated, result.quote.body.report_data, result.quote.body.mr_td
+        tcb_status = result.tcb_status
+    else:
+        certs = sevsnp.load_amd_certificates(certificates.encode()) if certificates else []
+        snp = sevsnp.verify_report(quote, certs, at=at, trusted_roots=policy.trusted_roots)
+        simulated, evidence_report_data, measurement = False, snp.report.report_data, snp.report.measurement
+    if simulated != (tee == "simulated") or simulated != claims_simulated:
+        raise DocumentInvalid("the document's tee/simulated claims do not match its evidence")
+    if not hmac.compare_digest(evidence_report_data, expected_report_data):
+        raise ReportDataMismatch("the evidence's REPORTDATA does not commit to this document's keys and nonce")
+
+    measurement_hex = measurement.hex()
+    allowed = {m.lower() for m in policy.expected_measurements}
+    if allowed and measurement_hex not in allowed:
+        raise MeasurementNotAllowed(f"measurement {measurement_hex} is not in the policy's allow list")
+
+    gpu_nonce = binding.gpu_nonce(nonce=expected_nonce, dh_public_key=dh_public_key, signing_public_key=signing_public_key)
+    gpu_devices, notes = _check_gpu(gpu_entries, gpu_nonce, policy)
+    return VerifiedAttestation(
+        tee=tee,
+        simulated=simulated,
+        measurement=measurement_hex,
+        dh_public_key=dh_public_key,
+        signing_public_key=signing_public_key,
+        key_epoch=key_epoch,
+        config_digest=config_digest,
+        tcb_status=tcb_status,
+        gpu_devices=gpu_devices,
+        gpu_verified=False,
+        notes=notes,
+    )
