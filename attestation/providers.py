@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from .errors import AttestationError, AttestationUnavailable
+from .errors import AttestationError, AttestationUnavailable, ChainInvalid
+from .sevsnp import load_amd_certificates
 from .simulated import SimulatedTdx
 
 TSM_REPORT_PATH = Path("/sys/kernel/config/tsm/report")
@@ -108,8 +108,8 @@ def snp_certificates_pem(auxblob: bytes) -> str | None:
         if start + length > len(auxblob):
             raise AttestationError("SEV-SNP certificate table entry points outside the auxblob")
         try:
-            cert = x509.load_der_x509_certificate(auxblob[start:start + length])
-        except ValueError:
+            (cert,) = load_amd_certificates(auxblob[start:start + length])
+        except ChainInvalid:
             continue  # the table may carry other blobs (e.g. CRLs); only certificates matter here
         pems.append(cert.public_bytes(Encoding.PEM))
     return b"".join(pems).decode() if pems else None
