@@ -16,6 +16,7 @@ from ..config import NodeConfig
 from ..engine import Engine, build_engine
 from ..errors import ModelNotFound, MalformedJson, NotReady, SchemaViolation
 from ..protocol import NodesCreateLockRequest
+from .attestation import AttestationService, attestation_document
 from .middleware import CONTEXT, error_middleware
 from .openapi import openapi_document
 from .serving import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint, check_auth, read_body, serve_confidential, serve_plain
@@ -149,6 +150,7 @@ def create_app(config: NodeConfig, engine: Engine | None = None) -> web.Applicat
     if config.tee_mode != "simulated" and not engine.tee_capable:
         raise ValueError(f"the {engine.name} engine cannot serve in TEE mode {config.tee_mode}")
     state = NodeState.build(config, engine)
+    state.attestation = AttestationService(config, state.config_digest)
     app = web.Application(middlewares=[error_middleware], client_max_size=config.limits.max_body_bytes)
     app[NODE] = state
     app[OPENAPI] = openapi_document(config)
@@ -163,6 +165,7 @@ def create_app(config: NodeConfig, engine: Engine | None = None) -> web.Applicat
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi)
+    app.router.add_get("/v1/attestation", attestation_document)
     app.cleanup_ctx.append(_engine_lifecycle)
     app.cleanup_ctx.append(_key_maintenance)
     return app

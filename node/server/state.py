@@ -29,7 +29,7 @@ class NodeState:
     config_digest: bytes
     trusted_proxy_keys: frozenset[bytes]
     token_digests: tuple[bytes, ...]
-    attestation: Any = None  # attestation.AttestationService, set by the app factory
+    attestation: Any = None  # AttestationService, set by the app factory
     started_at: float = field(default_factory=time.time)
 
     @classmethod
