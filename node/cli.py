@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from attestation import cli as attestation_cli
+
 from .config import NodeConfig, load_config
 
 
@@ -98,9 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--model")
     prepare.set_defaults(func=_models_prepare)
 
+    quote = commands.add_parser("quote", help="TEE evidence").add_subparsers(dest="quote_command", required=True)
+    verify = quote.add_parser("verify", help="verify a raw TDX quote or SEV-SNP report")
+    attestation_cli.add_arguments(verify)
+    verify.set_defaults(func=attestation_cli.run)
+
     config = commands.add_parser("config", help="configuration").add_subparsers(dest="config_command", required=True)
     digest = with_config(config.add_parser("digest", help="print the config digest the attestation reports"))
     digest.set_defaults(func=_config_digest)
+    from .cli_client import add_attest_parser, add_chat_parser
+
+    add_chat_parser(commands)
+    add_attest_parser(commands)
     return parser
 
 
