@@ -1,0 +1,316 @@
+"""report_data binding, attestation documents (simulated round trip, tampering) and the quote CLI."""
+
+import argparse
+import base64
+import copy
+import hashlib
+import json
+import struct
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from attestation import binding, cli
+from attestation.document import Policy, build_document, verify_document
+from attestation.errors import (
+    ChainInvalid,
+    DocumentInvalid,
+    GpuEvidenceInvalid,
+    MeasurementNotAllowed,
+    NonceMismatch,
+    ReportDataMismatch,
+    SignatureInvalid,
+    SimulatedNotAllowed,
+    TeeNotAllowed,
+)
+from attestation.providers import SimulatedProvider
+from attestation.sevsnp import load_amd_certificates
+from attestation.simulated import SimulatedTdx
+
+TESTDATA = Path(__file__).resolve().parents[1].parent / "shared" / "testdata"
+SEED = b"document-test-seed-0123456789abc"
+MEASUREMENT = b"code digest || config digest"
+NONCE = bytes(range(32))
+DH = b"\xd1" * 32
+SIGN = b"\x5e" * 32
+CONFIG = hashlib.sha256(b"config").digest()
+AT = datetime(2026, 6, 1, tzinfo=timezone.utc)
+SIMULATED = Policy(allow_simulated=True)
+
+
+class FakeGpu:
+    """Answers like NVML: the SPDM request (4 header bytes + the requester nonce) opens the report."""
+
+    def get_evidence(self, gpu_nonce):
+        report = b"\x11\xe0\x00\x00" + gpu_nonce + b"\x00" + b"measurements"
+        return [{"format": "nvidia-cc", "device": 0, "evidence": base64.b64encode(report).decode(), "certificate": "Y2VydA=="}]
+
+
+def make_doc(gpu=None, **overrides):
+    args = dict(nonce=NONCE, dh_public_key=DH, signing_public_key=SIGN, key_epoch=3, config_digest=CONFIG)
+    args.update(overrides)
+    return build_document(SimulatedProvider(MEASUREMENT, seed=SEED), gpu, **args)
+
+
+# --- binding ---
+
+
+def test_report_data_follows_the_protocol_byte_for_byte():
+    gpu = [{"device": 0, "format": "nvidia-cc", "evidence": "ü"}]
+    canonical = json.dumps(gpu, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    assert binding.canonical_json(gpu) == canonical and "ü".encode() in canonical
+    expected = hashlib.sha512(
+        b"tee-node/report-data/v1\x00" + NONCE + DH + SIGN + struct.pack("<Q", 7) + CONFIG + hashlib.sha256(canonical).digest()
+    ).digest()
+    got = binding.report_data(
+        nonce=NONCE, dh_public_key=DH, signing_public_key=SIGN, key_epoch=7, config_digest=CONFIG, gpu_evidence=gpu
+    )
+    assert got == expected and len(got) == 64
+    assert binding.gpu_nonce(nonce=NONCE, dh_public_key=DH, signing_public_key=SIGN) == hashlib.sha256(
+        b"tee-node/gpu-nonce/v1\x00" + NONCE + DH + SIGN
+    ).digest()
+
+
+def test_report_data_rejects_bad_lengths():
+    with pytest.raises(ValueError, match="nonce"):
+        binding.report_data(nonce=b"x", dh_public_key=DH, signing_public_key=SIGN, key_epoch=0, config_digest=CONFIG, gpu_evidence=[])
+    with pytest.raises(ValueError, match="key_epoch"):
+        binding.report_data(nonce=NONCE, dh_public_key=DH, signing_public_key=SIGN, key_epoch=-1, config_digest=CONFIG, gpu_evidence=[])
+
+
+# --- documents ---
+
+
+def test_document_has_the_protocol_shape():
+    doc = make_doc()
+    assert set(doc) == {
+        "version", "tee", "simulated", "nonce", "dh_public_key", "signing_public_key", "key_epoch",
+        "config_digest", "report_data", "cpu_evidence", "gpu_evidence",
+    }
+    assert (doc["version"], doc["tee"], doc["simulated"]) == (1, "simulated", True)
+    assert doc["nonce"] == NONCE.hex() and doc["config_digest"] == CONFIG.hex()
+    assert base64.b64decode(doc["dh_public_key"]) == DH
+    assert doc["cpu_evidence"]["format"] == "tdx-quote" and doc["cpu_evidence"]["certificates"] is None
+    assert doc["gpu_evidence"] == []
+    json.dumps(doc)  # serialisable as is
+
+
+def test_simulated_round_trip_is_accepted_only_when_allowed():
+    doc = make_doc()
+    result = verify_document(doc, expected_nonce=NONCE, policy=SIMULATED)
+    assert result.simulated is True and result.tee == "simulated"
+    assert result.measurement == hashlib.sha384(MEASUREMENT).hexdigest()
+    assert (result.dh_public_key, result.signing_public_key, result.key_epoch, result.config_digest) == (DH, SIGN, 3, CONFIG)
+    with pytest.raises(SimulatedNotAllowed):
+        verify_document(doc, expected_nonce=NONCE, policy=Policy())
+
+
+def test_a_simulated_quote_cannot_pass_as_tdx():
+    doc = make_doc()
+    doc["tee"], doc["simulated"] = "tdx", False
+    with pytest.raises(SimulatedNotAllowed):
+        verify_document(doc, expected_nonce=NONCE, policy=Policy())
+    with pytest.raises(DocumentInvalid, match="do not match"):
+        verify_document(doc, expected_nonce=NONCE, policy=SIMULATED)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("dh_public_key", base64.b64encode(b"\x01" * 32).decode()),
+        ("signing_public_key", base64.b64encode(b"\x02" * 32).decode()),
+        ("key_epoch", 4),
+        ("config_digest", "00" * 32),
+    ],
+)
+def test_a_swapped_field_fails(field, value):
+    doc = make_doc()
+    doc[field] = value
+    with pytest.raises(ReportDataMismatch, match="document report_data"):
+        verify_document(doc, expected_nonce=NONCE, policy=SIMULATED)
+    # Recomputing the document's report_data does not help: the quote still commits to the old keys.
+    doc["report_data"] = binding.report_data(
+        nonce=NONCE,
+        dh_public_key=base64.b64decode(doc["dh_public_key"]),
+        signing_public_key=base64.b64decode(doc["signing_public_key"]),
+        key_epoch=doc["key_epoch"],
+        config_digest=bytes.fromhex(doc["config_digest"]),
+        gpu_evidence=[],
+    ).hex()
+    with pytest.raises(ReportDataMismatch, match="evidence's REPORTDATA"):
+        verify_document(doc, expected_nonce=NONCE, policy=SIMULATED)
+
+
+def test_a_different_nonce_fails():
+    doc = make_doc()
+    other = b"\xee" * 32
+    with pytest.raises(NonceMismatch):
+        verify_document(doc, expected_nonce=other, policy=SIMULATED)
+    doc["nonce"] = other.hex()  # replaying old evidence under the verifier's new nonce
+    with pytest.raises(ReportDataMismatch):
+        verify_document(doc, expected_nonce=other, policy=SIMULATED)
+
+
+def test_a_tampered_quote_fails():
+    doc = make_doc()
+    quote = bytearray(base64.b64decode(doc["cpu_evidence"]["quote"]))
+    quote[48 + 136] ^= 1  # MRTD
+    doc["cpu_evidence"]["quote"] = base64.b64encode(bytes(quote)).decode()
+    with pytest.raises(SignatureInvalid):
+        verify_document(doc, expected_nonce=NONCE, policy=SIMULATED)
+
+
+def test_a_quote_from_another_simulated_root_still_needs_the_binding():
+    # Another seed is another simulated "platform"; it is accepted as simulated, but only for its own binding.
+    doc = make_doc()
+    other = SimulatedTdx.from_seed(SEED[::-1]).quote(bytes(64), MEASUREMENT)
+    doc["cpu_evidence"]["quote"] = base64.b64encode(other).decode()
+    with pytest.raises(ReportDataMismatch):
+        verify_document(doc, expected_nonce=NONCE, policy=SIMULATED)
+
+
+def test_measurement_policy():
+    doc = make_doc()
+    good = hashlib.sha384(MEASUREMENT).hexdigest().upper()
+    assert verify_document(doc, expected_nonce=NONCE, policy=Policy(allow_simulated=True, expected_measurements=frozenset({good})))
+    with pytest.raises(MeasurementNotAllowed):
+        verify_document(doc, expected_nonce=NONCE, policy=Policy(allow_simulated=True, expected_measurements=frozenset({"00" * 48})))
+
+
+def test_malformed_documents_are_refused():
+    for mutate in (
+        lambda d: d.pop("dh_public_key"),
+        lambda d: d.update(dh_public_key="not base64!"),
+        lambda d: d.update(dh_public_key=base64.urlsafe_b64encode(b"\xff" * 32).decode()),
+        lambda d: d.update(key_epoch=True),
+        lambda d: d.update(version=2),
+        lambda d: d.update(tee="sgx"),
+        lambda d: d["cpu_evidence"].update(format="sev-snp-report"),
+    ):
+        doc = make_doc()
+        mutate(doc)
+        with pytest.raises(DocumentInvalid):
+            verify_document(doc, expected_nonce=NONCE, policy=SIMULATED)
+
+
+def test_gpu_evidence_is_bound_but_not_verified():
+    doc = make_doc(gpu=FakeGpu())
+    assert len(doc["gpu_evidence"]) == 1
+    result = verify_document(doc, expected_nonce=NONCE, policy=SIMULATED)
+    assert result.gpu_devices == 1 and result.gpu_verified is False
+    assert any("NOT verified" in note for note in result.notes)
+    with pytest.raises(GpuEvidenceInvalid, match="does not check NVIDIA"):
+        verify_document(doc, expected_nonce=NONCE, policy=Policy(allow_simulated=True, require_gpu=True))
+    with pytest.raises(GpuEvidenceInvalid, match="has none"):
+        verify_document(make_doc(), expected_nonce=NONCE, policy=Policy(allow_simulated=True, require_gpu=True))
+
+
+def test_gpu_evidence_is_covered_by_report_data_and_nonce():
+    doc = make_doc(gpu=FakeGpu())
+    dropped = copy.deepcopy(doc)
+    dropped["gpu_evidence"] = []
+    with pytest.raises(ReportDataMismatch):
+        verify_document(dropped, expected_nonce=NONCE, policy=SIMULATED)
+    # Evidence made for another nonce, correctly re-bound into report_data by a lying node, is still caught.
+    stale = FakeGpu().get_evidence(b"\x00" * 32)
+    doc = build_document(
+        SimulatedProvider(MEASUREMENT, seed=SEED),
+        type("Replay", (), {"get_evidence": lambda self, n: stale})(),
+        nonce=NONCE, dh_public_key=DH, signing_public_key=SIGN, key_epoch=3, config_digest=CONFIG,
+    )
+    with pytest.raises(GpuEvidenceInvalid, match="GPU nonce"):
+        verify_document(doc, expected_nonce=NONCE, policy=SIMULATED)
+
+
+def _real_doc(fmt, quote, certificates=None, tee="tdx"):
+    doc = make_doc()
+    doc.update(tee=tee, simulated=False)
+    doc["cpu_evidence"] = {"format": fmt, "quote": base64.b64encode(quote).decode(), "certificates": certificates}
+    return doc
+
+
+def test_real_tdx_evidence_is_verified_then_refused_for_its_binding():
+    quote = (TESTDATA / "tdx" / "tdx_prod_quote_SPR_E4.dat").read_bytes()
+    with pytest.raises(ReportDataMismatch, match="evidence's REPORTDATA"):
+        verify_document(_real_doc("tdx-quote", quote), expected_nonce=NONCE, policy=Policy(), at=AT)
+    with pytest.raises(TeeNotAllowed):
+        verify_document(_real_doc("tdx-quote", quote), expected_nonce=NONCE, policy=Policy(allowed_tees=frozenset({"sev-snp"})))
+
+
+def test_real_snp_evidence_is_verified_then_refused_for_its_binding():
+    snp = TESTDATA / "sev-snp"
+    report = (snp / "attestation.bin").read_bytes()
+    vcek = load_amd_certificates((snp / "vcek.testcer").read_bytes())[0].public_bytes(Encoding.PEM).decode()
+    pem = vcek + (snp / "milan.testcer").read_text()
+    with pytest.raises(ReportDataMismatch, match="evidence's REPORTDATA"):
+        verify_document(_real_doc("sev-snp-report", report, pem, "sev-snp"), expected_nonce=NONCE, policy=Policy(), at=AT)
+    with pytest.raises(ChainInvalid, match="no VCEK supplied"):
+        verify_document(_real_doc("sev-snp-report", report, None, "sev-snp"), expected_nonce=NONCE, policy=Policy(), at=AT)
+
+
+# --- CLI ---
+
+
+def run_cli(capsys, *argv):
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    code = cli.run(parser.parse_args([*map(str, argv), "--json"]))
+    return code, json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize(
+    "name, version, mrtd",
+    [
+        ("tdx_prod_quote_SPR_E4.dat", 4, "6363b8043668a3ad"),
+        ("cos-113-tdx-quote.dat", 4, "dae67181d3d65e07"),
+        ("quote_v5_sample.dat", 5, "7348651a34b2d2d3"),
+    ],
+)
+def test_cli_verifies_tdx_samples(capsys, name, version, mrtd):
+    code, out = run_cli(capsys, TESTDATA / "tdx" / name, "--at", "2026-06-01T00:00:00Z")
+    assert code == 0 and out["valid"] is True and out["errors"] == []
+    assert (out["tee"], out["version"], out["simulated"]) == ("tdx", version, False)
+    assert out["measurement"].startswith(mrtd) and len(out["report_data"]) == 128
+
+
+def test_cli_snp_needs_a_vcek(capsys):
+    snp = TESTDATA / "sev-snp"
+    code, out = run_cli(capsys, snp / "attestation.bin")
+    assert code == 1 and out["valid"] is False and "no VCEK supplied" in out["errors"][0]
+    assert out["report_data"].startswith("0102030405") and out["version"] == 2
+    code, out = run_cli(capsys, snp / "attestation.bin", "--at", "2026-06-01", "--certs", snp / "vcek.testcer", snp / "milan.testcer")
+    assert code == 0 and out["valid"] is True and out["tee"] == "sev-snp"
+
+
+def test_cli_simulated_quote_and_flags(capsys, tmp_path):
+    path = tmp_path / "quote.bin"
+    path.write_bytes(SimulatedTdx.from_seed(SEED).quote(b"\x09" * 64, MEASUREMENT))
+    code, out = run_cli(capsys, path)
+    assert code == 1 and out["valid"] is False and out["simulated"] is True
+    assert "SimulatedNotAllowed" in out["errors"][0]
+    code, out = run_cli(capsys, path, "--allow-simulated")
+    assert code == 0 and out["valid"] is True and out["simulated"] is True
+    assert out["report_data"] == "09" * 64
+
+
+def test_cli_tampered_and_unknown_files(capsys, tmp_path):
+    data = bytearray((TESTDATA / "tdx" / "tdx_prod_quote_SPR_E4.dat").read_bytes())
+    data[200] ^= 1
+    (tmp_path / "bad.dat").write_bytes(bytes(data))
+    code, out = run_cli(capsys, tmp_path / "bad.dat", "--at", "2026-06-01T00:00:00+00:00")
+    assert code == 1 and "SignatureInvalid" in out["errors"][0]
+    (tmp_path / "junk").write_bytes(b"hello")
+    assert run_cli(capsys, tmp_path / "junk")[0] == 2
+    assert run_cli(capsys, tmp_path / "missing")[0] == 2
+
+
+def test_cli_collateral_and_text_output(capsys):
+    code = cli.quote_verify(
+        TESTDATA / "tdx" / "tdx_prod_quote_SPR_E4.dat",
+        at=datetime(2023, 6, 20, tzinfo=timezone.utc),
+        collateral=TESTDATA / "tdx",
+    )
+    out = capsys.readouterr().out
+    assert code == 0 and "tcb_status: TCBNotSupported" in out and "valid: True" in out
