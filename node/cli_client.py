@@ -1,0 +1,198 @@
+"""`tee-node chat` and `tee-node attest`: talk to a node only after verifying its attestation.
+
+Both are built on `node.client.Client`: the same attestation, key pinning and response checks
+as the library. Exit status 0 only when everything verified.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, TextIO
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("url", help="the node's base URL, e.g. http://127.0.0.1:8080")
+    parser.add_argument(
+        "--allow-simulated",
+        action="store_true",
+        help="accept the simulated TEE (laptops and CI; it is NOT a TEE)",
+    )
+    parser.add_argument(
+        "--measurement",
+        action="append",
+        default=None,
+        metavar="HEX",
+        help="accept only this MRTD / MEASUREMENT (repeatable; default: any)",
+    )
+    parser.add_argument(
+        "--tee",
+        action="append",
+        default=None,
+        choices=["tdx", "sev-snp"],
+        help="accept only this TEE type (repeatable; default: tdx and sev-snp)",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("TEE_NODE_API_KEY"),
+        help="bearer token (default: $TEE_NODE_API_KEY)",
+    )
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default 600)")
+
+
+def _client_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "api_key": args.api_key,
+        "allow_simulated": args.allow_simulated,
+        "expected_measurements": args.measurement,
+        "allowed_tee": args.tee,
+        "timeout": args.timeout,
+    }
+
+
+def _identity_lines(identity: Any) -> list[str]:
+    kind = "SIMULATED (not a TEE)" if identity.simulated else "hardware TEE"
+    return [
+        f"attestation verified: tee={identity.tee} ({kind})",
+        f"  measurement:   {identity.measurement}",
+        f"  key epoch:     {identity.key_epoch}",
+        f"  config digest: {identity.config_digest}",
+    ]
+
+
+def _fail(err: TextIO, exc: BaseException, partial: bool = False) -> int:
+    if partial:
+        err.write("\n")
+    kind = type(exc).__name__
+    err.write(f"error: {kind}: {exc}\n")
+    if partial:
+        err.write("the text above did not verify and must not be trusted\n")
+    return EXIT_FAILED
+
+
+# --- chat -----------------------------------------------------------------------------------
+
+
+def add_chat_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "chat",
+        help="send one prompt to a node after verifying its attestation",
+        description="Attest the node, send PROMPT sealed to its attested key, print the verified answer.",
+    )
+    _add_common(parser)
+    parser.add_argument("prompt", help="the user message")
+    parser.add_argument("--model", help="model name (default: the first from GET /v1/models)")
+    parser.add_argument("--no-stream", action="store_true", help="wait for the whole answer")
+    parser.add_argument("--max-tokens", type=int, default=None, help="max_tokens of the request")
+    parser.add_argument("--system", default=None, help="an optional system message")
+    parser.set_defaults(func=run_chat)
+    return parser
+
+
+def run_chat(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    from attestation.errors import AttestationError
+
+    from .client import Client, TeeNodeError
+
+    out = out or sys.stdout
+    err = err or sys.stderr
+    messages: list[dict[str, Any]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    messages.append({"role": "user", "content": args.prompt})
+    params: dict[str, Any] = {}
+    if args.max_tokens is not None:
+        params["max_tokens"] = args.max_tokens
+    partial = False
+    try:
+        with Client(args.url, **_client_kwargs(args)) as client:
+            model = args.model
+            if not model:
+                models = client.models.list().data
+                if not models:
+                    err.write("error: the node serves no model\n")
+                    return EXIT_FAILED
+                model = models[0].id
+            identity = client.attest()
+            for line in _identity_lines(identity):
+                err.write(line + "\n")
+            err.write(f"  model:         {model}\n")
+            err.flush()
+            if args.no_stream:
+                response = client.chat.completions.create(model=model, messages=messages, stream=False, **params)
+                out.write((response.choices[0].message.content or "") + "\n")
+                receipt = response.receipt
+            else:
+                stream = client.chat.completions.create(model=model, messages=messages, stream=True, **params)
+                for chunk in stream:
+                    for choice in chunk.choices:
+                        if choice.delta.content:
+                            partial = True
+                            out.write(choice.delta.content)
+                            out.flush()
+                out.write("\n")
+                receipt = stream.receipt
+            out.flush()
+            usage = receipt.usage
+            tokens = f", tokens prompt={usage.prompt_tokens} completion={usage.completion_tokens}" if usage else ""
+            err.write(
+                f"receipt verified: events={receipt.events}, key epoch={receipt.key_epoch}, "
+                f"signed by the attested key{tokens}\n"
+            )
+            return EXIT_OK
+    except (TeeNodeError, AttestationError) as exc:
+        return _fail(err, exc, partial)
+
+
+# --- attest ---------------------------------------------------------------------------------
+
+
+def add_attest_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "attest",
+        help="fetch and verify a node's attestation (evidence and key binding)",
+        description="Fetch /v1/attestation with a fresh nonce and verify the evidence chain, the nonce "
+        "and the binding of the node's keys. Exit 0 only when valid.",
+    )
+    _add_common(parser)
+    parser.add_argument("--json", action="store_true", help="print the result (and the document) as JSON")
+    parser.set_defaults(func=run_attest)
+    return parser
+
+
+def run_attest(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    from attestation.errors import AttestationError
+
+    from .client import Client, TeeNodeError
+
+    out = out or sys.stdout
+    err = err or sys.stderr
+    try:
+        with Client(args.url, **_client_kwargs(args)) as client:
+            identity = client.attest()
+    except (TeeNodeError, AttestationError) as exc:
+        if args.json:
+            out.write(json.dumps({"url": args.url, "valid": False, "error": type(exc).__name__, "message": str(exc)}) + "\n")
+            return EXIT_FAILED
+        return _fail(err, exc)
+    if args.json:
+        out.write(json.dumps({"url": args.url, "valid": True, **identity.summary(), "document": identity.document}) + "\n")
+    else:
+        for line in _identity_lines(identity):
+            out.write(line + "\n")
+        summary = identity.summary()
+        out.write(f"  X25519 key:    {summary['dh_public_key']}\n")
+        out.write(f"  signing key:   {summary['signing_public_key']}\n")
+        gpus = identity.document.get("gpu_evidence") or []
+        out.write(f"  GPU evidence:  {len(gpus)} device(s)\n")
+        if identity.simulated:
+            out.write("  WARNING: simulated evidence proves nothing about confidentiality\n")
+    return EXIT_OK
+
+
+__all__ = ["add_attest_parser", "add_chat_parser", "run_attest", "run_chat"]
