@@ -70,6 +70,8 @@ class EngineConfig(_Section):
     upstream_url: str | None = None
     upstream_api_key: str | None = Field(default=None, repr=False)
     upstream_timeout: float = Field(default=600.0, gt=0)
+    # EchoEngine only: seconds between streamed tokens (reliability tests, benchmarks).
+    echo_token_delay: float = Field(default=0.0, ge=0)
 
     @model_validator(mode="after")
     def _upstream_needs_url(self) -> EngineConfig:

@@ -14,7 +14,9 @@ def build_engine(config: NodeConfig) -> Engine:
 
         names = [m.name for m in config.engine.models] or [DEFAULT_ECHO_MODEL]
         tasks = frozenset({"chat", "completions", "embeddings"})
-        return EchoEngine([ModelCard(name, tasks) for name in dict.fromkeys(names)])
+        return EchoEngine(
+            [ModelCard(name, tasks) for name in dict.fromkeys(names)], token_delay=config.engine.echo_token_delay
+        )
     if kind == "upstream":
         from .upstream import UpstreamEngine
 
