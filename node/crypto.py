@@ -50,27 +50,42 @@ __all__ = [
 ]
 
 
+try:  # SIMD base64 (installed with vLLM): ~20x faster than binascii on 4 KiB; same results.
+    import pybase64 as _pybase64
+except ImportError:  # pragma: no cover - the binascii path below is the reference
+    _pybase64 = None
+
+
 class Base64Error(ValueError):
     """A field is not canonical standard base64 with padding."""
 
 
 def b64e(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
+    if _pybase64 is not None:
+        return _pybase64.b64encode_as_string(data)
+    # binascii directly: base64.b64encode is this plus a Python-level wrapper.
+    return binascii.b2a_base64(data, newline=False).decode("ascii")
 
 
 def b64d(text: str) -> bytes:
     """Strict standard base64: only the standard alphabet, padding required, canonical form.
 
-    Re-encoding catches non-zero trailing bits, which `validate=True` alone lets through, so
-    one byte string has exactly one accepted encoding.
+    The validating decoders (pybase64 `validate=True`, binascii `strict_mode`) refuse foreign
+    characters (urlsafe, whitespace), missing or excess padding and a leading '='; what they let
+    through is non-zero trailing bits in the last quantum, so that quantum is re-encoded and
+    compared: one byte string has exactly one accepted encoding.
     """
     if not isinstance(text, str) or not text.isascii():
         raise Base64Error("not base64")
     try:
-        data = base64.b64decode(text, validate=True)
+        if _pybase64 is not None:
+            data = _pybase64.b64decode(text, validate=True)
+        else:
+            data = binascii.a2b_base64(text, strict_mode=True)
     except (binascii.Error, ValueError):
         raise Base64Error("not base64") from None
-    if base64.b64encode(data).decode("ascii") != text:
+    tail = len(data) % 3 or 3
+    if data and binascii.b2a_base64(data[-tail:], newline=False) != text[-4:].encode("ascii"):
         raise Base64Error("not canonical base64")
     return data
 

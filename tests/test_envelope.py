@@ -672,3 +672,44 @@ def test_reprs_and_errors_carry_no_secrets(signer):
     for text in texts:
         for form in forms:
             assert form not in text, (form, text[:200])
+
+
+# --- base64: node.crypto's fast paths against the plain reference ---------------------------
+
+_B64_TEXT = st.one_of(
+    st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=-_ \n\té", max_size=16),
+    st.binary(max_size=40).map(lambda b: base64.b64encode(b).decode()),
+    st.tuples(st.binary(min_size=1, max_size=40), st.integers(0, 10**6), st.sampled_from("AQgw+/=-_ \n")).map(
+        lambda t: (lambda s: s[: t[1] % len(s)] + t[2] + s[t[1] % len(s) + 1:])(base64.b64encode(t[0]).decode())
+    ),
+)
+
+
+def _reference_b64d(text: str) -> bytes | None:
+    try:
+        data = base64.b64decode(text, validate=True)
+    except ValueError:
+        return None
+    return data if text.isascii() and base64.b64encode(data).decode() == text else None
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["pybase64", "binascii"])
+@settings(max_examples=400, deadline=None)
+@given(text=_B64_TEXT)
+def test_property_b64d_matches_reference(fast, text):
+    import node.crypto as crypto
+
+    saved = crypto._pybase64
+    if not fast:
+        crypto._pybase64 = None
+    try:
+        try:
+            got = b64d(text)
+        except ValueError:
+            got = None
+        expected = _reference_b64d(text)
+        assert got == expected
+        if expected is not None:
+            assert b64e(expected) == text
+    finally:
+        crypto._pybase64 = saved

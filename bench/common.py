@@ -1,0 +1,91 @@
+"""Small helpers shared by the benchmarks: median timing and result files."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO / "docs" / "benchmarks"
+
+
+def median_ns(fn: Callable[[], Any], *, repeat: int = 2000, warmup: int = 200) -> float:
+    """Median wall time of one call of `fn`, in ns, over `repeat` timed calls.
+
+    Each call is timed on its own with perf_counter_ns (the median shrugs off scheduler
+    noise); the GC is paused while timing so that a collection lands on no single sample.
+    """
+    for _ in range(warmup):
+        fn()
+    samples = []
+    clock = time.perf_counter_ns
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(repeat):
+            start = clock()
+            fn()
+            samples.append(clock() - start)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return float(statistics.median(samples))
+
+
+def interleaved_medians(fns: dict[str, Callable[[], Any]], *, rounds: int = 5, repeat: int = 600) -> dict[str, float]:
+    """Medians of several functions measured in alternating rounds, so that drift in machine
+    speed (turbo, neighbours) hits all of them alike; the result is the median of the rounds."""
+    per: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            per[name].append(median_ns(fn, repeat=repeat, warmup=max(50, repeat // 10)))
+    return {name: float(statistics.median(values)) for name, values in per.items()}
+
+
+def us(ns: float) -> str:
+    return f"{ns / 1000:.1f} µs"
+
+
+def print_table(headers: list[str], rows: list[list[Any]]) -> None:
+    cells = [[str(c) for c in row] for row in [headers, *rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for n, row in enumerate(cells):
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def environment() -> dict[str, Any]:
+    import cryptography
+    import nacl
+
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "cryptography": cryptography.__version__,
+        "pynacl": nacl.__version__,
+    }
+
+
+def write_results(name: str, data: dict[str, Any]) -> Path:
+    """Write `docs/benchmarks/<name>.json` (with the environment and a UTC timestamp)."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    payload = {
+        "benchmark": name,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "environment": environment(),
+        **data,
+    }
+    path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+    return path
