@@ -1,0 +1,215 @@
+"""Forward decrypted requests to an OpenAI-compatible server inside the same confidential VM.
+
+`engine.upstream_url` is that server's base URL (e.g. `http://127.0.0.1:8000`, a trailing `/v1`
+is accepted): typically `python -m vllm.entrypoints.openai.api_server` on loopback. Plaintext
+crosses only the VM-internal loopback, never the host. Bodies are never logged.
+
+A background poller keeps `ready` and the model list current (`/health`, then `/v1/models`),
+so the node reports NOT_READY while the upstream loads or restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+
+from node.config import NodeConfig
+from node.engine.base import Chunk, ModelCard, Task
+from node.errors import EngineBadRequest, EngineError, ModelNotFound, NotReady
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL = 2.0
+ALL_TASKS: frozenset[Task] = frozenset({"chat", "completions", "embeddings"})
+_TASKS: dict[str, frozenset[Task]] = {
+    "generate": frozenset({"chat", "completions"}),
+    "embed": frozenset({"embeddings"}),
+}
+
+
+def _raise_for_status(status: int) -> None:
+    if status == 404:
+        raise ModelNotFound()
+    if 400 <= status < 500:
+        raise EngineBadRequest()
+    raise EngineError()
+
+
+class UpstreamEngine:
+    name = "upstream"
+    tee_capable = True
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        url = (config.engine.upstream_url or "").rstrip("/")
+        self.base_url = url[: -len("/v1")] if url.endswith("/v1") else url
+        self._headers = {"Content-Type": "application/json"}
+        if config.engine.upstream_api_key:
+            self._headers["Authorization"] = f"Bearer {config.engine.upstream_api_key}"
+        self._session: aiohttp.ClientSession | None = None
+        self._poller: asyncio.Task | None = None
+        self._ready = False
+        self._models: list[ModelCard] = []
+        self._responses: dict[str, aiohttp.ClientResponse] = {}
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self.config.engine.upstream_timeout)
+        self._session = aiohttp.ClientSession(timeout=timeout, headers=self._headers)
+        await self.poll()
+        self._poller = asyncio.create_task(self._poll_forever(), name="upstream-health")
+
+    async def stop(self) -> None:
+        self._ready = False
+        if self._poller is not None:
+            self._poller.cancel()
+            await asyncio.gather(self._poller, return_exceptions=True)
+            self._poller = None
+        for response in list(self._responses.values()):
+            response.close()
+        self._responses.clear()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(POLL_INTERVAL)
+            await self.poll()
+
+    async def poll(self) -> bool:
+        """One health check; updates `ready` and the model list. True when the upstream serves."""
+        was_ready = self._ready
+        try:
+            healthy = await self._get_status("/health") == 200
+            models = await self._get_models()
+            self._ready = healthy and bool(models)
+            if models:
+                self._models = models
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+            self._ready = False
+            if was_ready:
+                log.warning("upstream unreachable: %s", type(exc).__name__)
+        if self._ready != was_ready:
+            log.info("upstream %s", "ready" if self._ready else "not ready")
+        return self._ready
+
+    async def _get_status(self, path: str) -> int:
+        assert self._session is not None
+        async with self._session.get(self.base_url + path, timeout=aiohttp.ClientTimeout(total=5)) as response:
+            return response.status
+
+    async def _get_models(self) -> list[ModelCard]:
+        assert self._session is not None
+        async with self._session.get(self.base_url + "/v1/models", timeout=aiohttp.ClientTimeout(total=5)) as response:
+            if response.status != 200:
+                return []
+            listing = orjson.loads(await response.read())
+        configured = {m.name: _TASKS[m.task] for m in self.config.engine.models}
+        return [
+            ModelCard(
+                id=entry["id"],
+                tasks=configured.get(entry["id"], ALL_TASKS),
+                owned_by=entry.get("owned_by") or "upstream",
+                max_model_len=entry.get("max_model_len"),
+            )
+            for entry in listing.get("data", [])
+            if isinstance(entry, dict) and isinstance(entry.get("id"), str)
+        ]
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    def models(self) -> list[ModelCard]:
+        return list(self._models)
+
+    # --- requests -----------------------------------------------------------------------------
+
+    def _check(self, request: dict[str, Any], task: Task) -> None:
+        if not self._ready or self._session is None:
+            raise NotReady()
+        card = next((m for m in self._models if m.id == request.get("model")), None)
+        if card is None or task not in card.tasks:
+            raise ModelNotFound()
+
+    async def _post(self, path: str, body: dict[str, Any], request_id: str) -> aiohttp.ClientResponse:
+        assert self._session is not None
+        try:
+            response = await self._session.post(
+                self.base_url + path, data=orjson.dumps(body), headers={"X-Request-Id": request_id}
+            )
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            raise EngineError() from None
+        if response.status != 200:
+            response.release()
+            _raise_for_status(response.status)
+        self._responses[request_id] = response
+        return response
+
+    async def _unary(self, path: str, body: dict[str, Any], request_id: str) -> dict[str, Any]:
+        try:
+            response = await self._post(path, body, request_id)
+            async with response:
+                return orjson.loads(await response.read())
+        except (aiohttp.ClientError, asyncio.TimeoutError, orjson.JSONDecodeError):
+            raise EngineError() from None
+        finally:
+            self._responses.pop(request_id, None)
+
+    async def _forward(self, path: str, request: dict[str, Any], request_id: str) -> dict[str, Any] | AsyncIterator[Chunk]:
+        if not request.get("stream"):
+            return await self._unary(path, request, request_id)
+        options = request.get("stream_options")
+        body = {**request, "stream_options": {**(options if isinstance(options, dict) else {}), "include_usage": True}}
+        try:
+            response = await self._post(path, body, request_id)
+        except BaseException:
+            self._responses.pop(request_id, None)
+            raise
+        return self._stream(response, request_id)
+
+    async def _stream(self, response: aiohttp.ClientResponse, request_id: str) -> AsyncIterator[Chunk]:
+        """SSE `data:` lines as chunk dicts; leaving early closes the upstream connection, which
+        makes the upstream abort the request."""
+        try:
+            async for raw in response.content:
+                line = raw.strip()
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    return
+                chunk = orjson.loads(data)
+                if "error" in chunk and "choices" not in chunk:
+                    code = chunk["error"].get("code") if isinstance(chunk["error"], dict) else None
+                    _raise_for_status(code if isinstance(code, int) else 500)
+                yield chunk
+        except (aiohttp.ClientError, asyncio.TimeoutError, orjson.JSONDecodeError):
+            raise EngineError() from None
+        finally:
+            self._responses.pop(request_id, None)
+            response.close()
+
+    async def chat(self, request: dict[str, Any], request_id: str) -> dict[str, Any] | AsyncIterator[Chunk]:
+        self._check(request, "chat")
+        return await self._forward("/v1/chat/completions", request, request_id)
+
+    async def complete(self, request: dict[str, Any], request_id: str) -> dict[str, Any] | AsyncIterator[Chunk]:
+        self._check(request, "completions")
+        return await self._forward("/v1/completions", request, request_id)
+
+    async def embed(self, request: dict[str, Any], request_id: str) -> dict[str, Any]:
+        self._check(request, "embeddings")
+        return await self._unary("/v1/embeddings", request, request_id)
+
+    async def abort(self, request_id: str) -> None:
+        response = self._responses.pop(request_id, None)
+        if response is not None:
+            response.close()
