@@ -1,19 +1,24 @@
 """Intel PCS collateral for TDX quotes: CRLs, QE identity and TCB info, giving a TCB status string.
 
-The JSON bodies are matched against the quote and the PCK certificate. Their own signatures (by the
-Intel SGX TCB Signing certificate, which PCS sends in a response header) are not checked here: the
-status is advisory, the quote's trust comes from the PCK chain.
+The JSON bodies are matched against the quote and the PCK certificate. Their signatures are checked
+when the Intel SGX TCB Signing chain (which PCS sends in a response header, not in the body) is
+supplied; without it the status is reported as unsigned in the notes.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from . import der, trust
 from .errors import CollateralInvalid
@@ -28,6 +33,9 @@ OID_SGX_CPUSVN = OID_SGX_TCB + ".18"
 OID_SGX_PCEID = OID_SGX_EXTENSIONS + ".3"
 OID_SGX_FMSPC = OID_SGX_EXTENSIONS + ".4"
 TCB_COMPONENT_COUNT = 16
+TCB_SIGNING_COMMON_NAME = "Intel SGX TCB Signing"
+# PCS signs the exact bytes of the inner object: {"<name>":<signed bytes>,"signature":"<hex r||s>"}.
+_SIGNED_JSON = re.compile(rb'\{"(tcbInfo|enclaveIdentity)":(\{.*\}),"signature":"([0-9a-fA-F]{128})"\}\s*', re.S)
 
 # Worst last; the overall status is the worst of the platform (TCB info) and QE (QE identity) statuses.
 _STATUS_ORDER = (
@@ -121,7 +129,7 @@ class IntelCollateral:
     root_crl: bytes | None = None  # issued by the Intel SGX Root CA
     tcb_info: bytes | None = None  # body of /tdx/certification/v4/tcb
     qe_identity: bytes | None = None  # body of /tdx/certification/v4/qe/identity
-    extra_notes: tuple[str, ...] = field(default=())
+    tcb_signing_chain: bytes | None = None  # PEM issuer chain header of those two responses
 
     @classmethod
     def from_directory(cls, path: str | Path) -> "IntelCollateral":
@@ -139,6 +147,7 @@ class IntelCollateral:
             root_crl=read("rootcrl.der", "rootcrl"),
             tcb_info=read("tcbInfo.json", "sample_tcbInfo_response"),
             qe_identity=read("qeIdentity.json", "sample_qeIdentity_response"),
+            tcb_signing_chain=read("tcb_signing_chain.pem"),
         )
 
     def evaluate(self, quote: "TdxQuote", chain: Sequence[x509.Certificate], at: datetime) -> CollateralResult:
@@ -151,21 +160,48 @@ class IntelCollateral:
             trust.check_crl(trust.load_crl(self.pck_crl), intermediate, [leaf], at)
             notes.append("PCK CRL checked")
         statuses: list[str] = []
+        signer = self._tcb_signer(root, at) if self.tcb_signing_chain is not None else None
+        if signer is not None and self.root_crl is not None:
+            trust.check_crl(trust.load_crl(self.root_crl), root, [signer], at)
         try:
             if self.qe_identity is not None:
-                statuses.append(self._qe_status(quote, at))
-                notes.append(f"QE identity: {statuses[-1]}")
+                body, signed = self._body(self.qe_identity, "enclaveIdentity", signer)
+                statuses.append(self._qe_status(body, quote, at))
+                notes.append(f"QE identity{'' if signed else ' (signature NOT verified)'}: {statuses[-1]}")
             if self.tcb_info is not None:
-                statuses.append(self._tcb_status(quote, PckExtensions.from_certificate(leaf), at))
-                notes.append(f"TCB info: {statuses[-1]}")
+                body, signed = self._body(self.tcb_info, "tcbInfo", signer)
+                statuses.append(self._tcb_status(body, quote, PckExtensions.from_certificate(leaf), at))
+                notes.append(f"TCB info{'' if signed else ' (signature NOT verified)'}: {statuses[-1]}")
         except (KeyError, TypeError, ValueError) as exc:
             raise CollateralInvalid(f"collateral JSON is malformed: {type(exc).__name__}") from None
         if not statuses:
             return CollateralResult(status="CRLChecked" if notes else "Unknown", notes=tuple(notes))
         return CollateralResult(status=_worst(*statuses), notes=tuple(notes))
 
-    def _qe_status(self, quote: "TdxQuote", at: datetime) -> str:
-        body = json.loads(self.qe_identity)["enclaveIdentity"]
+    def _tcb_signer(self, root: x509.Certificate, at: datetime) -> x509.Certificate:
+        """The TCB Signing certificate, chained to the same pinned root as the quote's PCK chain."""
+        chain = trust.load_certificates(self.tcb_signing_chain)
+        if trust.common_name(chain[0]) != TCB_SIGNING_COMMON_NAME:
+            raise CollateralInvalid(f"collateral is signed by {trust.common_name(chain[0])!r}, not {TCB_SIGNING_COMMON_NAME!r}")
+        trust.check_root(trust.verify_chain(chain, at), [root], allow_simulated=False)
+        return chain[0]
+
+    @staticmethod
+    def _body(raw: bytes, name: str, signer: x509.Certificate | None) -> tuple[dict[str, Any], bool]:
+        if signer is None:
+            return json.loads(raw)[name], False
+        match = _SIGNED_JSON.fullmatch(raw)
+        if match is None or match.group(1).decode() != name:
+            raise CollateralInvalid(f"collateral is not a signed {name} response")
+        signature = bytes.fromhex(match.group(3).decode())
+        r, s = int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
+        try:
+            signer.public_key().verify(encode_dss_signature(r, s), match.group(2), ec.ECDSA(hashes.SHA256()))
+        except InvalidSignature:
+            raise CollateralInvalid(f"{name} signature does not verify under the TCB Signing certificate") from None
+        return json.loads(match.group(2)), True
+
+    def _qe_status(self, body: dict[str, Any], quote: "TdxQuote", at: datetime) -> str:
         qe = quote.signature_data.certification.qe_report
         _check_current(body, "QE identity", at)
         if bytes.fromhex(body["mrsigner"]) != qe.mr_signer:
@@ -181,8 +217,7 @@ class IntelCollateral:
                 return str(level["tcbStatus"])
         return "TCBNotSupported"
 
-    def _tcb_status(self, quote: "TdxQuote", pck: PckExtensions, at: datetime) -> str:
-        body = json.loads(self.tcb_info)["tcbInfo"]
+    def _tcb_status(self, body: dict[str, Any], quote: "TdxQuote", pck: PckExtensions, at: datetime) -> str:
         if body.get("id") != "TDX":
             raise CollateralInvalid("TCB info is not for TDX")
         _check_current(body, "TCB info", at)

@@ -28,6 +28,7 @@ TESTDATA = Path(__file__).resolve().parents[1].parent / "shared" / "testdata"
 TDX = TESTDATA / "tdx"
 AT = datetime(2026, 6, 1, tzinfo=timezone.utc)  # inside every sample chain's validity
 COLLATERAL_AT = datetime(2023, 6, 20, tzinfo=timezone.utc)  # inside the sample collateral's validity
+TCB_SIGNING_CHAIN = Path(__file__).resolve().parent / "attestation_fixtures" / "intel_tcb_signing_chain.pem"
 
 SAMPLES = {
     # file: (version, body type, MRTD prefix, REPORTDATA prefix, TEE_TCB_SVN prefix), read with xxd
@@ -207,14 +208,41 @@ def test_v5_with_a_td_report_1_0_body_parses():
 # --- collateral ---
 
 
+def signed_collateral(**overrides) -> IntelCollateral:
+    base = dict(
+        pck_crl=(TDX / "pckcrl").read_bytes(),
+        root_crl=(TDX / "rootcrl.der").read_bytes(),
+        tcb_info=(TDX / "sample_tcbInfo_response").read_bytes(),
+        qe_identity=(TDX / "sample_qeIdentity_response").read_bytes(),
+        tcb_signing_chain=TCB_SIGNING_CHAIN.read_bytes(),
+    )
+    base.update(overrides)
+    return IntelCollateral(**base)
+
+
 def test_collateral_checks_crls_and_reports_tcb_status():
     collateral = IntelCollateral.from_directory(TDX)
     result = tdx.verify_quote(read("tdx_prod_quote_SPR_E4.dat"), at=COLLATERAL_AT, collateral=collateral)
     assert "root CRL checked" in result.notes and "PCK CRL checked" in result.notes
-    assert "QE identity: UpToDate" in result.notes
+    assert "QE identity (signature NOT verified): UpToDate" in result.notes
     # The sample TCB info (evaluation number 15) requires SGX SVNs 5,5,... and TDX SVN 5 at index 2;
     # this platform's PCK has 3,3,... and its TEE_TCB_SVN is 3,0,4: below every listed level.
     assert result.tcb_status == "TCBNotSupported"
+
+
+def test_signed_collateral_is_verified_to_the_intel_root():
+    result = tdx.verify_quote(read("tdx_prod_quote_SPR_E4.dat"), at=COLLATERAL_AT, collateral=signed_collateral())
+    assert "QE identity: UpToDate" in result.notes and "TCB info: TCBNotSupported" in result.notes
+    assert result.tcb_status == "TCBNotSupported"
+
+
+def test_tampered_signed_collateral_is_refused():
+    body = (TDX / "sample_tcbInfo_response").read_bytes().replace(b'"tcbStatus":"OutOfDate"', b'"tcbStatus":"UpToDate"')
+    with pytest.raises(CollateralInvalid, match="tcbInfo signature does not verify"):
+        tdx.verify_quote(read("tdx_prod_quote_SPR_E4.dat"), at=COLLATERAL_AT, collateral=signed_collateral(tcb_info=body))
+    pck_chain = tdx.TdxQuote.from_bytes(read("tdx_prod_quote_SPR_E4.dat")).signature_data.certification.pck_chain_pem
+    with pytest.raises(CollateralInvalid, match="not 'Intel SGX TCB Signing'"):
+        tdx.verify_quote(read("tdx_prod_quote_SPR_E4.dat"), at=COLLATERAL_AT, collateral=signed_collateral(tcb_signing_chain=pck_chain))
 
 
 def _tcb_info_with_levels(levels):
