@@ -133,7 +133,8 @@ class IntelCollateral:
 
     @classmethod
     def from_directory(cls, path: str | Path) -> "IntelCollateral":
-        """Files named like the testdata: pckcrl, rootcrl.der, sample_tcbInfo_response, sample_qeIdentity_response."""
+        """Files named like the testdata (pckcrl, rootcrl.der, sample_tcbInfo_response, sample_qeIdentity_response)
+        or tcbInfo.json / qeIdentity.json, plus tcb_signing_chain.pem when the issuer chain was saved."""
         base = Path(path)
 
         def read(*names: str) -> bytes | None:
@@ -153,16 +154,16 @@ class IntelCollateral:
     def evaluate(self, quote: "TdxQuote", chain: Sequence[x509.Certificate], at: datetime) -> CollateralResult:
         notes: list[str] = []
         leaf, intermediate, root = chain[0], chain[1], chain[-1]
+        signer = self._tcb_signer(root, at) if self.tcb_signing_chain is not None else None
         if self.root_crl is not None:
-            trust.check_crl(trust.load_crl(self.root_crl), root, chain[1:-1], at)
+            # The root CRL covers every certificate the root issued: PCK CAs and the TCB Signing certificate.
+            issued = [*chain[1:-1], *([signer] if signer is not None else [])]
+            trust.check_crl(trust.load_crl(self.root_crl), root, issued, at)
             notes.append("root CRL checked")
         if self.pck_crl is not None:
             trust.check_crl(trust.load_crl(self.pck_crl), intermediate, [leaf], at)
             notes.append("PCK CRL checked")
         statuses: list[str] = []
-        signer = self._tcb_signer(root, at) if self.tcb_signing_chain is not None else None
-        if signer is not None and self.root_crl is not None:
-            trust.check_crl(trust.load_crl(self.root_crl), root, [signer], at)
         try:
             if self.qe_identity is not None:
                 body, signed = self._body(self.qe_identity, "enclaveIdentity", signer)
