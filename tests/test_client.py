@@ -66,36 +66,6 @@ def node_config(tmp_path, **overrides: Any) -> NodeConfig:
     return load_config(**_merge(base, overrides))
 
 
-def _fallback_attestation_route(app: web.Application) -> None:
-    """Until node/server/attestation.py registers GET /v1/attestation, serve the document the
-    way PROTOCOL.md part B says, built by attestation.document.build_document."""
-    if any(
-        getattr(r.resource, "canonical", None) == "/v1/attestation" and r.method == "GET" for r in app.router.routes()
-    ):
-        return
-    from attestation.document import build_document
-    from attestation.providers import SimulatedProvider
-
-    provider = SimulatedProvider(b"tee-node test measurement", seed=b"tee-node client tests seed")
-
-    async def attestation(request: web.Request) -> web.Response:
-        state = request.app[NODE]
-        nonce = bytes.fromhex(request.query["nonce"])
-        key = state.keyring.current
-        doc = build_document(
-            provider,
-            None,
-            nonce=nonce,
-            dh_public_key=key.public_key,
-            signing_public_key=state.signer.public_key,
-            key_epoch=key.epoch,
-            config_digest=state.config_digest,
-        )
-        return web.json_response(doc)
-
-    app.router.add_get("/v1/attestation", attestation)
-
-
 class ServerThread:
     """An event loop in a daemon thread hosting TestServers (real loopback ports)."""
 
@@ -165,7 +135,6 @@ def start_node(servers, tmp_path):
     def start(engine: EchoEngine | None = None, **overrides: Any) -> RunningNode:
         engine = engine or EchoEngine([ModelCard(MODEL, TASKS)])
         app = create_app(node_config(tmp_path, **overrides), engine)
-        _fallback_attestation_route(app)
         url = servers.serve(app)
         servers.run(_until(lambda: engine.ready))
         return RunningNode(servers, app, engine, url)
@@ -476,3 +445,43 @@ def test_cli_attest(node, capsys):
     }
     code, out, err = _run_cli(["attest", "http://127.0.0.1:9", "--allow-simulated"], capsys)
     assert code == 1 and "APIConnectionError" in err
+
+
+# --- attestation lifecycle ----------------------------------------------------------------------
+
+
+async def test_concurrent_first_requests_share_one_attestation(node):
+    async with ConfidentialClient(node.url, allow_simulated=True) as client:
+        prompts = [f"request {i}" for i in range(8)]
+        responses = await asyncio.gather(
+            *(client.chat.completions.create(model=MODEL, messages=chat_messages(p)) for p in prompts)
+        )
+        assert [r.choices[0].message.content for r in responses] == prompts
+        assert client.attestations == 1
+
+
+async def test_reattest_after_age(node):
+    async with ConfidentialClient(node.url, allow_simulated=True, reattest_after=0) as client:
+        for text in ("a", "b"):
+            response = await client.chat.completions.create(model=MODEL, messages=chat_messages(text))
+            assert response.choices[0].message.content == text
+        assert client.attestations == 2
+
+
+async def test_attestation_rate_limit_backoff_is_bounded(start_node):
+    node = start_node(limits={"attestation_per_minute": 1})
+    async with ConfidentialClient(node.url, allow_simulated=True) as first:
+        await first.attest()  # takes the only token of the minute
+    waits: list[float] = []
+
+    async def fake_sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    async with ConfidentialClient(node.url, allow_simulated=True, max_retries=1, max_retry_wait=5) as client:
+        client._sleep = fake_sleep
+        with pytest.raises(OverloadedError) as info:
+            await client.chat.completions.create(model=MODEL, messages=chat_messages(SECRET_PROMPT))
+        assert info.value.retry_after is not None and info.value.retry_after >= 1
+        assert waits == [min(info.value.retry_after, 5)]
+        assert client.attestation is None
+    assert node.confidential_requests() == 0

@@ -127,10 +127,11 @@ class _SSEParser:
 class _Pinned:
     """Keys pinned from one verified attestation document."""
 
-    __slots__ = ("identity",)
+    __slots__ = ("identity", "pinned_at")
 
     def __init__(self, identity: NodeIdentity) -> None:
         self.identity = identity
+        self.pinned_at = time.monotonic()
 
 
 def _check_receipt(receipt: dict[str, Any], identity: NodeIdentity, model: str, clear_usages: list[Any]) -> Receipt:
@@ -330,9 +331,11 @@ class ConfidentialClient:
 
     Policy: `policy=attestation.document.Policy(...)`, or the shortcuts `allow_simulated`,
     `expected_measurements` (hex MRTD / MEASUREMENT values), `allowed_tee` ("tdx",
-    "sev-snp", "simulated"), `require_gpu`. Retries: 429 OVERLOADED and 503 NOT_READY up to
-    `max_retries` times, waiting Retry-After (at most `max_retry_wait` seconds each); 422
-    STALE_NODE_KEY re-attests and retries once with a fresh envelope.
+    "sev-snp"; simulated needs `allow_simulated`), `require_gpu`. Retries: 429 OVERLOADED and
+    503 NOT_READY up to `max_retries` times, waiting Retry-After (at most `max_retry_wait`
+    seconds each); 422 STALE_NODE_KEY re-attests and retries once with a fresh envelope (the
+    key in the 422 body is never used: only attested keys are). `reattest_after` (seconds)
+    also re-attests a pin older than that before the next request.
     """
 
     def __init__(
@@ -348,6 +351,7 @@ class ConfidentialClient:
         timeout: float = 600.0,
         max_retries: int = 2,
         max_retry_wait: float = 30.0,
+        reattest_after: float | None = None,
         session: aiohttp.ClientSession | None = None,
     ) -> None:
         if max_retries < 0:
@@ -364,6 +368,7 @@ class ConfidentialClient:
         self.timeout = timeout
         self.max_retries = max_retries
         self.max_retry_wait = max_retry_wait
+        self.reattest_after = reattest_after
         self._session = session
         self._owns_session = session is None
         self._pinned: _Pinned | None = None
@@ -417,16 +422,24 @@ class ConfidentialClient:
         if self._attest_lock is None:
             self._attest_lock = asyncio.Lock()
         async with self._attest_lock:
+            self._pinned = None
             self._pinned = _Pinned(await self._fetch_attestation())
             return self._pinned.identity
 
+    def _expired(self, pinned: _Pinned | None) -> bool:
+        if pinned is None:
+            return True
+        return self.reattest_after is not None and time.monotonic() - pinned.pinned_at >= self.reattest_after
+
     async def _ensure_attested(self) -> _Pinned:
-        if self._pinned is None:
+        if self._expired(self._pinned):
             if self._attest_lock is None:
                 self._attest_lock = asyncio.Lock()
             async with self._attest_lock:
-                if self._pinned is None:
+                if self._expired(self._pinned):
+                    self._pinned = None  # never keep using keys whose evidence was refused
                     self._pinned = _Pinned(await self._fetch_attestation())
+        assert self._pinned is not None
         return self._pinned
 
     async def _reattest(self, stale: _Pinned) -> _Pinned:
@@ -434,6 +447,7 @@ class ConfidentialClient:
         assert self._attest_lock is not None
         async with self._attest_lock:
             if self._pinned is stale:
+                self._pinned = None
                 self._pinned = _Pinned(await self._fetch_attestation())
         assert self._pinned is not None
         return self._pinned
@@ -442,10 +456,18 @@ class ConfidentialClient:
         from attestation.document import verify_document
         from attestation.errors import ParseError
 
-        nonce = os.urandom(ATTESTATION_NONCE_SIZE)
-        status, headers, body = await self._send("GET", f"/v1/attestation?nonce={nonce.hex()}", None)
-        if status != 200:
-            raise self._error(status, headers, body)
+        attempt = 0
+        while True:
+            nonce = os.urandom(ATTESTATION_NONCE_SIZE)  # fresh for every fetch, retries included
+            status, headers, body = await self._send("GET", f"/v1/attestation?nonce={nonce.hex()}", None)
+            if status == 200:
+                break
+            error = self._error(status, headers, body)
+            if isinstance(error, (OverloadedError, NotReadyError)) and attempt < self.max_retries:
+                attempt += 1
+                await self._sleep(self._retry_delay(error, attempt))
+                continue
+            raise error
         try:
             document = json.loads(body)
         except (ValueError, UnicodeDecodeError):
