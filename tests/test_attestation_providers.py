@@ -225,3 +225,16 @@ def test_simulated_keys_come_from_the_seed_and_are_not_printed():
     assert "hidden" in repr(a)
     with pytest.raises(ValueError):
         SimulatedProvider(b"m")
+
+
+class RefusingKernel(FakeKernel):
+    def write(self, path, data):
+        raise OSError(16, "Device or resource busy")
+
+
+def test_kernel_refusal_and_empty_report_are_unavailable(tmp_path):
+    with pytest.raises(AttestationUnavailable, match="refused the report request"):
+        TsmProvider("tdx", base_path=tmp_path, fs=RefusingKernel()).get_evidence(bytes(64))
+    with pytest.raises(AttestationUnavailable, match="empty report"):
+        TsmProvider("tdx", base_path=tmp_path, fs=FakeKernel(make_outblob=lambda inblob: b"")).get_evidence(bytes(64))
+    assert list(tmp_path.iterdir()) == []
