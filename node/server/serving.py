@@ -94,6 +94,8 @@ def parse_plaintext(data: bytes, endpoint: Endpoint) -> dict[str, Any]:
         endpoint.schema.model_validate(payload)
     except ValidationError:
         raise InvalidPlaintext() from None
+    if not isinstance(payload.get("stream_options"), (dict, type(None))):  # merged into on streams
+        raise InvalidPlaintext()
     return payload
 
 
@@ -214,7 +216,9 @@ async def _stream(
             ctx.response_bytes += len(data)
             await response.write(data)
         finished = True
-    except NodeError as exc:
+    except ConnectionResetError:
+        raise  # the client went away: nobody to tell
+    except Exception as exc:  # NodeError or unexpected: the headers are out, end with the error event
         log.warning("stream %s ended by engine error %s", ctx.request_id, type(exc).__name__)
         with contextlib.suppress(ConnectionError):
             await response.write(ENGINE_FAILED_EVENT)
