@@ -147,34 +147,38 @@ def _smollm2_source(progress: Progress) -> tuple[Path, str]:
     return gguf, expected
 
 
-def _convert_smollm2(gguf: Path, source_sha256: str, target: Path, progress: Progress) -> None:
-    """De-quantise the GGUF into fp32 safetensors in a temp dir, then swap it in atomically."""
+def _write_smollm2(gguf: Path, out: Path, progress: Progress) -> None:
+    """De-quantise the GGUF into fp32 safetensors plus tokenizer and chat template in `out`."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    progress("loading tokenizer from the GGUF")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if not tokenizer.chat_template:
+        raise ModelPrepareError("the GGUF carries no chat template")
+    progress("de-quantising weights (Q4_1 -> float32)")
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # Without these the saved config claims GGUF quantisation and vLLM refuses the directory.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    progress("writing safetensors")
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    # vLLM reads the template from here; older transformers inline it in tokenizer_config.json.
+    template = out / "chat_template.jinja"
+    if not template.is_file():
+        template.write_text(tokenizer.chat_template)
+
+
+def _convert_smollm2(gguf: Path, source_sha256: str, target: Path, progress: Progress) -> None:
+    """Convert into a temp dir beside `target`, record the manifest, then swap it in atomically:
+    a crash leaves either the old directory or the new one, never a half-written model."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
-        progress("loading tokenizer from the GGUF")
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        if not tokenizer.chat_template:
-            raise ModelPrepareError("the GGUF carries no chat template")
-        progress("de-quantising weights (Q4_1 -> float32)")
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        # Without these the saved config claims GGUF quantisation and vLLM refuses the directory.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        progress("writing safetensors")
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        # vLLM reads the template from here; older transformers inline it in tokenizer_config.json.
-        template = tmp / "chat_template.jinja"
-        if not template.is_file():
-            template.write_text(tokenizer.chat_template)
+        _write_smollm2(gguf, tmp, progress)
         progress("hashing files")
-        files = {
-            p.relative_to(tmp).as_posix(): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()
-        }
+        files = {p.relative_to(tmp).as_posix(): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = {"version": MANIFEST_VERSION, "source": gguf.name, "source_sha256": source_sha256, "files": files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
         problem = verify_prepared(tmp, source_sha256)
