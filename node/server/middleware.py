@@ -39,7 +39,7 @@ class RequestContext:
     events: int = 0
 
 
-CONTEXT: web.RequestKey = "tee_node.context"  # type: ignore[assignment]
+CONTEXT: web.RequestKey[RequestContext] = web.RequestKey("tee_node.context", RequestContext)
 
 
 def error_response(exc: NodeError, request_id: str) -> web.Response:
