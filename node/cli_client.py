@@ -56,13 +56,17 @@ def _client_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _identity_lines(identity: Any) -> list[str]:
-    kind = "SIMULATED (not a TEE)" if identity.simulated else "hardware TEE"
-    return [
+    kind = "SIMULATED, not a TEE" if identity.simulated else "hardware TEE"
+    lines = [
         f"attestation verified: tee={identity.tee} ({kind})",
         f"  measurement:   {identity.measurement}",
         f"  key epoch:     {identity.key_epoch}",
         f"  config digest: {identity.config_digest}",
     ]
+    if identity.tcb_status:
+        lines.append(f"  TCB status:    {identity.tcb_status}")
+    lines.extend(f"  note:          {note}" for note in identity.notes)
+    return lines
 
 
 def _fail(err: TextIO, exc: BaseException, partial: bool = False) -> int:
@@ -70,6 +74,8 @@ def _fail(err: TextIO, exc: BaseException, partial: bool = False) -> int:
         err.write("\n")
     kind = type(exc).__name__
     err.write(f"error: {kind}: {exc}\n")
+    if kind == "SimulatedNotAllowed":
+        err.write("the node runs the simulated TEE; pass --allow-simulated to accept it (for testing only)\n")
     if partial:
         err.write("the text above did not verify and must not be trusted\n")
     return EXIT_FAILED

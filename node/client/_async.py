@@ -102,7 +102,9 @@ class _SSEParser:
         self._limit = limit
 
     def feed(self, data: bytes) -> list[str]:
-        self._buffer += data.replace(b"\r\n", b"\n")
+        self._buffer += data
+        if b"\r" in data:  # CRLF line ends, also when split across reads
+            self._buffer = bytearray(self._buffer.replace(b"\r\n", b"\n"))
         events = []
         while True:
             end = self._buffer.find(b"\n\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import weakref
 from collections.abc import Coroutine, Iterator
 from typing import Any, Generic, TypeVar
 
@@ -147,6 +148,7 @@ class Client:
 
     def __init__(self, base_url: str, **kwargs: Any) -> None:
         self._loop = _LoopThread()
+        self._finalizer = weakref.finalize(self, self._loop.stop)  # a forgotten client frees its thread
         try:
             self._async = ConfidentialClient(base_url, **kwargs)
         except BaseException:
@@ -177,7 +179,7 @@ class Client:
             self._loop.run(self._async.aclose())
         except RuntimeError:
             pass
-        self._loop.stop()
+        self._finalizer()
 
     def __enter__(self) -> Client:
         return self
