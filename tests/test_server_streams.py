@@ -1,0 +1,328 @@
+"""Confidential streams: per-event nonces and signatures, receipts over the transcript, usage in
+clear, no [DONE], keep-alives, client disconnects, engine failures, and the plain routes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import (
+    CONFIDENTIAL_CHAT,
+    CONFIDENTIAL_COMPLETIONS,
+    MODEL,
+    SSE,
+    GatedEcho,
+    chat_body,
+    compact,
+    completion_body,
+    embedding_body,
+    next_block,
+    seal_with_secrets,
+    wait_for,
+)
+from prometheus_client.parser import text_string_to_metric_families
+
+from node import envelope
+from node.crypto import Aead, b64d, blake2b_256
+from node.errors import EventAfterEnd, MissingReceipt, ReceiptInvalid, TranscriptMismatch
+from node.keys import verify_sui_signature
+from node.protocol import Usage
+
+PROMPT = "one two three four five six"
+
+
+async def sealed_stream(node, payload, path=CONFIDENTIAL_CHAT, headers=None):
+    """Post a stream sealed with known secrets: (response SSE, Sealed)."""
+    sealed = seal_with_secrets(compact(payload), node.current_key, payload["model"], stream=True)
+    response = await node.post(path, sealed.outer, headers)
+    assert response.status == 200, await response.text()
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    return SSE.parse(await response.read()), sealed
+
+
+def fresh_opener(node, sealed):
+    return envelope.ResponseOpener(Aead(sealed.aes_key), sealed.opener.request_hash, node.state.signer.public_key)
+
+
+def open_all(opener, events):
+    chunks = [json.loads(opener.open_event(e)) for e in events]
+    return chunks, opener.finish()
+
+
+async def test_stream_events_are_sealed_signed_and_receipted(node_client):
+    sse, sealed = await sealed_stream(node_client, chat_body(PROMPT, stream=True))
+    assert b"[DONE]" not in sse.raw
+    events = sse.events
+    assert len(events) == len(PROMPT.split()) + 1  # one per word, then the usage chunk
+    nonces = [e["nonce"] for e in events]
+    assert len(set(nonces)) == len(nonces)
+    assert all(len(b64d(n)) == 12 for n in nonces)
+    signing_key = node_client.state.signer.public_key
+    for event in events:
+        assert {"ciphertext", "nonce", "response_hash", "signature"} <= set(event)
+        assert verify_sui_signature(event["signature"], b64d(event["response_hash"])) == signing_key
+    assert all("receipt" not in e for e in events[:-1])
+
+    chunks, receipt = open_all(fresh_opener(node_client, sealed), events)
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1]) == PROMPT
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"]["completion_tokens"] == 6
+
+    hashes = [b64d(e["response_hash"]) for e in events]
+    assert receipt == envelope.verify_receipt(
+        events[-1]["receipt"], signing_key=signing_key, request_hash=sealed.opener.request_hash, response_hashes=hashes
+    )
+    assert receipt["events"] == len(events)
+    assert receipt["model"] == MODEL
+    assert receipt["key_epoch"] == node_client.state.keyring.current.epoch
+    assert b64d(receipt["transcript_hash"]) == envelope.transcript_hash(hashes)
+    # usage in clear: only the event carrying it (the final one) and it matches the receipt
+    assert all("usage" not in e for e in events[:-1])
+    assert events[-1]["usage"] == receipt["usage"] == Usage.from_openai(chunks[-1]["usage"]).model_dump()
+
+
+async def test_completions_stream(node_client):
+    sse, sealed = await sealed_stream(node_client, completion_body("red green blue", stream=True), CONFIDENTIAL_COMPLETIONS)
+    chunks, receipt = open_all(fresh_opener(node_client, sealed), sse.events)
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == "red green blue"
+    assert receipt["events"] == 4
+    assert b"[DONE]" not in sse.raw
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        lambda ev: ev[:1] + ev[2:],  # drop an event
+        lambda ev: [ev[1], ev[0], *ev[2:]],  # reorder two events
+        lambda ev: ev[:-3] + [ev[-2], ev[-3], ev[-1]],  # reorder near the end
+        lambda ev: [ev[0], *ev],  # duplicate an event
+    ],
+    ids=["drop", "swap-first", "swap-last", "duplicate"],
+)
+async def test_tampered_transcript_fails_receipt(node_client, tamper):
+    sse, sealed = await sealed_stream(node_client, chat_body(PROMPT, stream=True))
+    opener = fresh_opener(node_client, sealed)
+    events = tamper(sse.events)
+    with pytest.raises(TranscriptMismatch):
+        for event in events:
+            opener.open_event(event)
+    hashes = [b64d(e["response_hash"]) for e in events]
+    with pytest.raises(ReceiptInvalid):
+        envelope.verify_receipt(
+            sse.events[-1]["receipt"],
+            signing_key=node_client.state.signer.public_key,
+            request_hash=sealed.opener.request_hash,
+            response_hashes=hashes,
+        )
+
+
+async def test_truncated_stream_has_no_receipt(node_client):
+    sse, sealed = await sealed_stream(node_client, chat_body(PROMPT, stream=True))
+    for cut in (0, 1, len(sse.events) - 1):
+        opener = fresh_opener(node_client, sealed)
+        for event in sse.events[:cut]:
+            opener.open_event(event)
+        with pytest.raises(MissingReceipt):
+            opener.finish()
+    # and nothing may follow the receipt
+    opener = fresh_opener(node_client, sealed)
+    open_all(opener, sse.events)
+    with pytest.raises(EventAfterEnd):
+        opener.open_event(sse.events[-1])
+
+
+async def test_receipt_of_another_request_fails(node_client):
+    sse_a, sealed_a = await sealed_stream(node_client, chat_body("alpha request", stream=True))
+    sse_b, sealed_b = await sealed_stream(node_client, chat_body("alpha request", stream=True))
+    with pytest.raises(ReceiptInvalid):
+        envelope.verify_receipt(
+            sse_b.events[-1]["receipt"],
+            signing_key=node_client.state.signer.public_key,
+            request_hash=b"\x00" * 32,
+            response_hashes=[b64d(e["response_hash"]) for e in sse_b.events],
+        )
+    # a's receipt does not cover b's events (same plaintext, fresh nonces, different transcript)
+    with pytest.raises(ReceiptInvalid):
+        envelope.verify_receipt(
+            sse_a.events[-1]["receipt"],
+            signing_key=node_client.state.signer.public_key,
+            request_hash=sealed_a.opener.request_hash,
+            response_hashes=[b64d(e["response_hash"]) for e in sse_b.events],
+        )
+
+
+class ContinuousUsageEcho(GatedEcho):
+    """An engine reporting usage from its second chunk on (vLLM's continuous usage stats)."""
+
+    async def chat(self, request, request_id):
+        async def chunks():
+            base = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": MODEL}
+            yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": "a"}}]}
+            for n, word in enumerate((" b", " c"), start=2):
+                usage = {"prompt_tokens": 3, "completion_tokens": n, "total_tokens": 3 + n}
+                yield {**base, "choices": [{"index": 0, "delta": {"content": word}}], "usage": usage}
+            yield {**base, "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}}
+
+        self._model(request, "chat")
+        return chunks()
+
+
+async def test_usage_in_clear_from_the_first_event_that_has_it(make_node):
+    node = await make_node(ContinuousUsageEcho())
+    sse, sealed = await sealed_stream(node, chat_body("a b c", stream=True))
+    chunks, receipt = open_all(fresh_opener(node, sealed), sse.events)
+    assert len(sse.events) == 4
+    assert "usage" not in sse.events[0] and "usage" not in chunks[0]
+    for event, chunk in zip(sse.events[1:], chunks[1:]):
+        assert event["usage"] == Usage.from_openai(chunk["usage"]).model_dump()
+    assert [e["usage"]["completion_tokens"] for e in sse.events[1:]] == [2, 3, 3]
+    assert receipt["usage"] == sse.events[-1]["usage"]
+
+
+async def test_engine_asked_for_usage_on_streams(make_node):
+    seen = []
+
+    class Spy(GatedEcho):
+        async def chat(self, request, request_id):
+            seen.append(dict(request))
+            return await super().chat(request, request_id)
+
+    node = await make_node(Spy())
+    await sealed_stream(node, chat_body("x y", stream=True, stream_options={"include_usage": False, "other": 1}))
+    assert seen[-1]["stream_options"] == {"include_usage": True, "other": 1}
+    # non-streaming: stream false and no stream_options reach the engine
+    await node.call(CONFIDENTIAL_CHAT, chat_body("x y", stream_options={"include_usage": True}))
+    assert seen[-1]["stream"] is False and "stream_options" not in seen[-1]
+
+
+async def test_stream_decided_by_the_plaintext(node_client):
+    # outer says stream, plaintext does not: one sealed JSON response
+    outer, opener = node_client.seal(chat_body("inner decides"), stream=True)
+    response = await node_client.post(CONFIDENTIAL_CHAT, outer)
+    assert response.headers["Content-Type"].startswith("application/json")
+    opener.open_response(await response.json())
+    # plaintext says stream, outer does not: a stream
+    outer, opener = node_client.seal(chat_body("inner decides", stream=True), stream=False)
+    response = await node_client.post(CONFIDENTIAL_CHAT, outer)
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    for event in SSE.parse(await response.read()).events:
+        opener.open_event(event)
+    opener.finish()
+
+
+async def test_keepalive_comments_during_silence(make_node):
+    engine = GatedEcho()
+    node = await make_node(engine, limits={"keepalive_interval": 0.02})
+    engine.gate.clear()
+    outer, opener = node.seal(chat_body("after the silence", stream=True))
+    response = await node.post(CONFIDENTIAL_CHAT, outer)
+    assert response.status == 200
+    # the engine is blocked: only keep-alive comments can arrive
+    assert await next_block(response) == b": keep-alive\n\n"
+    assert await next_block(response) == b": keep-alive\n\n"
+    engine.gate.set()
+    sse = SSE.parse(await response.read())
+    assert all(c == ": keep-alive" for c in sse.comments)
+    for event in sse.events:
+        opener.open_event(event)
+    assert opener.finish()["events"] == len(sse.events) == 4
+
+
+async def test_client_disconnect_aborts_engine_request(make_node):
+    engine = GatedEcho(token_delay=0.01)
+    node = await make_node(engine)
+    outer, opener = node.seal(chat_body(" ".join(f"w{i}" for i in range(2000)), stream=True))
+    response = await node.post(CONFIDENTIAL_CHAT, outer, {"X-Request-Id": "disconnecting-client"})
+    assert response.status == 200
+    opener.open_event(json.loads((await next_block(response))[len(b"data: ") :]))
+    await wait_for(lambda: engine.running == {"disconnecting-client"}, what="engine request running")
+    response.close()
+    await wait_for(lambda: not engine.running, what="engine request aborted")
+    assert engine.aborted == ["disconnecting-client"]
+    await wait_for(lambda: node.state.admission.in_flight == 0, what="slot released")
+    metrics = await (await node.client.get("/metrics")).text()
+    samples = {
+        (s.labels.get("route"), s.labels.get("status")): s.value
+        for f in text_string_to_metric_families(metrics)
+        if f.name == "tee_node_requests"
+        for s in f.samples
+        if s.name == "tee_node_requests_total"
+    }
+    assert samples[(CONFIDENTIAL_CHAT, "499")] == 1
+    await node.chat_ok()
+
+
+async def test_finished_stream_is_not_aborted(make_node):
+    engine = GatedEcho()
+    node = await make_node(engine)
+    await sealed_stream(node, chat_body("a b c", stream=True))
+    assert engine.aborted == [] and not engine.running
+
+
+async def test_engine_failure_mid_stream(make_node):
+    engine = GatedEcho(fail_after_tokens=2)
+    node = await make_node(engine)
+    sealed = seal_with_secrets(compact(chat_body(PROMPT, stream=True)), node.current_key, MODEL, stream=True)
+    response = await node.post(CONFIDENTIAL_CHAT, sealed.outer)
+    assert response.status == 200
+    sse = SSE.parse(await response.read())
+    *events, last = sse.events
+    assert len(events) == 2
+    opener = fresh_opener(node, sealed)
+    for event in events:
+        opener.open_event(event)
+    assert last == {"error": {"code": "INTERNAL_ERROR", "message": "engine failed"}}
+    with pytest.raises(MissingReceipt):
+        opener.finish()
+    assert (await node.client.get("/ready")).status == 503
+    outer, _ = node.seal(chat_body("after failure"))
+    response = await node.post(CONFIDENTIAL_CHAT, outer)
+    assert response.status == 503
+    assert (await response.json())["error"]["code"] == "NOT_READY"
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"])
+async def test_plain_routes_absent_by_default(node_client, path):
+    response = await node_client.client.post(path, json=chat_body("plain"))
+    assert response.status == 404
+
+
+async def test_plain_routes_with_allow_plaintext(make_node):
+    node = await make_node(allow_plaintext=True)
+    response = await node.client.post("/v1/chat/completions", json=chat_body("plain text chat"))
+    assert response.status == 200
+    assert (await response.json())["choices"][0]["message"]["content"] == "plain text chat"
+
+    response = await node.client.post("/v1/chat/completions", json=chat_body("plain text stream", stream=True))
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    sse = SSE.parse(await response.read())
+    assert sse.events[-1] == "[DONE]"
+    chunks = sse.events[:-1]
+    assert "".join(c["choices"][0]["delta"]["content"] for c in chunks if c["choices"]) == "plain text stream"
+    assert chunks[-1]["usage"]["completion_tokens"] == 3  # include_usage forced
+    assert all("ciphertext" not in c for c in chunks)
+
+    response = await node.client.post("/v1/completions", json=completion_body("plain completion", stream=True))
+    sse = SSE.parse(await response.read())
+    assert sse.events[-1] == "[DONE]"
+    assert "".join(c["choices"][0]["text"] for c in sse.events[:-1] if c["choices"]) == "plain completion"
+
+    response = await node.client.post("/v1/embeddings", json=embedding_body("plain"))
+    assert response.status == 200
+    assert len((await response.json())["data"]) == 1
+
+    response = await node.client.post("/v1/chat/completions", json={"model": MODEL})
+    assert response.status == 400
+    response = await node.client.post("/v1/chat/completions", json=chat_body("x", model="nope"))
+    assert response.status == 404
+    # the confidential routes still work beside them
+    await node.chat_ok()
+
+
+async def test_response_hash_is_of_the_exact_plaintext(node_client):
+    sse, sealed = await sealed_stream(node_client, chat_body("hash me", stream=True))
+    aead = Aead(sealed.aes_key)
+    for event in sse.events:
+        plaintext = aead.decrypt(b64d(event["nonce"]), b64d(event["ciphertext"]))
+        assert blake2b_256(plaintext) == b64d(event["response_hash"])
