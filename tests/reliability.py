@@ -149,8 +149,15 @@ class ServerThread(_Base):
         return self
 
     def __exit__(self, *exc) -> None:
+        async def drain() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
         try:
             self.run(self.runner.cleanup())
+            self.run(drain())
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(10)
@@ -188,10 +195,16 @@ class ServerThread(_Base):
             time.sleep(0.01)
         return False
 
-    def good_request(self, prompt: str = "still serving after that", stream: bool = False) -> dict:
-        """A good confidential chat: 200, opens, receipt verifies, echoes the prompt; the receipt."""
+    def good_request(
+        self,
+        prompt: str = "still serving after that",
+        stream: bool = False,
+        headers: Callable[[dict], dict[str, str]] | None = None,
+    ) -> dict:
+        """A good confidential chat: 200, opens, receipt verifies, echoes the prompt; the receipt.
+        `headers(outer)` gives the request's extra headers (auth, X-Signature)."""
         outer, opener = self.seal(chat(prompt, stream=stream), stream=stream)
-        status, headers, raw = self.post(CHAT, outer)
+        status, _, raw = self.post(CHAT, outer, headers(outer) if headers else None)
         assert status == 200, (status, raw[:300])
         if stream:
             text = ""
