@@ -103,7 +103,7 @@ class _SSEParser:
 
     def feed(self, data: bytes) -> list[str]:
         self._buffer += data
-        if b"\r" in data:  # CRLF line ends, also when split across reads
+        if b"\r" in self._buffer:  # CRLF line ends, also when split across reads
             self._buffer = bytearray(self._buffer.replace(b"\r\n", b"\n"))
         events = []
         while True:
