@@ -59,8 +59,10 @@ def _confidential_operation(summary: str, streamable: bool) -> dict[str, Any]:
     }
 
 
-def _get(summary: str, content_type: str = "application/json") -> dict[str, Any]:
-    return {"get": {"summary": summary, "responses": {"200": {"description": summary, "content": {content_type: {}}}}}}
+def _get(summary: str, content_type: str = "application/json", errors: tuple[str, ...] = ()) -> dict[str, Any]:
+    responses = {"200": {"description": summary, "content": {content_type: {}}}}
+    responses.update({status: _errors()[status] for status in errors})
+    return {"get": {"summary": summary, "responses": responses}}
 
 
 def openapi_document(config: NodeConfig) -> dict[str, Any]:
@@ -98,7 +100,7 @@ def openapi_document(config: NodeConfig) -> dict[str, Any]:
         },
         "/v1/models": _get("Models served"),
         "/health": _get("Liveness"),
-        "/ready": _get("Readiness: 200 once the engine can serve, else 503"),
+        "/ready": _get("Readiness: 200 once the engine can serve, else 503", errors=("503",)),
         "/metrics": _get("Prometheus metrics", "text/plain"),
         "/v1/attestation": {
             "get": {
