@@ -50,7 +50,7 @@ def operations(schema) -> list:
     return [result.ok() for result in schema.get_all_operations()]
 
 
-def run_operation(node: ServerThread, operation, mode, examples: int) -> int:
+def run_operation(node: ServerThread, operation, mode, examples: int, checks=CHECKS, max_status: int = 500) -> int:
     calls = 0
 
     @settings(
@@ -62,8 +62,8 @@ def run_operation(node: ServerThread, operation, mode, examples: int) -> int:
     @given(case=operation.as_strategy(generation_mode=mode))
     def run(case):
         nonlocal calls
-        response = case.call_and_validate(base_url=node.url, checks=CHECKS, timeout=15)
-        assert response.status_code < 500, response.text[:300]
+        response = case.call_and_validate(base_url=node.url, checks=checks, timeout=15)
+        assert response.status_code != 500 and response.status_code < max_status, response.text[:300]
         calls += 1
 
     try:
@@ -95,7 +95,8 @@ def test_schemathesis_long(node, schema, mode):
 
 
 def test_schemathesis_while_not_ready(node, schema):
-    """With the engine down, every operation still answers documented statuses (503 included)."""
+    """With the engine down, every operation still answers documented statuses (503 included,
+    which is by design here, so `not_a_server_error` is left out and only 500 is refused)."""
 
     async def set_ready(value: bool) -> None:
         node.engine._ready = value
@@ -103,7 +104,7 @@ def test_schemathesis_while_not_ready(node, schema):
     node.run(set_ready(False))
     try:
         for op in operations(schema):
-            run_operation(node, op, schemathesis.GenerationMode.POSITIVE, examples=5)
+            run_operation(node, op, schemathesis.GenerationMode.POSITIVE, 5, CHECKS[1:], max_status=600)
     finally:
         node.run(set_ready(True))
     node.good_request()
