@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import types
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -237,10 +238,23 @@ async def _stream(
 async def _with_keepalive(
     chunks: AsyncIterator[dict[str, Any]], interval: float, response: web.StreamResponse
 ) -> AsyncIterator[dict[str, Any]]:
-    """Yield the engine's chunks; write a keep-alive comment after each `interval` of silence."""
+    """Yield the engine's chunks; write a keep-alive comment after each `interval` of silence.
+
+    The next chunk is first asked for in place: an engine that has it ready answers without
+    suspending, and no task or timer is made. Only an engine that has to wait gets the rest
+    of that step in a task, watched with the keep-alive timeout (`_resume`).
+    """
     iterator = chunks.__aiter__()
     while True:
-        next_chunk = asyncio.ensure_future(iterator.__anext__())
+        step = iterator.__anext__()
+        try:
+            blocked_on = step.send(None)
+        except StopIteration as ready:
+            yield ready.value
+            continue
+        except StopAsyncIteration:
+            return
+        next_chunk = asyncio.ensure_future(_resume(step, blocked_on))
         while True:
             done, _ = await asyncio.wait((next_chunk,), timeout=interval)
             if done:
@@ -254,6 +268,25 @@ async def _with_keepalive(
             yield next_chunk.result()
         except StopAsyncIteration:
             return
+
+
+@types.coroutine
+def _resume(step: Any, blocked_on: Any) -> Any:
+    """Finish a coroutine `step` that has already run up to its first suspension, where it
+    yielded `blocked_on` (what `yield from step` would do had it started it)."""
+    while True:
+        try:
+            sent = yield blocked_on
+        except BaseException as exc:  # cancellation and the like go on to the step
+            try:
+                blocked_on = step.throw(exc)
+            except StopIteration as done:
+                return done.value
+        else:
+            try:
+                blocked_on = step.send(sent)
+            except StopIteration as done:
+                return done.value
 
 
 # --- plain OpenAI routes (only with allow_plaintext) ---------------------------------------

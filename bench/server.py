@@ -1,0 +1,563 @@
+"""The node's own serving cost: confidential routes versus plain routes on one process.
+
+One `tee-node serve --engine echo` subprocess with the plain OpenAI routes enabled
+(TEE_NODE_ALLOW_PLAINTEXT=true), admission limits far above the load, logging at WARNING.
+The same load goes to both kinds of route:
+
+  requests   non-streaming chat, 64 concurrent keep-alive connections: requests/s
+  streams    streaming chat, 256 concurrent streams of a 200-word prompt (the echo engine
+             streams the words back, one engine chunk per word): SSE events/s and tokens/s
+
+Fairness of the load generator:
+  * it runs in separate processes (`--clients`, default 1) speaking raw HTTP/1.1 over
+    asyncio (uvloop when present): one write of pre-built request bytes per request, one
+    Content-Length read or a chunked stream in which it only counts SSE events (`\\n\\n`);
+    the client work is identical for both kinds of route.
+  * confidential requests are sealed before the timed window (sealing is the client's cost);
+    each carries a fresh client key, salt and nonce, so none is a replay.
+  * a sample of responses (the first ones of each client connection) is kept raw and fully
+    verified after the window: confidential ones with `ResponseOpener` (decrypt, hash,
+    signature, receipt, every event one `chat.completion.chunk`), plain ones parsed.
+  * on this 2-core machine the node and the generator share the CPUs. By default the node is
+    pinned to CPU 0 and the generator to CPU 1 (taskset / sched_setaffinity), so each owns
+    a core; `--no-pin` lets the kernel schedule. The CPU time of node and generator over each
+    window is recorded: a node near 100% of its core is the bottleneck, not the generator.
+
+Tokens/s counts the prompt words of streams finished in the window plus the events of the
+unfinished ones at the end (one token per event unless the node coalesced chunks).
+
+Goals: confidential >= 70% of plain requests/s, >= 60% of plain events/s, >= 15,000
+encrypted+signed events/s. Writes docs/benchmarks/server.json. Run:
+    .venv/bin/python bench/server.py [--quick] [--seconds S] [--no-pin] [--clients N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from common import REPO, print_table, write_results  # noqa: E402
+
+GOALS = {"requests_ratio": 0.70, "events_ratio": 0.60, "confidential_events_per_s": 15_000}
+REQUEST_CONNECTIONS = 64
+STREAMS = 256
+PROMPT_WORDS = 200
+TEE_NODE = Path(sys.executable).with_name("tee-node")
+CONFIDENTIAL_PATH = "/v1/confidential/chat/completions"
+PLAIN_PATH = "/v1/chat/completions"
+
+
+def _prompt(words: int) -> str:
+    return " ".join(f"w{i % 97}x" for i in range(words))
+
+
+def _plaintext(model: str, stream: bool, words: int) -> bytes:
+    body = {"messages": [{"content": _prompt(words), "role": "user"}], "model": model, "stream": stream}
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def _http_request(path: str, body: bytes) -> bytes:
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+# --- node process ---------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(port: int, path: str, body: dict | None = None) -> Any:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def start_node(port: int, cpus: str | None, state_dir: str) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "TEE_NODE_ALLOW_PLAINTEXT": "true",
+        "TEE_NODE_LIMITS__MAX_IN_FLIGHT": "4096",
+        "TEE_NODE_LIMITS__MAX_QUEUE": "4096",
+        "TEE_NODE_LOG_LEVEL": "WARNING",
+        "TEE_NODE_HOST": "127.0.0.1",
+        "TEE_NODE_PORT": str(port),
+        "TEE_NODE_ATTESTATION__STATE_DIR": state_dir,
+    }
+    cmd = [str(TEE_NODE), "serve", "--engine", "echo"]
+    if cpus is not None:
+        cmd = ["taskset", "-c", cpus, *cmd]
+    process = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"node exited: {process.stderr.read().decode(errors='replace')[-2000:]}")
+        try:
+            _get(port, "/ready")
+            return process
+        except OSError:
+            time.sleep(0.2)
+    process.kill()
+    raise RuntimeError("node did not become ready")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all threads), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# --- load generator (runs in its own process) -------------------------------------------------
+
+
+class _Conn:
+    """One keep-alive HTTP/1.1 connection: send bytes, read a Content-Length or chunked answer."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    async def head(self) -> tuple[int, dict[bytes, bytes]]:
+        raw = await self.reader.readuntil(b"\r\n\r\n")
+        lines = raw.split(b"\r\n")
+        status = int(lines[0].split(b" ", 2)[1])
+        headers = {}
+        for line in lines[1:]:
+            if line:
+                name, _, value = line.partition(b":")
+                headers[name.strip().lower()] = value.strip()
+        return status, headers
+
+    async def request(self, data: bytes) -> tuple[int, bytes]:
+        self.writer.write(data)
+        status, headers = await self.head()
+        body = await self.reader.readexactly(int(headers[b"content-length"]))
+        return status, body
+
+    async def stream(self, data: bytes, deadline: float, keep: list[bytes] | None) -> tuple[int, int, bool]:
+        """Send a streaming request; count SSE events (those before `deadline`) until the
+        chunked body ends. Returns (status, events counted, finished before deadline)."""
+        self.writer.write(data)
+        status, headers = await self.head()
+        if headers.get(b"transfer-encoding", b"").lower() != b"chunked":
+            body = await self.reader.readexactly(int(headers.get(b"content-length", b"0")))
+            if keep is not None:
+                keep.append(body)
+            return status, 0, False
+        events = 0
+        tail = b""
+        clock = time.time
+        read = self.reader.read
+        while True:
+            block = await read(262144)
+            if not block:
+                raise ConnectionError("stream closed early")
+            if keep is not None:
+                keep.append(block)
+            if clock() < deadline:
+                # An event's "\n\n" may straddle two reads.
+                events += block.count(b"\n\n") + (tail[-1:] == b"\n" and block[:1] == b"\n")
+            tail = (tail + block)[-7:]
+            if tail == b"\r\n0\r\n\r\n":
+                return status, events, clock() < deadline
+
+
+def _seal_pool(plaintext: bytes, count: int, node_key: bytes, model: str, stream: bool, signing_key: bytes | None):
+    from node import envelope
+
+    pool = []
+    for _ in range(count):
+        outer, opener = envelope.seal_request(plaintext, node_key, model, stream=stream, signing_key=signing_key)
+        pool.append((_http_request(CONFIDENTIAL_PATH, json.dumps(outer, separators=(",", ":")).encode()), opener))
+    return pool
+
+
+async def _run_client(job: dict[str, Any], start_at: float) -> dict[str, Any]:
+    connections, seconds, kind, route = job["connections"], job["seconds"], job["kind"], job["route"]
+    pool: list[tuple[bytes, Any]] = job["pool"]
+    plain_request = job.get("plain_request")
+    conns = []
+    for _ in range(connections):
+        reader, writer = await asyncio.open_connection("127.0.0.1", job["port"], limit=1 << 20)
+        conns.append(_Conn(reader, writer))
+    counters = {"requests": 0, "events": 0, "streams": 0, "stream_words": 0, "errors": 0, "exhausted": 0}
+    samples: list[dict[str, Any]] = []
+    next_item = 0
+
+    def take() -> tuple[bytes, Any] | None:
+        nonlocal next_item
+        if route == "plain":
+            return plain_request, None
+        if next_item >= len(pool):
+            return None
+        item = pool[next_item]
+        next_item += 1
+        return item
+
+    await asyncio.sleep(max(0.0, start_at - time.time()))
+    deadline = start_at + seconds
+
+    async def worker(index: int, conn: _Conn) -> None:
+        sampled = 0
+        while time.time() < deadline:
+            item = take()
+            if item is None:
+                counters["exhausted"] += 1
+                return
+            data, opener = item
+            keep = [] if index < 16 and sampled < job["samples_per_conn"] else None
+            if kind == "requests":
+                status, body = await conn.request(data)
+                if time.time() >= deadline:
+                    break
+                if status != 200:
+                    counters["errors"] += 1
+                    continue
+                counters["requests"] += 1
+                if keep is not None:
+                    samples.append({"body": body, "opener": opener})
+                    sampled += 1
+            else:
+                status, events, finished = await conn.stream(data, deadline, keep)
+                if status != 200:
+                    counters["errors"] += 1
+                    continue
+                # Plain streams end with `data: [DONE]`, which is not a chunk of the answer.
+                if finished and route == "plain":
+                    events -= 1
+                counters["events"] += events
+                if finished:
+                    counters["streams"] += 1
+                    counters["stream_words"] += job["words"]
+                else:
+                    # The unfinished stream's events, one token each at most (an upper bound
+                    # when the node coalesces; the window holds many finished streams).
+                    counters["stream_words"] += events
+                if keep is not None and finished:
+                    samples.append({"raw": b"".join(keep), "opener": opener})
+                    sampled += 1
+
+    await asyncio.gather(*(worker(i, c) for i, c in enumerate(conns)))
+    for conn in conns:
+        conn.writer.close()
+    return {"counters": counters, "samples": samples, "used": next_item}
+
+
+def _client_main(job: dict[str, Any], conn) -> None:
+    if job.get("cpus") is not None:
+        os.sched_setaffinity(0, job["cpus"])
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    job = dict(job)
+    job["pool"] = []
+    if job["route"] == "confidential":
+        job["pool"] = _seal_pool(
+            job["plaintext"], job["pool_size"], job["node_key"], job["model"], job["kind"] == "streams", job["signing_key"]
+        )
+    else:
+        job["plain_request"] = _http_request(PLAIN_PATH, job["plaintext"])
+    conn.send(("ready", None))
+    start_at = conn.recv()
+    started_cpu = time.process_time()
+    result = asyncio.run(_run_client(job, start_at))
+    result["cpu_seconds"] = time.process_time() - started_cpu
+    result["samples"] = _verify(job, result["samples"])
+    conn.send(("done", result))
+
+
+# --- verification of the kept samples (outside the timed window) -----------------------------
+
+
+def _dechunk(raw: bytes) -> bytes:
+    out, pos = [], 0
+    while True:
+        end = raw.index(b"\r\n", pos)
+        size = int(raw[pos:end], 16)
+        if size == 0:
+            return b"".join(out)
+        out.append(raw[end + 2 : end + 2 + size])
+        pos = end + 2 + size + 2
+
+
+def _verify(job: dict[str, Any], samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Check every kept sample fully; return counts (the raw samples stay in this process)."""
+    expected = _prompt(job["words"])
+    checked = failures = events = tokens = 0
+    for sample in samples:
+        try:
+            if "body" in sample:
+                body = json.loads(sample["body"])
+                text = json.loads(sample["opener"].open_response(body)) if sample["opener"] else body
+                assert text["object"] == "chat.completion"
+                assert text["choices"][0]["message"]["content"] == expected
+            else:
+                content = []
+                for event in _dechunk(sample["raw"]).split(b"\n\n"):
+                    if not event:
+                        continue
+                    assert event.startswith(b"data: ")
+                    data = event[6:]
+                    if data == b"[DONE]":
+                        continue
+                    message = json.loads(data)
+                    chunk = json.loads(sample["opener"].open_event(message)) if sample["opener"] else message
+                    assert chunk["object"] == "chat.completion.chunk"
+                    assert len(chunk["choices"]) <= 1
+                    events += 1
+                    for choice in chunk["choices"]:
+                        if choice["delta"].get("content"):
+                            content.append(choice["delta"]["content"])
+                            tokens += len(choice["delta"]["content"].split())
+                if sample["opener"]:
+                    sample["opener"].finish()
+                assert "".join(content) == expected
+            checked += 1
+        except Exception as exc:  # noqa: BLE001 - a benchmark reports, it does not stop
+            failures += 1
+            print(f"  sample verification failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return {"checked": checked, "failures": failures, "events": events, "tokens": tokens}
+
+
+# --- orchestration ----------------------------------------------------------------------------
+
+
+def run_window(
+    ctx,
+    node: subprocess.Popen,
+    base_job: dict[str, Any],
+    clients: int,
+    client_cpus: set[int] | None,
+    profile_dir: str | None = None,
+) -> dict[str, Any]:
+    """One timed window of one kind on one route, `clients` generator processes."""
+    total = base_job["connections"]
+    pipes, procs = [], []
+    for i in range(clients):
+        job = dict(base_job)
+        job["connections"] = total // clients + (1 if i < total % clients else 0)
+        job["pool_size"] = int(base_job["pool_size"] * job["connections"] / total) + 8
+        job["cpus"] = client_cpus
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_client_main, args=(job, child), daemon=True)
+        proc.start()
+        pipes.append(parent)
+        procs.append(proc)
+    for pipe in pipes:
+        tag, _ = pipe.recv()
+        assert tag == "ready"
+    start_at = time.time() + 0.5
+    for pipe in pipes:
+        pipe.send(start_at)
+    time.sleep(max(0.0, start_at - time.time()))
+    node_cpu0 = cpu_seconds(node.pid)
+    spy = None
+    if profile_dir:
+        out = Path(profile_dir) / f"{base_job['kind']}-{base_job['route']}.txt"
+        spy = subprocess.Popen(
+            ["py-spy", "record", "--pid", str(node.pid), "--duration", str(max(1, int(base_job["seconds"]) - 1)),
+             "--format", "raw", "--nonblocking", "--rate", "200", "--output", str(out)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+    time.sleep(base_job["seconds"])
+    node_cpu = cpu_seconds(node.pid) - node_cpu0
+    if spy is not None:
+        spy.wait(timeout=30)
+    results = [pipe.recv()[1] for pipe in pipes]
+    for proc in procs:
+        proc.join(timeout=30)
+    seconds = base_job["seconds"]
+    counters = {k: sum(r["counters"][k] for r in results) for k in results[0]["counters"]}
+    samples = {k: sum(r["samples"][k] for r in results) for k in results[0]["samples"]}
+    return {
+        "route": base_job["route"],
+        "kind": base_job["kind"],
+        "seconds": seconds,
+        "requests_per_s": counters["requests"] / seconds,
+        "events_per_s": counters["events"] / seconds,
+        "tokens_per_s": counters["stream_words"] / seconds,
+        "streams_per_s": counters["streams"] / seconds,
+        "errors": counters["errors"],
+        "pool_exhausted": counters["exhausted"],
+        "node_cpu": node_cpu / seconds,
+        # Node CPU time per unit of work: robust to neighbours stealing the node's core.
+        "node_cpu_us_per_request": node_cpu / counters["requests"] * 1e6 if counters["requests"] else None,
+        "node_cpu_us_per_event": node_cpu / counters["events"] * 1e6 if counters["events"] else None,
+        "client_cpu": sum(r["cpu_seconds"] for r in results) / seconds,
+        "samples": samples,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="shorter windows, one round")
+    parser.add_argument("--seconds", type=float, default=None, help="length of each timed window")
+    parser.add_argument("--rounds", type=int, default=None, help="windows per route and kind (median kept)")
+    parser.add_argument("--no-pin", action="store_true", help="do not pin node and generator to separate CPUs")
+    parser.add_argument("--clients", type=int, default=1, help="load generator processes")
+    parser.add_argument("--only", choices=["requests", "streams"], default=None)
+    parser.add_argument("--no-write", action="store_true", help="print only, do not write server.json")
+    parser.add_argument("--profile", metavar="DIR", default=None, help="py-spy the node in each window (raw stacks)")
+    parser.add_argument("--label", default=None, help="a note stored with the results")
+    args = parser.parse_args()
+    seconds = args.seconds or (3.0 if args.quick else 6.0)
+    rounds = args.rounds or (1 if args.quick else 3)
+
+    cpus = os.cpu_count() or 1
+    pin = not args.no_pin and cpus >= 2 and len(os.sched_getaffinity(0)) >= 2
+    node_cpus = "0" if pin else None
+    client_cpus = set(range(1, cpus)) if pin else None
+    started = time.perf_counter()
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    with tempfile.TemporaryDirectory() as state_dir:
+        node = start_node(port, node_cpus, state_dir)
+        try:
+            model = _get(port, "/v1/models")["data"][0]["id"]
+            node_key = __import__("base64").b64decode(_get(port, "/v1/nodes/lock", {"model": model})["public_key"])
+            nonce = os.urandom(32).hex()
+            signing_key = __import__("base64").b64decode(_get(port, f"/v1/attestation?nonce={nonce}")["signing_public_key"])
+            kinds = [args.only] if args.only else ["requests", "streams"]
+            windows: list[dict[str, Any]] = []
+            pool_rate = {"requests": 8000.0, "streams": 600.0}
+            for kind in kinds:
+                words = PROMPT_WORDS
+                connections = REQUEST_CONNECTIONS if kind == "requests" else STREAMS
+                for round_ in range(rounds):
+                    for route in ("plain", "confidential"):
+                        job = {
+                            "port": port,
+                            "kind": kind,
+                            "route": route,
+                            "seconds": seconds,
+                            "connections": connections,
+                            "words": words,
+                            "model": model,
+                            "plaintext": _plaintext(model, kind == "streams", words),
+                            "node_key": node_key,
+                            "signing_key": signing_key,
+                            "pool_size": int(pool_rate[kind] * seconds * 1.3) + connections,
+                            "samples_per_conn": 1 if round_ == 0 else 0,
+                        }
+                        window = run_window(ctx, node, job, args.clients, client_cpus, args.profile)
+                        if route == "plain":  # confidential is at most this fast: size its pool by it
+                            rate = window["requests_per_s"] if kind == "requests" else window["streams_per_s"]
+                            pool_rate[kind] = max(rate * 1.2, 50.0)
+                        windows.append(window)
+                        print(
+                            f"  {kind:8s} {route:12s} round {round_ + 1}: "
+                            f"{window['requests_per_s'] if kind == 'requests' else window['events_per_s']:9.0f}/s "
+                            f"tokens/s {window['tokens_per_s']:8.0f} node cpu {window['node_cpu']:.2f} "
+                            f"client cpu {window['client_cpu']:.2f} "
+                            f"node cpu/unit {window['node_cpu_us_per_request' if kind == 'requests' else 'node_cpu_us_per_event'] or 0:.0f} us "
+                            f"errors {window['errors']} "
+                            f"samples {window['samples']['checked']}/{window['samples']['checked'] + window['samples']['failures']}",
+                            flush=True,
+                        )
+        finally:
+            node.send_signal(signal.SIGINT)
+            try:
+                node.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                node.kill()
+
+    def med(kind: str, route: str, key: str) -> float:
+        values = [w[key] for w in windows if w["kind"] == kind and w["route"] == route and w[key] is not None]
+        return float(statistics.median(values)) if values else float("nan")
+
+    summary: dict[str, Any] = {}
+    rows = []
+    if "requests" in kinds:
+        plain, conf = med("requests", "plain", "requests_per_s"), med("requests", "confidential", "requests_per_s")
+        summary["requests"] = {
+            "plain_per_s": round(plain, 1),
+            "confidential_per_s": round(conf, 1),
+            "ratio": round(conf / plain, 3),
+            "goal": GOALS["requests_ratio"],
+            "node_cpu_us_per_request": {"plain": round(cu_p := med("requests", "plain", "node_cpu_us_per_request"), 1), "confidential": round(cu_c := med("requests", "confidential", "node_cpu_us_per_request"), 1)},
+            "cpu_ratio": round(cu_p / cu_c, 3),
+            "node_cpu": {"plain": round(med("requests", "plain", "node_cpu"), 2), "confidential": round(med("requests", "confidential", "node_cpu"), 2)},
+            "client_cpu": {"plain": round(med("requests", "plain", "client_cpu"), 2), "confidential": round(med("requests", "confidential", "client_cpu"), 2)},
+        }
+        rows.append(["  node CPU µs/request", f"{cu_p:.0f}", f"{cu_c:.0f}", f"{cu_p / cu_c:.0%}", "", ""])
+        rows.insert(-1, [f"requests/s ({REQUEST_CONNECTIONS} conns)", f"{plain:.0f}", f"{conf:.0f}", f"{conf / plain:.0%}", f">= {GOALS['requests_ratio']:.0%}", "yes" if conf / plain >= GOALS["requests_ratio"] else "NO"])
+    if "streams" in kinds:
+        plain, conf = med("streams", "plain", "events_per_s"), med("streams", "confidential", "events_per_s")
+        tplain, tconf = med("streams", "plain", "tokens_per_s"), med("streams", "confidential", "tokens_per_s")
+        summary["streams"] = {
+            "plain_events_per_s": round(plain, 1),
+            "confidential_events_per_s": round(conf, 1),
+            "ratio": round(conf / plain, 3),
+            "goal": GOALS["events_ratio"],
+            "node_cpu_us_per_event": {"plain": round(eu_p := med("streams", "plain", "node_cpu_us_per_event"), 1), "confidential": round(eu_c := med("streams", "confidential", "node_cpu_us_per_event"), 1)},
+            "cpu_ratio": round(eu_p / eu_c, 3),
+            "plain_tokens_per_s": round(tplain, 1),
+            "confidential_tokens_per_s": round(tconf, 1),
+            "tokens_ratio": round(tconf / tplain, 3),
+            "confidential_events_goal": GOALS["confidential_events_per_s"],
+            "node_cpu": {"plain": round(med("streams", "plain", "node_cpu"), 2), "confidential": round(med("streams", "confidential", "node_cpu"), 2)},
+            "client_cpu": {"plain": round(med("streams", "plain", "client_cpu"), 2), "confidential": round(med("streams", "confidential", "client_cpu"), 2)},
+        }
+        rows.append([f"stream events/s ({STREAMS} streams)", f"{plain:.0f}", f"{conf:.0f}", f"{conf / plain:.0%}", f">= {GOALS['events_ratio']:.0%}", "yes" if conf / plain >= GOALS["events_ratio"] else "NO"])
+        rows.append(["  node CPU µs/event", f"{eu_p:.0f}", f"{eu_c:.0f}", f"{eu_p / eu_c:.0%}", "", ""])
+        rows.append(["stream tokens/s", f"{tplain:.0f}", f"{tconf:.0f}", f"{tconf / tplain:.0%}", "", ""])
+        rows.append(["sealed events/s (total)", "", f"{conf:.0f}", "", f">= {GOALS['confidential_events_per_s']:,}", "yes" if conf >= GOALS["confidential_events_per_s"] else "NO"])
+    print()
+    print_table(["", "plain", "confidential", "ratio", "goal", "met"], rows)
+    failures = sum(w["samples"]["failures"] for w in windows)
+    errors = sum(w["errors"] for w in windows)
+    exhausted = sum(w["pool_exhausted"] for w in windows)
+    print(f"\nnode pinned to CPU {node_cpus}, generator to CPUs {sorted(client_cpus)}" if pin else "\nno CPU pinning")
+    print(f"sample verification failures: {failures}, HTTP errors: {errors}, exhausted pools: {exhausted}")
+    print(f"took {time.perf_counter() - started:.0f} s")
+    if not args.no_write:
+        path = write_results(
+            "server",
+            {
+                "goals": GOALS,
+                "quick": args.quick,
+                "label": args.label,
+                "seconds": seconds,
+                "rounds": rounds,
+                "pinning": {"node_cpus": node_cpus, "client_cpus": sorted(client_cpus) if client_cpus else None},
+                "client_processes": args.clients,
+                "prompt_words": PROMPT_WORDS,
+                "request_connections": REQUEST_CONNECTIONS,
+                "streams": STREAMS,
+                "summary": summary,
+                "windows": windows,
+                "sample_failures": failures,
+                "http_errors": errors,
+            },
+        )
+        print(f"wrote {path.relative_to(REPO)}")
+    return 1 if failures or errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
