@@ -290,6 +290,46 @@ async def stream_chat(
     raise AssertionError("still STALE_NODE_KEY after 5 retries")
 
 
+def spawn_echo_node(env: dict[str, str] | None = None, model: str = MODEL):
+    """`tee-node serve --engine echo` on a free loopback port, once /ready answers: (Popen, url, log path)."""
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    import urllib.request
+    from pathlib import Path
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = tempfile.NamedTemporaryFile(prefix="tee-node-faults-", suffix=".log", delete=False)
+    proc_env = {k: v for k, v in os.environ.items() if not k.startswith("TEE_NODE_")}
+    proc_env.update(env or {})
+    tee_node = Path(sys.executable).with_name("tee-node")
+    proc = subprocess.Popen(
+        [str(tee_node), "serve", "--engine", "echo", "--port", str(port), "--model", model],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=proc_env,
+    )
+    log.close()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"tee-node exited {proc.returncode}: {Path(log.name).read_text()}")
+        try:
+            with urllib.request.urlopen(url + "/ready", timeout=1) as response:
+                if response.status == 200:
+                    return proc, url, Path(log.name)
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"tee-node not ready: {Path(log.name).read_text()}")
+        time.sleep(0.05)
+
+
 def error_of(raw: bytes) -> tuple[str, dict]:
     """(code, error object) of an error body, which carries only public fields."""
     body = json.loads(raw)
@@ -300,6 +340,3 @@ def error_of(raw: bytes) -> tuple[str, dict]:
     return error["code"], error
 
 
-def long_examples(default: int, long: int) -> int:
-    """Example count: `long` when running the long suite (`-m long`), env override for both."""
-    return int(os.environ.get("TEE_NODE_FUZZ_EXAMPLES", long if os.environ.get("_TEE_LONG") else default))
