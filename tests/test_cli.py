@@ -1,0 +1,147 @@
+"""`tee-node` CLI: help texts, `config digest`, flag precedence in `config_from_args`, and a real
+`tee-node serve` shutting down gracefully on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import subprocess
+import time
+
+import aiohttp
+import pytest
+from conftest import MODEL, SSE, TEE_NODE, chat_body, compact, spawn_node
+
+from node import envelope
+from node.cli import build_parser, config_from_args, main
+from node.crypto import b64d
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(TEE_NODE), *args], capture_output=True, text=True, timeout=60, env=env)
+
+
+def test_help():
+    out = run_cli("--help")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("usage: tee-node")
+    for command in ("serve", "config", "models"):
+        assert command in out.stdout
+
+
+def test_serve_help():
+    out = run_cli("serve", "--help")
+    assert out.returncode == 0, out.stderr
+    for flag in ("--config", "--host", "--port", "--engine", "--model", "--upstream-url"):
+        assert flag in out.stdout
+    assert "{vllm,upstream,echo}" in out.stdout
+
+
+def test_no_command_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        main([])
+    assert info.value.code == 2
+
+
+def digest(capsys, *args: str) -> str:
+    assert main(["config", "digest", *args]) == 0
+    return capsys.readouterr().out.strip()
+
+
+def test_config_digest(tmp_path, capsys, monkeypatch):
+    for name in [k for k in __import__("os").environ if k.startswith("TEE_NODE_")]:
+        monkeypatch.delenv(name)
+    default = digest(capsys)
+    assert re.fullmatch(r"[0-9a-f]{64}", default)
+    assert digest(capsys) == default  # deterministic
+    a = tmp_path / "a.toml"
+    a.write_text('port = 9001\n[engine]\nkind = "echo"\n')
+    b = tmp_path / "b.toml"
+    b.write_text('port = 9002\n[engine]\nkind = "echo"\n')
+    da, db = digest(capsys, "--config", str(a)), digest(capsys, "--config", str(b))
+    assert re.fullmatch(r"[0-9a-f]{64}", da) and re.fullmatch(r"[0-9a-f]{64}", db)
+    assert len({default, da, db}) == 3
+    assert digest(capsys, "--config", str(a)) == da
+    monkeypatch.setenv("TEE_NODE_LIMITS__MAX_IN_FLIGHT", "7")  # the environment is part of the config
+    assert digest(capsys, "--config", str(a)) != da
+    # the console script prints the same
+    out = run_cli("config", "digest", "--config", str(b), env={k: v for k, v in __import__("os").environ.items() if not k.startswith("TEE_NODE_")})
+    assert out.returncode == 0 and out.stdout.strip() == db
+
+
+def test_config_digest_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        main(["config", "digest", "--config", str(tmp_path / "missing.toml")])
+
+
+def test_config_from_args_flags_win(tmp_path, monkeypatch):
+    for name in [k for k in __import__("os").environ if k.startswith("TEE_NODE_")]:
+        monkeypatch.delenv(name)
+    toml = tmp_path / "c.toml"
+    toml.write_text('port = 9100\nhost = "127.0.0.2"\n[engine]\nkind = "vllm"\n[limits]\nmax_in_flight = 5\n')
+    parser = build_parser()
+
+    config = config_from_args(parser.parse_args(["serve", "--config", str(toml)]))
+    assert (config.port, config.host, config.engine.kind, config.limits.max_in_flight) == (9100, "127.0.0.2", "vllm", 5)
+
+    monkeypatch.setenv("TEE_NODE_PORT", "9200")  # environment over the file
+    config = config_from_args(parser.parse_args(["serve", "--config", str(toml)]))
+    assert config.port == 9200
+
+    args = parser.parse_args(["serve", "--config", str(toml), "--port", "9300", "--engine", "echo", "--model", "my/model"])
+    config = config_from_args(args)  # flags over the environment and the file
+    assert config.port == 9300
+    assert config.engine.kind == "echo"
+    assert [(m.name, m.source) for m in config.engine.models] == [("my/model", "my/model")]
+    # what the flags do not name stays from the file
+    assert (config.host, config.limits.max_in_flight) == ("127.0.0.2", 5)
+
+    config = config_from_args(parser.parse_args(["serve", "--config", str(toml), "--port", "0"]))
+    assert config.port == 0  # an explicit 0 is a flag too
+
+    with pytest.raises(ValueError):
+        config_from_args(parser.parse_args(["serve", "--config", str(toml), "--engine", "upstream"]))
+    config = config_from_args(
+        parser.parse_args(["serve", "--config", str(toml), "--engine", "upstream", "--upstream-url", "http://127.0.0.1:9"])
+    )
+    assert (config.engine.kind, config.engine.upstream_url) == ("upstream", "http://127.0.0.1:9")
+
+
+async def _refused(port: int) -> bool:
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except ConnectionRefusedError:
+        return True
+    writer.close()
+    return False
+
+
+async def test_sigterm_finishes_streams_and_refuses_new_connections():
+    words = [f"word{i}" for i in range(30)]
+    node = spawn_node(env={"TEE_NODE_ENGINE__ECHO_TOKEN_DELAY": "0.05"})
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{node.url}/v1/nodes/lock", json={"model": MODEL}) as response:
+                key = b64d((await response.json())["public_key"])
+            outer, opener = envelope.seal_request(compact(chat_body(" ".join(words), stream=True)), key, MODEL, stream=True)
+            async with session.post(f"{node.url}/v1/confidential/chat/completions", data=compact(outer)) as response:
+                assert response.status == 200
+                first = await response.content.readuntil(b"\n\n")
+                node.proc.send_signal(signal.SIGTERM)
+                deadline = time.monotonic() + 10
+                while not await _refused(node.port):
+                    assert time.monotonic() < deadline, "still accepting connections after SIGTERM"
+                    await asyncio.sleep(0.02)
+                assert node.proc.poll() is None  # still serving the stream
+                rest = await response.read()
+        sse = SSE.parse(first + rest)
+        chunks = [json.loads(opener.open_event(e)) for e in sse.events]
+        receipt = opener.finish()
+        assert receipt["events"] == len(words) + 1
+        assert "".join(c["choices"][0]["delta"]["content"] for c in chunks if c["choices"]) == " ".join(words)
+        assert node.proc.wait(30) == 0
+    finally:
+        node.stop()
+        node.log_path.unlink(missing_ok=True)
