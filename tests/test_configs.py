@@ -107,5 +107,5 @@ def test_cpu_hosts_size_the_kv_cache_unless_configured() -> None:
     assert engine_args_for(chat, "/m", cpu=True)["kv_cache_memory_bytes"] == CPU_KV_CACHE_BYTES
     assert engine_args_for(embed, "/m", cpu=True)["runner"] == "pooling"
     explicit = chat.model_copy(update={"gpu_memory_utilization": 0.3})
-    explicit.model_fields_set.add("gpu_memory_utilization")
     assert "kv_cache_memory_bytes" not in engine_args_for(explicit, "/m", cpu=True)
+    assert "kv_cache_memory_bytes" not in engine_args_for(chat, "/m", cpu=False)

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 # KV cache per model on CPU hosts (see engine_args_for); ample for the small embedded models.
 CPU_KV_CACHE_BYTES = 1 << 30
+_GPU_DEFAULT = ModelConfig.model_fields["gpu_memory_utilization"].default
 
 _TASKS: dict[str, frozenset[Task]] = {
     "generate": frozenset({"chat", "completions"}),
@@ -81,9 +82,9 @@ def engine_args_for(cfg: ModelConfig, model: str, cpu: bool = False) -> dict[str
         args["distributed_executor_backend"] = cfg.distributed_executor_backend
     if cfg.task == "embed":
         args["runner"] = "pooling"
-    if cpu and "gpu_memory_utilization" not in cfg.model_fields_set and "kv_cache_memory_bytes" not in cfg.engine_args:
-        # vLLM-CPU reads gpu_memory_utilization as the share of host memory to reserve: the 0.9
-        # default cannot fit one engine beside another, so unless configured, size the KV cache.
+    if cpu and cfg.gpu_memory_utilization == _GPU_DEFAULT and "kv_cache_memory_bytes" not in cfg.engine_args:
+        # vLLM-CPU reads gpu_memory_utilization as the share of host memory to reserve: the GPU
+        # default (0.9) cannot fit one engine beside another, so size the KV cache instead.
         args["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
     args.update(cfg.engine_args)
     return args
