@@ -39,6 +39,8 @@ log = logging.getLogger("tee_node.serving")
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 KEEPALIVE = b": keep-alive\n\n"
+# Most stream events written at once when they are ready together (see `_stream`).
+WRITE_BATCH = 16
 ENGINE_FAILED_EVENT = b'data: {"error":{"code":"INTERNAL_ERROR","message":"engine failed"}}\n\n'
 
 
@@ -208,21 +210,44 @@ async def _stream(
     await response.prepare(request)
     events = make_events(_with_keepalive(chunks, state.config.limits.keepalive_interval, response))
     finished = False
+    # Events that are ready one after the other go out in one write (up to WRITE_BATCH): the
+    # same bytes, fewer syscalls. An event is never held back to wait for a later one.
+    batch: list[bytes] = []
     try:
-        async for data in events:
+        while True:
+            step = events.__anext__()
+            try:
+                blocked_on = step.send(None)
+            except StopIteration as ready:
+                data = ready.value
+            except StopAsyncIteration:
+                break
+            else:
+                if batch:
+                    await response.write(b"".join(batch))
+                    batch.clear()
+                try:
+                    data = await _resume(step, blocked_on)
+                except StopAsyncIteration:
+                    break
             if ctx.first_event_at is None:
                 ctx.first_event_at = time.perf_counter()
                 state.metrics.ttft.labels(ctx.route).observe(ctx.first_event_at - ctx.started)
             ctx.events += 1
             ctx.response_bytes += len(data)
-            await response.write(data)
+            batch.append(data)
+            if len(batch) >= WRITE_BATCH:
+                await response.write(b"".join(batch))
+                batch.clear()
+        if batch:
+            await response.write(b"".join(batch))
         finished = True
     except ConnectionResetError:
         raise  # the client went away: nobody to tell
     except Exception as exc:  # NodeError or unexpected: the headers are out, end with the error event
         log.warning("stream %s ended by engine error %s", ctx.request_id, type(exc).__name__)
         with contextlib.suppress(ConnectionError):
-            await response.write(ENGINE_FAILED_EVENT)
+            await response.write(b"".join(batch) + ENGINE_FAILED_EVENT)
     finally:
         state.metrics.stream_events.inc(ctx.events)
         if not finished:
