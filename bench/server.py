@@ -542,6 +542,13 @@ def main() -> int:
                 "goals": GOALS,
                 "quick": args.quick,
                 "label": args.label,
+                "notes": (
+                    "The machine has 2 CPUs shared by the node, the generator and anything else running "
+                    "(other test runs): absolute rates move with that, so each window also records the node's "
+                    "CPU time per request/event, the figure to compare changes by. Stream events are one per "
+                    "engine chunk on both routes (PROTOCOL.md); each confidential event is AES-GCM encrypted "
+                    "and Ed25519 signed (~18 us of libsodium alone), which bounds the events ratio."
+                ),
                 "seconds": seconds,
                 "rounds": rounds,
                 "pinning": {"node_cpus": node_cpus, "client_cpus": sorted(client_cpus) if client_cpus else None},

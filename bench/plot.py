@@ -1,0 +1,204 @@
+"""Benchmark ratios against their goals: docs/benchmarks/ratios.png and docs/benchmarks/README.md.
+
+Reads whichever of docs/benchmarks/{envelope,server,e2e}.json exist (each written by its own
+benchmark, with its own keys; anything missing or unexpected is skipped, never fatal) and
+draws every ratio as "how far to the goal": 1.0 means exactly on the goal, more is better,
+whatever the ratio's direction. Run:
+    .venv/bin/python bench/plot.py
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RESULTS_DIR  # noqa: E402
+
+
+class Ratio:
+    """One measured figure against its goal. `higher` tells the goal's direction."""
+
+    def __init__(self, source: str, name: str, value: float, goal: float, higher: bool, unit: str = "ratio") -> None:
+        self.source, self.name, self.value, self.goal, self.higher, self.unit = source, name, value, goal, higher, unit
+
+    @property
+    def attainment(self) -> float:
+        if self.value <= 0 or self.goal <= 0:
+            return 0.0
+        return self.value / self.goal if self.higher else self.goal / self.value
+
+    @property
+    def met(self) -> bool:
+        return self.value >= self.goal if self.higher else self.value <= self.goal
+
+    def fmt(self, x: float) -> str:
+        if self.unit == "ratio":
+            return f"{x:.0%}" if self.higher else f"{x:.2f}x"
+        return f"{x:,.0f} {self.unit}"
+
+
+def _num(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
+
+
+def _load(name: str) -> dict[str, Any] | None:
+    path = RESULTS_DIR / f"{name}.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def envelope_ratios(data: dict[str, Any]) -> list[Ratio]:
+    """envelope.json: each comparison's envelope/floor time, goal `goal_ratio` (lower is better)."""
+    goal = _num(data.get("goal_ratio"))
+    out = []
+    for item in data.get("comparisons") or []:
+        if not isinstance(item, dict):
+            continue
+        value, case = _num(item.get("ratio")), item.get("case") or item.get("envelope")
+        item_goal = _num(item.get("goal")) or goal
+        if value is not None and item_goal is not None and case:
+            out.append(Ratio("envelope", f"{case} (cost / floor)", value, item_goal, higher=False))
+    return out
+
+
+def server_ratios(data: dict[str, Any]) -> list[Ratio]:
+    """server.json: confidential/plain ratios (higher is better) and sealed events/s."""
+    summary = data.get("summary") or {}
+    out = []
+    requests = summary.get("requests") or {}
+    if _num(requests.get("ratio")) is not None and _num(requests.get("goal")) is not None:
+        out.append(Ratio("server", "requests/s confidential / plain", requests["ratio"], requests["goal"], True))
+    streams = summary.get("streams") or {}
+    if _num(streams.get("ratio")) is not None and _num(streams.get("goal")) is not None:
+        out.append(Ratio("server", "stream events/s confidential / plain", streams["ratio"], streams["goal"], True))
+    events, goal = _num(streams.get("confidential_events_per_s")), _num(streams.get("confidential_events_goal"))
+    if events is not None and goal is not None:
+        out.append(Ratio("server", "sealed events/s", events, goal, True, unit="events/s"))
+    return out
+
+
+def generic_ratios(source: str, data: Any, path: str = "") -> list[Ratio]:
+    """Any dict holding a numeric `ratio` and `goal` (e2e.json's layout is its owner's): the
+    direction is `lower_is_better` / `direction` when given, else higher is better."""
+    out: list[Ratio] = []
+    if isinstance(data, dict):
+        value, goal = _num(data.get("ratio")), _num(data.get("goal"))
+        if value is not None and goal is not None:
+            lower = data.get("lower_is_better") is True or str(data.get("direction", "")).lower() in ("lower", "min", "<=")
+            name = data.get("name") or data.get("case") or path.strip("/") or source
+            out.append(Ratio(source, str(name), value, goal, higher=not lower))
+        for key, value in data.items():
+            if isinstance(value, (dict, list)):
+                out.extend(generic_ratios(source, value, f"{path}/{key}"))
+    elif isinstance(data, list):
+        for index, item in enumerate(data):
+            out.extend(generic_ratios(source, item, f"{path}[{index}]"))
+    return out
+
+
+def collect() -> list[Ratio]:
+    ratios: list[Ratio] = []
+    for name, reader in (("envelope", envelope_ratios), ("server", server_ratios), ("e2e", None)):
+        data = _load(name)
+        if data is None:
+            continue
+        try:
+            ratios.extend(reader(data) if reader else generic_ratios(name, data))
+        except Exception as exc:  # noqa: BLE001 - another benchmark's layout changed: skip it, say so
+            print(f"skipped {name}.json: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return ratios
+
+
+def plot(ratios: list[Ratio], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(ratios) + 1.6))
+    labels = [f"{r.source}: {r.name}" for r in ratios]
+    values = [r.attainment for r in ratios]
+    colors = ["#2e8b57" if r.met else "#c0392b" for r in ratios]
+    y = range(len(ratios))
+    ax.barh(list(y), values, color=colors)
+    ax.axvline(1.0, color="black", linewidth=1, linestyle="--")
+    for i, r in enumerate(ratios):
+        ax.text(values[i] + 0.01, i, f"{r.fmt(r.value)} (goal {'≥' if r.higher else '≤'} {r.fmt(r.goal)})", va="center", fontsize=8)
+    ax.set_yticks(list(y), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, max([1.3, *values]) * 1.35)
+    ax.set_xlabel("attainment of the goal (1.0 = on the goal, higher is better)")
+    ax.set_title("tee-node benchmarks: ratios vs goals")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def markdown(ratios: list[Ratio]) -> str:
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `bench/plot.py` from the JSON files beside this one (re-run the benchmarks,",
+        "then the plot). Attainment 1.0 means exactly on the goal; more is better.",
+        "",
+        "![ratios vs goals](ratios.png)",
+        "",
+        "| source | figure | value | goal | attainment | met |",
+        "| --- | --- | ---: | ---: | ---: | :---: |",
+    ]
+    for r in ratios:
+        lines.append(
+            f"| {r.source} | {r.name} | {r.fmt(r.value)} | {'≥' if r.higher else '≤'} {r.fmt(r.goal)} | {r.attainment:.2f} | {'yes' if r.met else 'no'} |"
+        )
+    server = _load("server")
+    summary = (server or {}).get("summary") or {}
+    if summary:
+        lines += ["", "## Server (bench/server.py)", "", "| figure | plain | confidential | ratio |", "| --- | ---: | ---: | ---: |"]
+        req = summary.get("requests") or {}
+        if req:
+            lines.append(f"| requests/s, {server.get('request_connections', 64)} connections | {req.get('plain_per_s', 0):,.0f} | {req.get('confidential_per_s', 0):,.0f} | {req.get('ratio', 0):.0%} |")
+            cpu = req.get("node_cpu_us_per_request") or {}
+            if cpu:
+                lines.append(f"| node CPU µs per request | {cpu.get('plain', 0):.0f} | {cpu.get('confidential', 0):.0f} | {req.get('cpu_ratio', 0):.0%} |")
+        st = summary.get("streams") or {}
+        if st:
+            lines.append(f"| stream events/s, {server.get('streams', 256)} streams | {st.get('plain_events_per_s', 0):,.0f} | {st.get('confidential_events_per_s', 0):,.0f} | {st.get('ratio', 0):.0%} |")
+            cpu = st.get("node_cpu_us_per_event") or {}
+            if cpu:
+                lines.append(f"| node CPU µs per event | {cpu.get('plain', 0):.1f} | {cpu.get('confidential', 0):.1f} | {st.get('cpu_ratio', 0):.0%} |")
+        pin = server.get("pinning") or {}
+        lines += [
+            "",
+            f"Node pinned to CPUs {pin.get('node_cpus')}, load generator to {pin.get('client_cpus')} "
+            f"({server.get('environment', {}).get('cpus')} CPUs in all, shared with whatever else ran); "
+            f"{server.get('rounds')} windows of {server.get('seconds')} s per figure, median. Run {server.get('time')}.",
+        ]
+        if server.get("notes"):
+            lines += ["", str(server["notes"])]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ratios = collect()
+    if not ratios:
+        print("no benchmark results in docs/benchmarks/")
+        return 1
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    plot(ratios, RESULTS_DIR / "ratios.png")
+    (RESULTS_DIR / "README.md").write_text(markdown(ratios))
+    for r in ratios:
+        print(f"{r.source:9s} {r.name:45s} {r.fmt(r.value):>14s}  goal {r.fmt(r.goal):>14s}  {'met' if r.met else 'NOT met'}")
+    print(f"wrote {RESULTS_DIR / 'ratios.png'} and {RESULTS_DIR / 'README.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
