@@ -119,8 +119,8 @@ async def _refused(port: int) -> bool:
 
 
 async def test_sigterm_finishes_streams_and_refuses_new_connections():
-    words = [f"word{i}" for i in range(30)]
-    node = spawn_node(env={"TEE_NODE_ENGINE__ECHO_TOKEN_DELAY": "0.05"})
+    words = [f"word{i}" for i in range(40)]
+    node = spawn_node(env={"TEE_NODE_ENGINE__ECHO_TOKEN_DELAY": "0.1"})
     try:
         async with aiohttp.ClientSession() as session:
             async with session.post(f"{node.url}/v1/nodes/lock", json={"model": MODEL}) as response:
@@ -142,6 +142,9 @@ async def test_sigterm_finishes_streams_and_refuses_new_connections():
         assert receipt["events"] == len(words) + 1
         assert "".join(c["choices"][0]["delta"]["content"] for c in chunks if c["choices"]) == " ".join(words)
         assert node.proc.wait(30) == 0
+    except BaseException as exc:
+        node.stop()
+        raise AssertionError(f"{exc!r}\nnode log:\n{node.log()}") from exc
     finally:
         node.stop()
         node.log_path.unlink(missing_ok=True)

@@ -326,3 +326,33 @@ async def test_response_hash_is_of_the_exact_plaintext(node_client):
     for event in sse.events:
         plaintext = aead.decrypt(b64d(event["nonce"]), b64d(event["ciphertext"]))
         assert blake2b_256(plaintext) == b64d(event["response_hash"])
+
+
+class NoUsageEcho(GatedEcho):
+    """An engine that ignores include_usage (some upstream servers), or yields nothing at all."""
+
+    def __init__(self, words: list[str]) -> None:
+        super().__init__()
+        self.words = words
+
+    async def chat(self, request, request_id):
+        async def chunks():
+            for i, word in enumerate(self.words):
+                delta = {"content": word if i == 0 else " " + word}
+                yield {"id": "c1", "object": "chat.completion.chunk", "created": 5, "model": MODEL, "choices": [{"index": 0, "delta": delta}]}
+
+        self._model(request, "chat")
+        return chunks()
+
+
+@pytest.mark.parametrize("words", [["no", "usage", "here"], []], ids=["without-usage", "empty"])
+async def test_stream_without_usage_chunk_still_ends_with_receipt(make_node, words):
+    node = await make_node(NoUsageEcho(words))
+    sse, sealed = await sealed_stream(node, chat_body("no usage here", stream=True))
+    chunks, receipt = open_all(fresh_opener(node, sealed), sse.events)
+    assert len(sse.events) == len(words) + 1
+    assert receipt["events"] == len(sse.events) and receipt["usage"] is None
+    assert chunks[-1]["choices"] == []
+    assert "".join(c["choices"][0]["delta"]["content"] for c in chunks[:-1]) == " ".join(words)
+    if words:
+        assert {k: chunks[-1][k] for k in ("id", "object", "created", "model")} == {k: chunks[0][k] for k in ("id", "object", "created", "model")}

@@ -168,7 +168,9 @@ async def _sealed_events(
     until the engine ends so that it can take the receipt."""
     usage: dict[str, Any] | None = None
     held: dict[str, Any] | None = None
+    last: dict[str, Any] = {}
     async for chunk in chunks:
+        last = chunk
         if held is not None:
             yield _sse(sealer.seal_event(orjson.dumps(held), usage))
             held = None
@@ -177,9 +179,13 @@ async def _sealed_events(
             held = chunk
             continue
         yield _sse(sealer.seal_event(orjson.dumps(chunk), usage))
-    if held is not None:
-        _count_tokens(state, usage)
-        yield _sse(sealer.seal_final_event(orjson.dumps(held), model, usage))
+    if held is None:
+        # The engine ended without a usage chunk last: a stream must still end with the receipt,
+        # so it goes on an empty final chunk (clients skip chunks without choices).
+        held = {k: last[k] for k in ("id", "object", "created", "model") if k in last}
+        held["choices"] = []
+    _count_tokens(state, usage)
+    yield _sse(sealer.seal_final_event(orjson.dumps(held), model, usage))
 
 
 async def _plain_events(chunks: AsyncIterator[dict[str, Any]], state: NodeState) -> AsyncIterator[bytes]:
