@@ -227,4 +227,4 @@ async def test_rotation_during_load():
 
 @pytest.mark.long
 async def test_rotation_during_load_long():
-    await run_rotation_load(clients=100, duration=30, period=0.02)
+    await run_rotation_load(clients=100, duration=30, period=0.25)

@@ -166,5 +166,8 @@ class EchoEngine:
             self._aborted.discard(request_id)
 
     async def abort(self, request_id: str) -> None:
+        # The request leaves the engine now: its stream may never be iterated again (the
+        # server's aclose() of it can fail), so the generator's finally cannot be relied on.
         if request_id in self.running:
             self._aborted.add(request_id)
+            self.running.discard(request_id)
