@@ -256,6 +256,11 @@ class VllmEngine:
             raise
         except Exception as exc:
             result = create_error_response(exc)
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # vLLM turns a cancellation into a "client disconnected" ErrorResponse; the caller
+            # cancelled us and must see CancelledError, not a refused request.
+            raise asyncio.CancelledError()
         if isinstance(result, ErrorResponse):
             if served.llm.errored:
                 raise EngineError()

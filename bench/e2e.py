@@ -1,0 +1,275 @@
+"""End to end: the confidential node versus plain vLLM on the same model, prompts and concurrency.
+
+Both servers run at once on loopback (each its own vLLM engine with the same settings) and
+the rounds alternate between them, so drift in the machine's load hits both alike. Every
+request streams; TTFT is measured from just before the client seals the request (plain vLLM:
+just before it sends) to the first event carrying content, decrypted and verified. Output
+tokens come from the usage each server reports. Goal: >= 97 % of vLLM's output tokens/s and
+<= 5 ms added p50 TTFT. Writes docs/benchmarks/e2e.json.
+
+    .venv/bin/python bench/e2e.py [--requests 16] [--concurrency 4] [--max-tokens 48] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from node.crypto import b64d
+from node.envelope import seal_request
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+OUTPUT = REPO / "docs" / "benchmarks" / "e2e.json"
+KV_CACHE_BYTES = 1 << 30
+PROMPTS = [
+    "What is the capital of France?",
+    "Explain photosynthesis in simple terms.",
+    "Write a haiku about the sea.",
+    "List three uses of copper.",
+    "Why is the sky blue?",
+    "Give me a recipe for pancakes.",
+    "What does a compiler do?",
+    "Describe the water cycle.",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, name: str, cmd: list[str], url: str, log: Path) -> None:
+        self.name, self.url, self.log = name, url, log
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TEE_NODE_")}
+        env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        self._log = log.open("wb")
+        self.proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait(self, path: str, timeout: float = 900) -> float:
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"{self.name} exited {self.proc.returncode}; see {self.log}")
+            try:
+                with urllib.request.urlopen(self.url + path, timeout=5) as response:
+                    if response.status == 200:
+                        return time.monotonic() - started
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise SystemExit(f"{self.name} not ready after {timeout:.0f}s; see {self.log}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self._log.close()
+
+
+def body(prompt: str, max_tokens: int) -> dict[str, Any]:
+    # ignore_eos: every request generates exactly max_tokens on both servers.
+    return {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
+async def plain_request(session: aiohttp.ClientSession, url: str, request: dict) -> tuple[float, int]:
+    started = time.perf_counter()
+    ttft, tokens = None, 0
+    async with session.post(url + "/v1/chat/completions", json=request) as response:
+        response.raise_for_status()
+        async for raw in response.content:
+            line = raw.strip()
+            if not line.startswith(b"data:") or line == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[5:])
+            if ttft is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                ttft = time.perf_counter() - started
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    assert ttft is not None
+    return ttft, tokens
+
+
+async def confidential_request(session: aiohttp.ClientSession, url: str, request: dict, key: bytes) -> tuple[float, int]:
+    started = time.perf_counter()
+    plaintext = json.dumps(request, separators=(",", ":")).encode()
+    outer, opener = seal_request(plaintext, key, MODEL, stream=True)
+    ttft, tokens = None, 0
+    async with session.post(url + "/v1/confidential/chat/completions", json=outer) as response:
+        response.raise_for_status()
+        async for raw in response.content:
+            if not raw.startswith(b"data:"):
+                continue
+            chunk = json.loads(opener.open_event(json.loads(raw[5:])))
+            if ttft is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                ttft = time.perf_counter() - started
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    opener.finish()  # the receipt verifies: nothing was dropped
+    assert ttft is not None
+    return ttft, tokens
+
+
+async def run_round(target: str, url: str, key: bytes | None, requests: int, concurrency: int, max_tokens: int) -> dict:
+    semaphore = asyncio.Semaphore(concurrency)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+
+        async def one(i: int) -> tuple[float, int]:
+            request = body(PROMPTS[i % len(PROMPTS)], max_tokens)
+            async with semaphore:
+                if key is None:
+                    return await plain_request(session, url, request)
+                return await confidential_request(session, url, request, key)
+
+        started = time.perf_counter()
+        results = await asyncio.gather(*(one(i) for i in range(requests)))
+        wall = time.perf_counter() - started
+    tokens = sum(t for _, t in results)
+    return {"target": target, "wall_s": wall, "output_tokens": tokens, "ttft_s": [t for t, _ in results]}
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def summarise(rounds: list[dict], target: str) -> dict:
+    mine = [r for r in rounds if r["target"] == target]
+    ttfts = [t for r in mine for t in r["ttft_s"]]
+    tokens = sum(r["output_tokens"] for r in mine)
+    wall = sum(r["wall_s"] for r in mine)
+    return {
+        "output_tokens": tokens,
+        "wall_s": round(wall, 3),
+        "output_tokens_per_s": round(tokens / wall, 2),
+        "ttft_p50_ms": round(percentile(ttfts, 50) * 1000, 1),
+        "ttft_p99_ms": round(percentile(ttfts, 99) * 1000, 1),
+        "ttft_mean_ms": round(statistics.mean(ttfts) * 1000, 1),
+        "requests": len(ttfts),
+    }
+
+
+async def lock_key(url: str) -> bytes:
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url + "/v1/nodes/lock", json={"model": MODEL}) as response:
+            response.raise_for_status()
+            return b64d((await response.json())["public_key"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=16, help="requests per round")
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--rounds", type=int, default=2, help="rounds per target (alternating)")
+    parser.add_argument("--output", type=Path, default=OUTPUT)
+    args = parser.parse_args()
+
+    from node.config import load_config
+    from node.models import prepare_model
+
+    model_dir = prepare_model("embedded:smollm2", load_config(None).cache_dir)
+    work = Path(tempfile.mkdtemp(prefix="tee-node-bench-"))
+    # The node serves only the chat model, with the engine settings given to plain vLLM.
+    config = work / "node.toml"
+    config.write_text(
+        "[engine]\nkind = \"vllm\"\n\n[[engine.models]]\n"
+        f"name = \"{MODEL}\"\nsource = \"{model_dir}\"\ndtype = \"float32\"\nmax_model_len = 2048\n"
+        f"[engine.models.engine_args]\nkv_cache_memory_bytes = {KV_CACHE_BYTES}\n"
+    )
+    vllm_port, node_port = free_port(), free_port()
+    vllm_cmd = [
+        str(BIN / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+        "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(vllm_port), "--dtype", "float32",
+        "--max-model-len", "2048", "--kv-cache-memory-bytes", str(KV_CACHE_BYTES),
+    ]
+    node_cmd = [str(BIN / "tee-node"), "serve", "--config", str(config), "--port", str(node_port)]
+    servers = []
+    try:
+        # One at a time: two engines loading at once on a small host slow each other down.
+        vllm = Server("vllm", vllm_cmd, f"http://127.0.0.1:{vllm_port}", work / "vllm.log")
+        servers.append(vllm)
+        vllm_load = vllm.wait("/health")
+        node = Server("tee-node", node_cmd, f"http://127.0.0.1:{node_port}", work / "node.log")
+        servers.append(node)
+        node_load = node.wait("/ready")
+        print(f"loaded: vLLM {vllm_load:.1f} s, node {node_load:.1f} s", file=sys.stderr)
+        key = asyncio.run(lock_key(node.url))
+
+        settings = (args.requests, args.concurrency, args.max_tokens)
+        for target, url, k in (("vllm", vllm.url, None), ("node", node.url, key)):
+            asyncio.run(run_round(target, url, k, args.concurrency, args.concurrency, 8))  # warm-up
+        rounds = []
+        for i in range(args.rounds):
+            order = (("vllm", vllm.url, None), ("node", node.url, key))
+            for target, url, k in order if i % 2 == 0 else reversed(order):
+                result = asyncio.run(run_round(target, url, k, *settings))
+                print(f"round {i + 1} {target}: {result['output_tokens'] / result['wall_s']:.1f} tok/s", file=sys.stderr)
+                rounds.append(result)
+    finally:
+        for server in servers:
+            server.stop()
+
+    plain, confidential = summarise(rounds, "vllm"), summarise(rounds, "node")
+    throughput_ratio = confidential["output_tokens_per_s"] / plain["output_tokens_per_s"]
+    added_p50 = confidential["ttft_p50_ms"] - plain["ttft_p50_ms"]
+    report = {
+        "benchmark": "e2e confidential node vs plain vLLM",
+        "model": MODEL,
+        "settings": {
+            "requests_per_round": args.requests, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
+            "rounds_per_target": args.rounds, "stream": True, "ignore_eos": True, "dtype": "float32",
+        },
+        "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "load_s": {"vllm": round(vllm_load, 1), "node": round(node_load, 1)},
+        "vllm": plain,
+        "node": confidential,
+        "throughput_ratio": round(throughput_ratio, 4),
+        "added_ttft_p50_ms": round(added_p50, 1),
+        "added_ttft_p99_ms": round(confidential["ttft_p99_ms"] - plain["ttft_p99_ms"], 1),
+        "goals": {"throughput_ratio_min": 0.97, "added_ttft_p50_ms_max": 5.0},
+        "meets_goals": throughput_ratio >= 0.97 and added_p50 <= 5.0,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    print(
+        f"vLLM  {plain['output_tokens_per_s']:.1f} tok/s, TTFT p50 {plain['ttft_p50_ms']:.1f} ms, p99 {plain['ttft_p99_ms']:.1f} ms\n"
+        f"node  {confidential['output_tokens_per_s']:.1f} tok/s, TTFT p50 {confidential['ttft_p50_ms']:.1f} ms, p99 {confidential['ttft_p99_ms']:.1f} ms\n"
+        f"throughput ratio {throughput_ratio:.3f} (goal >= 0.97), added p50 TTFT {added_p50:+.1f} ms (goal <= 5 ms)\n"
+        f"written to {args.output}"
+    )
+
+
+if __name__ == "__main__":
+    main()
