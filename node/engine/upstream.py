@@ -56,6 +56,7 @@ class UpstreamEngine:
         self._ready = False
         self._models: list[ModelCard] = []
         self._responses: dict[str, aiohttp.ClientResponse] = {}
+        self._aborted: set[str] = set()
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -161,6 +162,7 @@ class UpstreamEngine:
         except (aiohttp.ClientError, asyncio.TimeoutError, orjson.JSONDecodeError):
             raise EngineError() from None
         finally:
+            self._aborted.discard(request_id)
             self._responses.pop(request_id, None)
 
     async def _forward(self, path: str, request: dict[str, Any], request_id: str) -> dict[str, Any] | AsyncIterator[Chunk]:
@@ -192,8 +194,11 @@ class UpstreamEngine:
                     _raise_for_status(code if isinstance(code, int) else 500)
                 yield chunk
         except (aiohttp.ClientError, asyncio.TimeoutError, orjson.JSONDecodeError):
+            if request_id in self._aborted:
+                return  # abort() closed the connection: the stream just ends
             raise EngineError() from None
         finally:
+            self._aborted.discard(request_id)
             self._responses.pop(request_id, None)
             response.close()
 
@@ -212,4 +217,5 @@ class UpstreamEngine:
     async def abort(self, request_id: str) -> None:
         response = self._responses.pop(request_id, None)
         if response is not None:
+            self._aborted.add(request_id)
             response.close()
