@@ -12,7 +12,7 @@ import time
 
 import aiohttp
 import pytest
-from conftest import MODEL, SSE, TEE_NODE, chat_body, compact, spawn_node
+from server_support import MODEL, SSE, TEE_NODE, chat_body, compact, spawn_node
 
 from node import envelope
 from node.cli import build_parser, config_from_args, main
@@ -112,7 +112,7 @@ def test_config_from_args_flags_win(tmp_path, monkeypatch):
 async def _refused(port: int) -> bool:
     try:
         _, writer = await asyncio.open_connection("127.0.0.1", port)
-    except ConnectionRefusedError:
+    except (ConnectionRefusedError, ConnectionResetError):  # reset: closed with us in its backlog
         return True
     writer.close()
     return False

@@ -15,7 +15,7 @@ import hashlib
 import json
 
 import pytest
-from conftest import (
+from server_support import (
     CONFIDENTIAL_CHAT,
     CONFIDENTIAL_COMPLETIONS,
     CONFIDENTIAL_EMBEDDINGS,

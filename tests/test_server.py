@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import re
 
-from conftest import (
+from server_support import (
     CONFIDENTIAL_CHAT,
     CONFIDENTIAL_COMPLETIONS,
     CONFIDENTIAL_EMBEDDINGS,

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import (
+from server_support import (
     CONFIDENTIAL_CHAT,
     CONFIDENTIAL_COMPLETIONS,
     CONFIDENTIAL_EMBEDDINGS,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from conftest import CONFIDENTIAL_CHAT, SSE, GatedEcho, chat_body, wait_for
+from server_support import CONFIDENTIAL_CHAT, SSE, GatedEcho, chat_body, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from node.crypto import b64d

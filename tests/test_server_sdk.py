@@ -10,7 +10,7 @@ import json
 
 import pytest
 from atoma import atoma_available, run_driver, run_driver_lines
-from conftest import SDK_MODEL, spawn_node
+from server_support import SDK_MODEL, spawn_node
 
 pytestmark = pytest.mark.skipif(not atoma_available(), reason="atoma-sdk venv (.venv-atoma) is missing")
 

@@ -3,10 +3,11 @@ clear, no [DONE], keep-alives, client disconnects, engine failures, and the plai
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
-from conftest import (
+from server_support import (
     CONFIDENTIAL_CHAT,
     CONFIDENTIAL_COMPLETIONS,
     MODEL,
@@ -229,9 +230,10 @@ async def test_keepalive_comments_during_silence(make_node):
     assert opener.finish()["events"] == len(sse.events) == 4
 
 
-async def test_client_disconnect_aborts_engine_request(make_node):
+@pytest.mark.parametrize("handler_cancellation", [False, True], ids=["noticed-on-write", "handler-cancelled"])
+async def test_client_disconnect_aborts_engine_request(make_node, handler_cancellation):
     engine = GatedEcho(token_delay=0.01)
-    node = await make_node(engine)
+    node = await make_node(engine, handler_cancellation=handler_cancellation)
     outer, opener = node.seal(chat_body(" ".join(f"w{i}" for i in range(2000)), stream=True))
     response = await node.post(CONFIDENTIAL_CHAT, outer, {"X-Request-Id": "disconnecting-client"})
     assert response.status == 200
@@ -356,3 +358,54 @@ async def test_stream_without_usage_chunk_still_ends_with_receipt(make_node, wor
     assert "".join(c["choices"][0]["delta"]["content"] for c in chunks[:-1]) == " ".join(words)
     if words:
         assert {k: chunks[-1][k] for k in ("id", "object", "created", "model")} == {k: chunks[0][k] for k in ("id", "object", "created", "model")}
+
+
+class SteppedEcho(GatedEcho):
+    """Chunk 1 at once; chunks 2 and 3 together once `gate_a` opens; then waits on `gate_b`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate_a = asyncio.Event()
+        self.gate_b = asyncio.Event()
+        self.closed: list[str] = []
+
+    async def chat(self, request, request_id):
+        if not request.get("stream"):
+            return await super().chat(request, request_id)
+        self._model(request, "chat")
+
+        async def chunks():
+            self.running.add(request_id)
+            try:
+                base = {"id": "s", "object": "chat.completion.chunk", "created": 1, "model": MODEL}
+                yield {**base, "choices": [{"index": 0, "delta": {"content": "one"}}]}
+                await self.gate_a.wait()
+                yield {**base, "choices": [{"index": 0, "delta": {"content": " two"}}]}
+                yield {**base, "choices": [{"index": 0, "delta": {"content": " three"}}]}
+                await self.gate_b.wait()
+                yield {**base, "choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 3}}
+            finally:
+                self.running.discard(request_id)
+                self.closed.append(request_id)
+
+        return chunks()
+
+
+async def test_client_gone_while_events_wait_to_be_written(make_node):
+    """The client goes away; the engine then has two chunks ready and waits for a third: the
+    write of the ready events fails while the next engine step is under way. That step must be
+    closed too, so the engine request ends (not left suspended forever)."""
+    engine = SteppedEcho()
+    node = await make_node(engine)
+    outer, opener = node.seal(chat_body("one two three", stream=True))
+    response = await node.post(CONFIDENTIAL_CHAT, outer, {"X-Request-Id": "gone-client"})
+    opener.open_event(json.loads((await next_block(response))[len(b"data: ") :]))
+    response.close()
+    connections = node.client.server.runner.server.connections
+    await wait_for(lambda: all(h.transport is None for h in connections), what="server saw the disconnect")
+    engine.gate_a.set()
+    await wait_for(lambda: engine.closed == ["gone-client"], what="engine request closed")
+    assert not engine.running
+    assert engine.aborted == ["gone-client"]
+    await wait_for(lambda: node.state.admission.in_flight == 0, what="slot released")
+    await node.chat_ok()

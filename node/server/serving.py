@@ -230,7 +230,11 @@ async def _stream(
                 break
             else:
                 if batch:
-                    await response.write(b"".join(batch))
+                    try:
+                        await response.write(b"".join(batch))
+                    except BaseException:
+                        await _cancel_step(step, blocked_on)  # else the generators stay running
+                        raise
                     batch.clear()
                 try:
                     data = await _resume(step, blocked_on)
@@ -286,19 +290,29 @@ async def _with_keepalive(
         except StopAsyncIteration:
             return
         next_chunk = asyncio.ensure_future(_resume(step, blocked_on))
-        while True:
-            done, _ = await asyncio.wait((next_chunk,), timeout=interval)
-            if done:
-                break
-            try:
+        try:
+            while True:
+                done, _ = await asyncio.wait((next_chunk,), timeout=interval)
+                if done:
+                    break
                 await response.write(KEEPALIVE)
-            except BaseException:
-                next_chunk.cancel()
-                raise
+        except BaseException:  # a failed keep-alive, or this generator cancelled or closed
+            next_chunk.cancel()  # the engine step must not go on alone
+            raise
         try:
             yield next_chunk.result()
         except StopAsyncIteration:
             return
+
+
+async def _cancel_step(step: Any, blocked_on: Any) -> None:
+    """Cancel a step started in place but not finished, so that the generators under it (and
+    the engine's) run their cleanup instead of staying suspended for good."""
+    task = asyncio.ensure_future(_resume(step, blocked_on))
+    await asyncio.sleep(0)  # the task takes over the wait; a task cancelled unstarted never would
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
 
 
 @types.coroutine
