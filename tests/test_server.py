@@ -249,3 +249,22 @@ async def test_unicode_prompt_round_trip(node_client):
     outer, opener = node_client.seal(chat_body(prompt))
     body = await (await node_client.post(CONFIDENTIAL_CHAT, outer)).json()
     assert _check_response(node_client, body, opener)["choices"][0]["message"]["content"] == prompt
+
+
+async def test_unknown_paths_share_one_metrics_label(node_client):
+    """Random paths must not mint a label each (unbounded metric cardinality)."""
+    for path in ("/nope-1", "/nope-2", "/v1/confidential/x"):
+        response = await node_client.client.get(path)
+        assert response.status == 404
+        assert (await response.json())["error"]["code"] == "NOT_FOUND"
+        assert response.headers["X-Request-Id"]
+    response = await node_client.client.get(CONFIDENTIAL_CHAT)
+    assert response.status == 405
+    text = await (await node_client.client.get("/metrics")).text()
+    routes = {
+        s.labels["route"]
+        for f in text_string_to_metric_families(text)
+        if f.name == "tee_node_requests"
+        for s in f.samples
+    }
+    assert not any("nope" in r or r == "/v1/confidential/x" for r in routes), routes

@@ -198,3 +198,16 @@ async def test_metrics_counts_epochs_refusals_routes_and_ttft(node_client):
     assert metrics[("tee_node_tokens_total", (("kind", "completion"),))] == 2 + 3
     assert metrics[("tee_node_stream_events_total", ())] == 4
     assert metrics[("tee_node_request_duration_seconds_count", (route,))] == 6
+
+
+async def test_concurrent_replays_one_wins(node_client):
+    outer, opener = node_client.seal(chat_body("raced copies", stream=True))
+    responses = await asyncio.gather(*(node_client.post(CONFIDENTIAL_CHAT, outer) for _ in range(12)))
+    statuses = sorted(r.status for r in responses)
+    assert statuses == [200] + [409] * 11
+    (winner,) = [r for r in responses if r.status == 200]
+    for event in SSE.parse(await winner.read()).events:
+        opener.open_event(event)
+    opener.finish()
+    for response in responses:
+        response.close()
