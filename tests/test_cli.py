@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import signal
 import subprocess
@@ -51,7 +52,7 @@ def digest(capsys, *args: str) -> str:
 
 
 def test_config_digest(tmp_path, capsys, monkeypatch):
-    for name in [k for k in __import__("os").environ if k.startswith("TEE_NODE_")]:
+    for name in [k for k in os.environ if k.startswith("TEE_NODE_")]:
         monkeypatch.delenv(name)
     default = digest(capsys)
     assert re.fullmatch(r"[0-9a-f]{64}", default)
@@ -67,7 +68,7 @@ def test_config_digest(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TEE_NODE_LIMITS__MAX_IN_FLIGHT", "7")  # the environment is part of the config
     assert digest(capsys, "--config", str(a)) != da
     # the console script prints the same
-    out = run_cli("config", "digest", "--config", str(b), env={k: v for k, v in __import__("os").environ.items() if not k.startswith("TEE_NODE_")})
+    out = run_cli("config", "digest", "--config", str(b), env={k: v for k, v in os.environ.items() if not k.startswith("TEE_NODE_")})
     assert out.returncode == 0 and out.stdout.strip() == db
 
 
@@ -77,7 +78,7 @@ def test_config_digest_missing_file(tmp_path):
 
 
 def test_config_from_args_flags_win(tmp_path, monkeypatch):
-    for name in [k for k in __import__("os").environ if k.startswith("TEE_NODE_")]:
+    for name in [k for k in os.environ if k.startswith("TEE_NODE_")]:
         monkeypatch.delenv(name)
     toml = tmp_path / "c.toml"
     toml.write_text('port = 9100\nhost = "127.0.0.2"\n[engine]\nkind = "vllm"\n[limits]\nmax_in_flight = 5\n')

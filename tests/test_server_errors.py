@@ -3,6 +3,7 @@ afterwards a good request still succeeds on the same app."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -328,8 +329,6 @@ async def test_overloaded_queue_full_and_queue_timeout(make_node):
     holder, _ = node.seal(chat_body("holder", stream=True))
     first = await node.post(CONFIDENTIAL_CHAT, holder)
     assert first.status == 200
-    import asyncio
-
     queued_outer, _ = node.seal(chat_body("queued"))
     queued = asyncio.ensure_future(node.post(CONFIDENTIAL_CHAT, queued_outer))
     await wait_for(lambda: node.state.admission.queued == 1, what="a queued request")
