@@ -172,8 +172,8 @@ def _write_smollm2(gguf: Path, out: Path, progress: Progress) -> None:
 
 
 def _convert_smollm2(gguf: Path, source_sha256: str, target: Path, progress: Progress) -> None:
-    """Convert into a temp dir beside `target`, record the manifest, then swap it in atomically:
-    a crash leaves either the old directory or the new one, never a half-written model."""
+    """Convert into a temp dir beside `target`, record the manifest, then rename it into place:
+    a crash never leaves a half-written model under the final name."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         _write_smollm2(gguf, tmp, progress)
@@ -198,6 +198,10 @@ def _convert_smollm2(gguf: Path, source_sha256: str, target: Path, progress: Pro
 def _prepare_smollm2(cache_dir: Path, progress: Progress) -> Path:
     target = cache_dir / "models" / SMOLLM2_DIR
     with _locked(cache_dir / "models" / f".{SMOLLM2_DIR}.lock"):
+        # Left by a conversion that crashed; the lock guarantees none is in progress.
+        for leftover in (cache_dir / "models").glob(f".{SMOLLM2_DIR}.*"):
+            if leftover.is_dir() and leftover.suffix in (".tmp", ".stale"):
+                shutil.rmtree(leftover, ignore_errors=True)
         gguf, source_sha256 = _smollm2_source(progress)
         problem = verify_prepared(target, source_sha256)
         if problem is None:

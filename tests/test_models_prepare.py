@@ -164,6 +164,16 @@ def test_a_damaged_cache_is_detected_and_rebuilt(converted, replayed, tmp_path: 
     assert [p.name for p in target.parent.iterdir() if p.is_dir()] == [SMOLLM2_DIR]
 
 
+def test_leftovers_of_a_crashed_conversion_are_removed(converted, replayed, tmp_path: Path) -> None:
+    cache = fresh_copy(converted, tmp_path)
+    for name in (f".{SMOLLM2_DIR}.abc123.tmp", f".{SMOLLM2_DIR}.42.stale"):
+        (cache / "models" / name).mkdir()
+        (cache / "models" / name / "model.safetensors").write_bytes(b"partial")
+    prepare_model("embedded:smollm2", cache, progress=lambda _: None)
+    assert [p.name for p in (cache / "models").iterdir() if p.is_dir()] == [SMOLLM2_DIR]
+    assert replayed == []
+
+
 def test_a_failed_conversion_leaves_no_partial_directory(replayed, tmp_path: Path, monkeypatch) -> None:
     def broken(gguf: Path, out: Path, progress) -> None:
         (out / "config.json").write_text("{}")
