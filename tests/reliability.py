@@ -60,7 +60,10 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 def node_config(**overrides: Any) -> NodeConfig:
     """An echo-engine config serving MODEL, with nested overrides (e.g. limits={...})."""
-    base = {"engine": {"kind": "echo", "models": [{"name": MODEL, "source": "echo"}]}}
+    base = {"engine": {"kind": "echo", "models": [{"name": MODEL, "source": "echo"}]},
+        # One event per engine chunk: these tests check per-event protocol properties (the
+        # node's default coalesces chunks a slow stream has queued; tests/test_coalesce.py).
+        "limits": {"stream_coalesce_max": 1}}
     return load_config(**_merge(base, overrides))
 
 
@@ -304,6 +307,7 @@ def spawn_echo_node(env: dict[str, str] | None = None, model: str = MODEL):
         port = probe.getsockname()[1]
     log = tempfile.NamedTemporaryFile(prefix="tee-node-faults-", suffix=".log", delete=False)
     proc_env = {k: v for k, v in os.environ.items() if not k.startswith("TEE_NODE_")}
+    proc_env["TEE_NODE_LIMITS__STREAM_COALESCE_MAX"] = "1"  # one event per chunk, as in node_config
     proc_env.update(env or {})
     tee_node = Path(sys.executable).with_name("tee-node")
     proc = subprocess.Popen(

@@ -61,7 +61,10 @@ def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 def echo_config(**overrides: Any) -> NodeConfig:
     """`load_config(engine={"kind": "echo"})` serving MODEL, plus nested overrides."""
-    base = {"engine": {"kind": "echo", "models": [{"name": MODEL, "source": "echo"}]}}
+    base = {"engine": {"kind": "echo", "models": [{"name": MODEL, "source": "echo"}]},
+        # One event per engine chunk: these tests check per-event protocol properties (the
+        # node's default coalesces chunks a slow stream has queued; tests/test_coalesce.py).
+        "limits": {"stream_coalesce_max": 1}}
     return load_config(**_deep_merge(base, overrides))
 
 
@@ -330,6 +333,7 @@ def spawn_node(model: str = MODEL, env: dict[str, str] | None = None, extra_args
     log_file = tempfile.NamedTemporaryFile(prefix="tee-node-", suffix=".log", delete=False)
     log_path = Path(log_file.name)
     proc_env = {k: v for k, v in os.environ.items() if not k.startswith("TEE_NODE_")}
+    proc_env["TEE_NODE_LIMITS__STREAM_COALESCE_MAX"] = "1"  # one event per chunk, as in echo_config
     proc_env.update(env or {})
     proc = subprocess.Popen(
         [str(TEE_NODE), "serve", "--engine", "echo", "--port", str(port), "--model", model, *(extra_args or [])],

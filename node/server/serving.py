@@ -9,8 +9,7 @@ import asyncio
 import contextlib
 import logging
 import time
-import types
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +31,7 @@ from ..errors import (
     Unauthorized,
 )
 from ..protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, Usage
+from .coalesce import coalesce
 from .middleware import CONTEXT, RequestContext
 from .state import NODE, NodeState
 
@@ -39,8 +39,8 @@ log = logging.getLogger("tee_node.serving")
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 KEEPALIVE = b": keep-alive\n\n"
-# Most stream events written at once when they are ready together (see `_stream`).
-WRITE_BATCH = 16
+# Engine chunks buffered between the engine and a slow client (then the engine waits).
+STREAM_QUEUE_DEPTH = 64
 ENGINE_FAILED_EVENT = b'data: {"error":{"code":"INTERNAL_ERROR","message":"engine failed"}}\n\n'
 
 
@@ -158,46 +158,110 @@ async def serve_confidential(request: web.Request, endpoint: Endpoint) -> web.St
             sealed = opened.sealer.seal_response(orjson.dumps(result), model, usage)
             return web.Response(body=orjson.dumps(sealed), content_type="application/json", headers={"X-Request-Id": ctx.request_id})
         sealer = opened.sealer
-        return await _stream(request, state, ctx, result, lambda chunks: _sealed_events(chunks, state, sealer, model))
+        return await _stream(request, state, ctx, result, _SealedEncoder(state, sealer, model))
 
 
-async def _sealed_events(
-    chunks: AsyncIterator[dict[str, Any]], state: NodeState, sealer: envelope.ResponseSealer, model: str
-) -> AsyncIterator[bytes]:
-    """Seal each chunk as it comes. The chunk carrying usage is the engine's last; it is held
+class _SealedEncoder:
+    """Seals chunks into events. The chunk carrying usage is the engine's last; it is held
     until the engine ends so that it can take the receipt."""
-    usage: dict[str, Any] | None = None
-    held: dict[str, Any] | None = None
-    last: dict[str, Any] = {}
-    async for chunk in chunks:
-        last = chunk
-        if held is not None:
-            yield _sse(sealer.seal_event(orjson.dumps(held), usage))
-            held = None
-        if isinstance(chunk.get("usage"), dict):
-            usage = Usage.from_openai(chunk["usage"]).model_dump()
-            held = chunk
-            continue
-        yield _sse(sealer.seal_event(orjson.dumps(chunk), usage))
-    if held is None:
-        # The engine ended without a usage chunk last: a stream must still end with the receipt,
-        # so it goes on an empty final chunk (clients skip chunks without choices).
-        held = {k: last[k] for k in ("id", "object", "created", "model") if k in last}
-        held["choices"] = []
-    _count_tokens(state, usage)
-    yield _sse(sealer.seal_final_event(orjson.dumps(held), model, usage))
+
+    def __init__(self, state: NodeState, sealer: envelope.ResponseSealer, model: str) -> None:
+        self._state = state
+        self._sealer = sealer
+        self._model = model
+        self._usage: dict[str, Any] | None = None
+        self._held: dict[str, Any] | None = None
+        self._last: dict[str, Any] = {}
+
+    def encode(self, chunks: list[dict[str, Any]]) -> list[bytes]:
+        events = []
+        for chunk in chunks:
+            self._last = chunk
+            if self._held is not None:
+                events.append(_sse(self._sealer.seal_event(orjson.dumps(self._held), self._usage)))
+                self._held = None
+            if isinstance(chunk.get("usage"), dict):
+                self._usage = Usage.from_openai(chunk["usage"]).model_dump()
+                self._held = chunk
+                continue
+            events.append(_sse(self._sealer.seal_event(orjson.dumps(chunk), self._usage)))
+        return events
+
+    def end(self) -> list[bytes]:
+        held = self._held
+        if held is None:
+            # The engine ended without a usage chunk last: a stream must still end with the
+            # receipt, so it goes on an empty final chunk (clients skip chunks without choices).
+            held = {k: self._last[k] for k in ("id", "object", "created", "model") if k in self._last}
+            held["choices"] = []
+        _count_tokens(self._state, self._usage)
+        return [_sse(self._sealer.seal_final_event(orjson.dumps(held), self._model, self._usage))]
 
 
-async def _plain_events(chunks: AsyncIterator[dict[str, Any]], state: NodeState) -> AsyncIterator[bytes]:
-    async for chunk in chunks:
-        if isinstance(chunk.get("usage"), dict):
-            _count_tokens(state, usage_of(chunk))
-        yield _sse(chunk)
-    yield b"data: [DONE]\n\n"
+class _PlainEncoder:
+    def __init__(self, state: NodeState) -> None:
+        self._state = state
+
+    def encode(self, chunks: list[dict[str, Any]]) -> list[bytes]:
+        for chunk in chunks:
+            if isinstance(chunk.get("usage"), dict):
+                _count_tokens(self._state, usage_of(chunk))
+        return [_sse(chunk) for chunk in chunks]
+
+    def end(self) -> list[bytes]:
+        return [b"data: [DONE]\n\n"]
 
 
 def _sse(event: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(event) + b"\n\n"
+
+
+class _EngineFailed:
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+_END = object()
+
+
+async def _produce(chunks: AsyncIterator[dict[str, Any]], queue: asyncio.Queue) -> None:
+    """Own the engine's iterator: move its chunks into `queue`, then the end or the failure.
+
+    Running the engine in its own task lets the writer see every chunk already made when it
+    comes back from a write (so it can batch and coalesce them), and cancelling this task is
+    all it takes to stop the engine's iterator cleanly."""
+    try:
+        async for chunk in chunks:
+            await queue.put(chunk)
+    except Exception as exc:  # handed to the writer, which ends the stream with the error event
+        await queue.put(_EngineFailed(exc))
+    else:
+        await queue.put(_END)
+    finally:
+        with contextlib.suppress(Exception):
+            await chunks.aclose()  # type: ignore[attr-defined]
+
+
+async def _ready_items(queue: asyncio.Queue, keepalive: float, response: web.StreamResponse) -> list[Any]:
+    """Everything the engine has made so far; waits for at least one item, writing a
+    keep-alive comment after each `keepalive` seconds of silence."""
+    while queue.empty():
+        try:
+            first = await asyncio.wait_for(queue.get(), keepalive)
+        except asyncio.TimeoutError:
+            await response.write(KEEPALIVE)
+            continue
+        return [first, *_drain(queue)]
+    return _drain(queue)
+
+
+def _drain(queue: asyncio.Queue) -> list[Any]:
+    items = []
+    while not queue.empty():
+        items.append(queue.get_nowait())
+    return items
 
 
 async def _stream(
@@ -205,133 +269,63 @@ async def _stream(
     state: NodeState,
     ctx: RequestContext,
     chunks: AsyncIterator[dict[str, Any]],
-    make_events: Callable[[AsyncIterator[dict[str, Any]]], AsyncIterator[bytes]],
+    encoder: _SealedEncoder | _PlainEncoder,
 ) -> web.StreamResponse:
-    """Send the events `make_events` makes of the engine's `chunks` as server-sent events.
+    """Send the engine's `chunks` as server-sent events made by `encoder`.
 
-    A client that goes away, or an engine that fails, aborts the engine request; an engine
-    failure ends the stream with a content-free error event (the headers are already sent).
+    Chunks already waiting when the writer comes back are coalesced where that loses nothing
+    (`coalesce`) and written at once; a stream that keeps up is never delayed. A client that
+    goes away, or an engine that fails, aborts the engine request; an engine failure ends the
+    stream with a content-free error event (the headers are already sent).
     """
     response = web.StreamResponse(headers={**SSE_HEADERS, "X-Request-Id": ctx.request_id})
     await response.prepare(request)
-    events = make_events(_with_keepalive(chunks, state.config.limits.keepalive_interval, response))
-    finished = False
-    # Events that are ready one after the other go out in one write (up to WRITE_BATCH): the
-    # same bytes, fewer syscalls. An event is never held back to wait for a later one.
-    batch: list[bytes] = []
+    limits = state.config.limits
+    queue: asyncio.Queue = asyncio.Queue(STREAM_QUEUE_DEPTH)
+    producer = asyncio.create_task(_produce(chunks, queue))
+    ended = completed = False
     try:
-        while True:
-            step = events.__anext__()
-            try:
-                blocked_on = step.send(None)
-            except StopIteration as ready:
-                data = ready.value
-            except StopAsyncIteration:
-                break
-            else:
-                if batch:
-                    try:
-                        await response.write(b"".join(batch))
-                    except BaseException:
-                        await _cancel_step(step, blocked_on)  # else the generators stay running
-                        raise
-                    batch.clear()
-                try:
-                    data = await _resume(step, blocked_on)
-                except StopAsyncIteration:
-                    break
-            if ctx.first_event_at is None:
+        while not ended:
+            batch = []
+            failure: Exception | None = None
+            for item in await _ready_items(queue, limits.keepalive_interval, response):
+                if item is _END:
+                    ended = True
+                elif isinstance(item, _EngineFailed):
+                    failure = item.error
+                else:
+                    batch.append(item)
+            events = encoder.encode(coalesce(batch, limits.stream_coalesce_max))
+            if ended:
+                events += encoder.end()
+            if not events and failure is None:
+                continue
+            if events and ctx.first_event_at is None:
                 ctx.first_event_at = time.perf_counter()
                 state.metrics.ttft.labels(ctx.route).observe(ctx.first_event_at - ctx.started)
-            ctx.events += 1
+            ctx.events += len(events)
+            data = b"".join(events)
             ctx.response_bytes += len(data)
-            batch.append(data)
-            if len(batch) >= WRITE_BATCH:
-                await response.write(b"".join(batch))
-                batch.clear()
-        if batch:
-            await response.write(b"".join(batch))
-        finished = True
+            await response.write(data)
+            if failure is not None:
+                raise failure  # after the chunks the engine made before it failed
+        completed = True
     except ConnectionResetError:
         raise  # the client went away: nobody to tell
     except Exception as exc:  # NodeError or unexpected: the headers are out, end with the error event
         log.warning("stream %s ended by engine error %s", ctx.request_id, type(exc).__name__)
         with contextlib.suppress(ConnectionError):
-            await response.write(b"".join(batch) + ENGINE_FAILED_EVENT)
+            await response.write(ENGINE_FAILED_EVENT)
     finally:
         state.metrics.stream_events.inc(ctx.events)
-        if not finished:
+        producer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await producer
+        if not completed:
             await state.engine.abort(ctx.request_id)
-        for generator in (events, chunks):
-            with contextlib.suppress(Exception):
-                await generator.aclose()  # type: ignore[attr-defined]
     with contextlib.suppress(ConnectionError):
         await response.write_eof()
     return response
-
-
-async def _with_keepalive(
-    chunks: AsyncIterator[dict[str, Any]], interval: float, response: web.StreamResponse
-) -> AsyncIterator[dict[str, Any]]:
-    """Yield the engine's chunks; write a keep-alive comment after each `interval` of silence.
-
-    The next chunk is first asked for in place: an engine that has it ready answers without
-    suspending, and no task or timer is made. Only an engine that has to wait gets the rest
-    of that step in a task, watched with the keep-alive timeout (`_resume`).
-    """
-    iterator = chunks.__aiter__()
-    while True:
-        step = iterator.__anext__()
-        try:
-            blocked_on = step.send(None)
-        except StopIteration as ready:
-            yield ready.value
-            continue
-        except StopAsyncIteration:
-            return
-        next_chunk = asyncio.ensure_future(_resume(step, blocked_on))
-        try:
-            while True:
-                done, _ = await asyncio.wait((next_chunk,), timeout=interval)
-                if done:
-                    break
-                await response.write(KEEPALIVE)
-        except BaseException:  # a failed keep-alive, or this generator cancelled or closed
-            next_chunk.cancel()  # the engine step must not go on alone
-            raise
-        try:
-            yield next_chunk.result()
-        except StopAsyncIteration:
-            return
-
-
-async def _cancel_step(step: Any, blocked_on: Any) -> None:
-    """Cancel a step started in place but not finished, so that the generators under it (and
-    the engine's) run their cleanup instead of staying suspended for good."""
-    task = asyncio.ensure_future(_resume(step, blocked_on))
-    await asyncio.sleep(0)  # the task takes over the wait; a task cancelled unstarted never would
-    task.cancel()
-    with contextlib.suppress(BaseException):
-        await task
-
-
-@types.coroutine
-def _resume(step: Any, blocked_on: Any) -> Any:
-    """Finish a coroutine `step` that has already run up to its first suspension, where it
-    yielded `blocked_on` (what `yield from step` would do had it started it)."""
-    while True:
-        try:
-            sent = yield blocked_on
-        except BaseException as exc:  # cancellation and the like go on to the step
-            try:
-                blocked_on = step.throw(exc)
-            except StopIteration as done:
-                return done.value
-        else:
-            try:
-                blocked_on = step.send(sent)
-            except StopIteration as done:
-                return done.value
 
 
 # --- plain OpenAI routes (only with allow_plaintext) ---------------------------------------
@@ -354,4 +348,4 @@ async def serve_plain(request: web.Request, endpoint: Endpoint) -> web.StreamRes
         if not stream:
             _count_tokens(state, usage_of(result))
             return web.Response(body=orjson.dumps(result), content_type="application/json", headers={"X-Request-Id": ctx.request_id})
-        return await _stream(request, state, ctx, result, lambda chunks: _plain_events(chunks, state))
+        return await _stream(request, state, ctx, result, _PlainEncoder(state))
