@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from conftest import CHAT_MODEL, EMBED_MODEL, QUESTION  # type: ignore[import-not-found]
+from integration_support import CHAT_MODEL, EMBED_MODEL, QUESTION  # type: ignore[import-not-found]
 from node.crypto import b64d
 from node.envelope import seal_request
 from tests.atoma import atoma_available, run_driver, run_driver_lines

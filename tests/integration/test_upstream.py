@@ -9,8 +9,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
-from conftest import BIN, CHAT_MODEL, QUESTION, Proc, clean_env, free_port, start_node  # type: ignore[import-not-found]
+from integration_support import BIN, CHAT_MODEL, QUESTION, Proc, clean_env, free_port, start_node  # type: ignore[import-not-found]
+from node.config import load_config
+from node.engine.upstream import UpstreamEngine
+from node.errors import EngineBadRequest, EngineError, ModelNotFound
 from tests.atoma import atoma_available, run_driver, run_driver_lines
 
 pytestmark = pytest.mark.integration
@@ -62,13 +66,6 @@ def test_sdk_chat_through_the_upstream(upstream_node: str, flags: list[str]) -> 
 
 
 # --- UpstreamEngine against a scripted OpenAI-compatible server (fast, no model) -------------
-
-from aiohttp import web  # noqa: E402
-
-from node.config import load_config  # noqa: E402
-from node.engine.upstream import UpstreamEngine  # noqa: E402
-from node.errors import EngineBadRequest, EngineError, ModelNotFound  # noqa: E402
-
 
 class Scripted:
     """Answers like vLLM's api_server; `max_tokens` picks the behaviour."""

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 import pytest_asyncio
 
-from conftest import CHAT_MODEL, QUESTION  # type: ignore[import-not-found]
+from integration_support import CHAT_MODEL, QUESTION  # type: ignore[import-not-found]
 from node.config import load_config
 from node.engine.vllm import VllmEngine
 from node.errors import EngineBadRequest, ModelNotFound
