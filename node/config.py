@@ -175,6 +175,15 @@ class NodeConfig(BaseSettings):
 _toml_path: Path | None = None
 
 
+def merge_settings(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """`update` over `base`, section by section (nested dicts merge, other values replace)."""
+    merged = dict(base)
+    for key, value in update.items():
+        nested = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = merge_settings(merged[key], value) if nested else value
+    return merged
+
+
 def load_config(path: str | Path | None = None, **overrides: Any) -> NodeConfig:
     """Defaults, then the TOML file (`configs/simulated.toml` when none is given), then the
     environment, then `overrides` (CLI flags; None values are ignored)."""

@@ -6,7 +6,6 @@ protocol's parameters (PROTOCOL.md part A, "Primitives") live in exactly one pla
 
 from __future__ import annotations
 
-import base64
 import binascii
 import hashlib
 import hmac

@@ -30,6 +30,7 @@ class Metrics:
         self.queued = Gauge("tee_node_queued", "Requests waiting for a slot", registry=r)
         self.stream_events = Counter("tee_node_stream_events", "Sealed stream events sent", registry=r)
         self.engine_ready = Gauge("tee_node_engine_ready", "1 when the engine can serve", registry=r)
+        self.engine_running = Gauge("tee_node_engine_running", "Requests the engine still holds", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -22,7 +22,7 @@ import aiohttp
 from aiohttp import web
 
 from node import envelope
-from node.config import NodeConfig, load_config
+from node.config import NodeConfig, load_config, merge_settings
 from node.engine.base import ModelCard
 from node.engine.echo import EchoEngine
 from node.server import create_app
@@ -51,20 +51,13 @@ ERROR_TABLE = {
 }
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in update.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def node_config(**overrides: Any) -> NodeConfig:
     """An echo-engine config serving MODEL, with nested overrides (e.g. limits={...})."""
     base = {"engine": {"kind": "echo", "models": [{"name": MODEL, "source": "echo"}]},
         # One event per engine chunk: these tests check per-event protocol properties (the
         # node's default coalesces chunks a slow stream has queued; tests/test_coalesce.py).
         "limits": {"stream_coalesce_max": 1}}
-    return load_config(**_merge(base, overrides))
+    return load_config(**merge_settings(base, overrides))
 
 
 def echo(**kwargs: Any) -> EchoEngine:

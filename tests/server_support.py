@@ -32,11 +32,19 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestServer
 from aiohttp.web import AppRunner
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.serialization import Encoding, PrivateFormat, NoEncryption, PublicFormat
+from cryptography.hazmat.primitives.asymmetric.x25519 import (
+    X25519PrivateKey,
+    X25519PublicKey,
+)
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    PublicFormat,
+)
 
 from node import envelope
-from node.config import NodeConfig, load_config
+from node.config import NodeConfig, load_config, merge_settings
 from node.crypto import Aead, b64e, blake2b_256, derive_key, random_nonce, random_salt
 from node.engine.base import ModelCard
 from node.engine.echo import EchoEngine
@@ -52,20 +60,13 @@ CONFIDENTIAL_EMBEDDINGS = "/v1/confidential/embeddings"
 TEE_NODE = Path(sys.executable).with_name("tee-node")
 
 
-def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in update.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def echo_config(**overrides: Any) -> NodeConfig:
     """`load_config(engine={"kind": "echo"})` serving MODEL, plus nested overrides."""
     base = {"engine": {"kind": "echo", "models": [{"name": MODEL, "source": "echo"}]},
         # One event per engine chunk: these tests check per-event protocol properties (the
         # node's default coalesces chunks a slow stream has queued; tests/test_coalesce.py).
         "limits": {"stream_coalesce_max": 1}}
-    return load_config(**_deep_merge(base, overrides))
+    return load_config(**merge_settings(base, overrides))
 
 
 def compact(obj: Any) -> bytes:
@@ -249,7 +250,7 @@ def make_node(aiohttp_client):
         handler_cancellation: bool = False,
         **overrides: Any,
     ) -> Node:
-        config = echo_config(**_deep_merge(config or {}, overrides))
+        config = echo_config(**merge_settings(config or {}, overrides))
         engine = engine if engine is not None else echo_engine()
         app = create_app(config, engine)
         client = await aiohttp_client(NodeTestServer(app, handler_cancellation=handler_cancellation))

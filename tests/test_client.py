@@ -34,7 +34,7 @@ from node.client import (
     UnauthorizedError,
 )
 from node.client.errors import ERRORS_BY_CODE, error_from_body
-from node.config import NodeConfig, load_config
+from node.config import NodeConfig, load_config, merge_settings
 from node.engine.base import ModelCard
 from node.engine.echo import EchoEngine
 from node.errors import NODE_ERRORS
@@ -50,13 +50,6 @@ SECRET_PROMPT = "my-secret-prompt-words zebra"
 # --- a node (and other servers) on a loop in a thread ------------------------------------
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in update.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def node_config(tmp_path, **overrides: Any) -> NodeConfig:
     base = {
         "engine": {"kind": "echo", "models": [{"name": MODEL, "source": "echo"}]},
@@ -65,7 +58,7 @@ def node_config(tmp_path, **overrides: Any) -> NodeConfig:
         "limits": {"stream_coalesce_max": 1},
         "attestation": {"state_dir": str(tmp_path / "attestation")},
     }
-    return load_config(**_merge(base, overrides))
+    return load_config(**merge_settings(base, overrides))
 
 
 class ServerThread:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from server_support import CONFIDENTIAL_CHAT, MODEL, SSE, chat_body, echo_engine
+from server_support import CONFIDENTIAL_CHAT, SSE, chat_body, echo_engine
 
 from node.server.coalesce import coalesce
 

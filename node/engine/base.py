@@ -12,8 +12,27 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from ..errors import EngineBadRequest, EngineError, ModelNotFound
+
 Task = Literal["chat", "completions", "embeddings"]
 Chunk = dict[str, Any]
+
+ALL_TASKS: frozenset[Task] = frozenset({"chat", "completions", "embeddings"})
+# What a configured model (`ModelConfig.task`) serves.
+TASKS_OF: dict[str, frozenset[Task]] = {
+    "generate": frozenset({"chat", "completions"}),
+    "embed": frozenset({"embeddings"}),
+}
+
+
+def raise_for_engine_status(status: int) -> None:
+    """An engine's OpenAI error status as the node's error: the engine's message is dropped
+    (it may quote the request)."""
+    if status == 404:
+        raise ModelNotFound()
+    if 400 <= status < 500:
+        raise EngineBadRequest()
+    raise EngineError()
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,9 @@ class EchoEngine:
     def ready(self) -> bool:
         return self._ready and not self.failed
 
+    def running_requests(self) -> int:
+        return len(self.running)
+
     def models(self) -> list[ModelCard]:
         return list(self._models.values())
 

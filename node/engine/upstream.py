@@ -19,25 +19,12 @@ import aiohttp
 import orjson
 
 from node.config import NodeConfig
-from node.engine.base import Chunk, ModelCard, Task
-from node.errors import EngineBadRequest, EngineError, ModelNotFound, NotReady
+from node.engine.base import ALL_TASKS, TASKS_OF, Chunk, ModelCard, Task, raise_for_engine_status
+from node.errors import EngineError, ModelNotFound, NotReady
 
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 2.0
-ALL_TASKS: frozenset[Task] = frozenset({"chat", "completions", "embeddings"})
-_TASKS: dict[str, frozenset[Task]] = {
-    "generate": frozenset({"chat", "completions"}),
-    "embed": frozenset({"embeddings"}),
-}
-
-
-def _raise_for_status(status: int) -> None:
-    if status == 404:
-        raise ModelNotFound()
-    if 400 <= status < 500:
-        raise EngineBadRequest()
-    raise EngineError()
 
 
 class UpstreamEngine:
@@ -112,7 +99,7 @@ class UpstreamEngine:
             if response.status != 200:
                 return []
             listing = orjson.loads(await response.read())
-        configured = {m.name: _TASKS[m.task] for m in self.config.engine.models}
+        configured = {m.name: TASKS_OF[m.task] for m in self.config.engine.models}
         return [
             ModelCard(
                 id=entry["id"],
@@ -150,7 +137,7 @@ class UpstreamEngine:
             raise EngineError() from None
         if response.status != 200:
             response.release()
-            _raise_for_status(response.status)
+            raise_for_engine_status(response.status)
         self._responses[request_id] = response
         return response
 
@@ -191,7 +178,7 @@ class UpstreamEngine:
                 chunk = orjson.loads(data)
                 if "error" in chunk and "choices" not in chunk:
                     code = chunk["error"].get("code") if isinstance(chunk["error"], dict) else None
-                    _raise_for_status(code if isinstance(code, int) else 500)
+                    raise_for_engine_status(code if isinstance(code, int) else 500)
                 yield chunk
         except (aiohttp.ClientError, asyncio.TimeoutError, orjson.JSONDecodeError):
             if request_id in self._aborted:

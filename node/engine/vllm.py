@@ -25,7 +25,7 @@ import orjson
 from pydantic import ValidationError
 
 from node.config import ModelConfig, NodeConfig
-from node.engine.base import Chunk, ModelCard, Task
+from node.engine.base import TASKS_OF, Chunk, ModelCard, Task, raise_for_engine_status
 from node.errors import EngineBadRequest, EngineError, ModelNotFound, NotReady
 from node.models import prepare_model
 
@@ -35,10 +35,6 @@ log = logging.getLogger(__name__)
 CPU_KV_CACHE_BYTES = 1 << 30
 _GPU_DEFAULT = ModelConfig.model_fields["gpu_memory_utilization"].default
 
-_TASKS: dict[str, frozenset[Task]] = {
-    "generate": frozenset({"chat", "completions"}),
-    "embed": frozenset({"embeddings"}),
-}
 
 
 @dataclass
@@ -88,14 +84,6 @@ def engine_args_for(cfg: ModelConfig, model: str, cpu: bool = False) -> dict[str
         args["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
     args.update(cfg.engine_args)
     return args
-
-
-def _raise_for_error(status: int) -> None:
-    if status == 404:
-        raise ModelNotFound()
-    if 400 <= status < 500:
-        raise EngineBadRequest()
-    raise EngineError()
 
 
 class VllmEngine:
@@ -208,7 +196,7 @@ class VllmEngine:
     def models(self) -> list[ModelCard]:
         loaded = {name: s.max_model_len for name, s in self._served.items()}
         return [
-            ModelCard(id=m.name, tasks=_TASKS[m.task], max_model_len=loaded.get(m.name, m.max_model_len))
+            ModelCard(id=m.name, tasks=TASKS_OF[m.task], max_model_len=loaded.get(m.name, m.max_model_len))
             for m in self.config.engine.models
         ]
 
@@ -223,7 +211,7 @@ class VllmEngine:
             raise NotReady()
         name = request.get("model")
         served = self._served.get(name) if isinstance(name, str) else None
-        if served is None or task not in _TASKS[served.cfg.task]:
+        if served is None or task not in TASKS_OF[served.cfg.task]:
             raise ModelNotFound()
         return served
 
@@ -264,7 +252,7 @@ class VllmEngine:
         if isinstance(result, ErrorResponse):
             if served.llm.errored:
                 raise EngineError()
-            _raise_for_error(result.error.code)
+            raise_for_engine_status(result.error.code)
         return result
 
     async def chat(self, request: dict[str, Any], request_id: str) -> dict[str, Any] | AsyncIterator[Chunk]:
@@ -313,7 +301,7 @@ class VllmEngine:
                     chunk = orjson.loads(data)
                     if "error" in chunk and "choices" not in chunk:
                         code = chunk["error"].get("code") if isinstance(chunk["error"], dict) else None
-                        _raise_for_error(code if isinstance(code, int) else 500)
+                        raise_for_engine_status(code if isinstance(code, int) else 500)
                     yield chunk
         finally:
             running = self._running.pop(request_id, None)
@@ -336,7 +324,7 @@ class VllmEngine:
         body = orjson.loads(response.body)
         status = getattr(response, "status_code", 200)
         if status >= 400:
-            _raise_for_error(status)
+            raise_for_engine_status(status)
         return body
 
     async def abort(self, request_id: str) -> None:

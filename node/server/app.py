@@ -97,6 +97,9 @@ async def metrics(request: web.Request) -> web.Response:
     state.metrics.in_flight.set(state.admission.in_flight)
     state.metrics.queued.set(state.admission.queued)
     state.metrics.key_epoch.set(state.keyring.current.epoch)
+    running = getattr(state.engine, "running_requests", None)
+    if running is not None:
+        state.metrics.engine_running.set(running())
     return web.Response(body=state.metrics.render(), content_type="text/plain", charset="utf-8")
 
 

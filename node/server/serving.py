@@ -24,7 +24,6 @@ from ..errors import (
     InvalidBody,
     InvalidPlaintext,
     ModelNotFound,
-    NodeError,
     NotReady,
     ReplayedRequest,
     StaleNodeKey,
