@@ -424,6 +424,7 @@ def main() -> int:
     parser.add_argument("--no-write", action="store_true", help="print only, do not write server.json")
     parser.add_argument("--profile", metavar="DIR", default=None, help="py-spy the node in each window (raw stacks)")
     parser.add_argument("--label", default=None, help="a note stored with the results")
+    parser.add_argument("--name", default="server", help="results file docs/benchmarks/<name>.json")
     args = parser.parse_args()
     seconds = args.seconds or (3.0 if args.quick else 6.0)
     rounds = args.rounds or (1 if args.quick else 3)
@@ -537,17 +538,20 @@ def main() -> int:
     print(f"took {time.perf_counter() - started:.0f} s")
     if not args.no_write:
         path = write_results(
-            "server",
+            args.name,
             {
                 "goals": GOALS,
+                "stream_coalesce_max": os.environ.get("TEE_NODE_LIMITS__STREAM_COALESCE_MAX", "default (16)"),
                 "quick": args.quick,
                 "label": args.label,
                 "notes": (
                     "The machine has 2 CPUs shared by the node, the generator and anything else running "
                     "(other test runs): absolute rates move with that, so each window also records the node's "
-                    "CPU time per request/event, the figure to compare changes by. Stream events are one per "
-                    "engine chunk on both routes (PROTOCOL.md); each confidential event is AES-GCM encrypted "
-                    "and Ed25519 signed (~18 us of libsodium alone), which bounds the events ratio."
+                    "CPU time per request/event, the figure to compare changes by. Both routes coalesce engine "
+                    "chunks a stream has already queued (limits.stream_coalesce_max), so events per token differ "
+                    "by route and tokens/s is the throughput to compare; each confidential event is AES-GCM "
+                    "encrypted and Ed25519 signed (~18 us of libsodium alone). Run with "
+                    "TEE_NODE_LIMITS__STREAM_COALESCE_MAX=1 for one event per chunk."
                 ),
                 "seconds": seconds,
                 "rounds": rounds,
