@@ -547,9 +547,10 @@ def main() -> int:
                 "notes": (
                     "The machine has 2 CPUs shared by the node, the generator and anything else running "
                     "(other test runs): absolute rates move with that, so each window also records the node's "
-                    "CPU time per request/event, the figure to compare changes by. Both routes coalesce engine "
-                    "chunks a stream has already queued (limits.stream_coalesce_max), so events per token differ "
-                    "by route and tokens/s is the throughput to compare; each confidential event is AES-GCM "
+                    "CPU time per request/event, the figure to compare changes by. Confidential streams coalesce "
+                    "engine chunks a stream has already queued (limits.stream_coalesce_max; plain streams send one "
+                    "event per chunk, which is cheaper for them), so events per token differ by route and tokens/s "
+                    "is the throughput to compare; each confidential event is AES-GCM "
                     "encrypted and Ed25519 signed (~18 us of libsodium alone). Run with "
                     "TEE_NODE_LIMITS__STREAM_COALESCE_MAX=1 for one event per chunk."
                 ),

@@ -104,7 +104,8 @@ class LimitsConfig(_Section):
     # Seconds a client may take to send its headers and body; a slow client cannot hold a slot.
     read_timeout: float = Field(default=30.0, gt=0)
     keepalive_interval: float = Field(default=15.0, gt=0)
-    # Engine chunks merged into one event when a stream falls behind (1: one event per chunk).
+    # Engine chunks merged into one sealed event when a confidential stream falls behind
+    # (1: one event per chunk). Plain routes always send one event per chunk.
     stream_coalesce_max: int = Field(default=16, ge=1, le=1024)
     attestation_per_minute: int = Field(default=120, ge=1)
 

@@ -18,62 +18,65 @@ _CHOICE_KEYS = frozenset({"index", "delta", "text", "logprobs", "finish_reason",
 _DELTA_KEYS = frozenset({"role", "content"})
 
 
-def _single_choice(chunk: Chunk) -> dict[str, Any] | None:
+def _text_choice(chunk: Chunk) -> tuple[dict[str, Any], str, str] | None:
+    """(the choice, "delta" or "text", its text) of a chunk that carries nothing but text."""
     choices = chunk.get("choices")
     if chunk.get("usage") is not None or not isinstance(choices, list) or len(choices) != 1:
         return None
     choice = choices[0]
     if not isinstance(choice, dict) or not _CHOICE_KEYS.issuperset(choice) or choice.get("logprobs") is not None:
         return None
-    return choice
-
-
-def _text(choice: dict[str, Any]) -> tuple[str, str] | None:
-    """("delta" | "text", the text) of a choice that carries nothing but text."""
     delta = choice.get("delta")
     if isinstance(delta, dict):
-        if _DELTA_KEYS.issuperset(delta) and isinstance(delta.get("content", ""), str):
-            return "delta", delta.get("content", "")
+        content = delta.get("content", "")
+        if _DELTA_KEYS.issuperset(delta) and isinstance(content, str):
+            return choice, "delta", content
         return None
-    if isinstance(choice.get("text"), str):
-        return "text", choice["text"]
-    return None
+    text = choice.get("text")
+    return (choice, "text", text) if isinstance(text, str) else None
 
 
-def _merge(first: Chunk, second: Chunk) -> Chunk | None:
-    a, b = _single_choice(first), _single_choice(second)
-    if a is None or b is None or a.get("finish_reason") is not None:
+def _continues(chunk: Chunk, head: Chunk, head_choice: dict[str, Any], field: str) -> tuple[dict[str, Any], str] | None:
+    """(choice, text) when `chunk` continues the run started by `head`."""
+    found = _text_choice(chunk)
+    if found is None or chunk.get("id") != head.get("id"):
         return None
-    if first.get("id") != second.get("id") or a.get("index") != b.get("index"):
+    choice, kind, text = found
+    if kind != field or choice.get("index") != head_choice.get("index") or (kind == "delta" and "role" in choice["delta"]):
         return None
-    text_a, text_b = _text(a), _text(b)
-    if text_a is None or text_b is None or text_a[0] != text_b[0]:
-        return None
-    if text_a[0] == "delta" and "role" in b["delta"]:
-        return None
-    merged_choice = {**a, "finish_reason": b.get("finish_reason")}
-    if "stop_reason" in b:
-        merged_choice["stop_reason"] = b["stop_reason"]
-    if text_a[0] == "delta":
-        merged_choice["delta"] = {**a["delta"], "content": text_a[1] + text_b[1]}
-    else:
-        merged_choice["text"] = text_a[1] + text_b[1]
-    return {**first, "choices": [merged_choice]}
+    return choice, text
 
 
 def coalesce(chunks: list[Chunk], limit: int) -> list[Chunk]:
-    """Merge runs of mergeable chunks, at most `limit` engine chunks per result."""
+    """Merge runs of text-only chunks, at most `limit` engine chunks per result."""
     if limit <= 1 or len(chunks) < 2:
         return chunks
     out: list[Chunk] = []
-    run = 0
-    for chunk in chunks:
-        if out and run < limit:
-            merged = _merge(out[-1], chunk)
-            if merged is not None:
-                out[-1] = merged
-                run += 1
-                continue
-        out.append(chunk)
-        run = 1
+    i, n = 0, len(chunks)
+    while i < n:
+        head = chunks[i]
+        found = _text_choice(head)
+        j = i + 1
+        if found is not None:
+            head_choice, field, text = found
+            texts, last = [text], head_choice
+            while j < n and j - i < limit and last.get("finish_reason") is None:
+                continued = _continues(chunks[j], head, head_choice, field)
+                if continued is None:
+                    break
+                last = continued[0]
+                texts.append(continued[1])
+                j += 1
+        if j == i + 1:
+            out.append(head)
+        else:
+            merged = {**head_choice, "finish_reason": last.get("finish_reason")}
+            if "stop_reason" in last:
+                merged["stop_reason"] = last["stop_reason"]
+            if field == "delta":
+                merged["delta"] = {**head_choice["delta"], "content": "".join(texts)}
+            else:
+                merged["text"] = "".join(texts)
+            out.append({**head, "choices": [merged]})
+        i = j
     return out

@@ -165,6 +165,8 @@ class _SealedEncoder:
     until the engine ends so that it can take the receipt."""
 
     def __init__(self, state: NodeState, sealer: envelope.ResponseSealer, model: str) -> None:
+        # Each event costs an encryption and a signature: merging queued chunks pays here.
+        self.coalesce_max = state.config.limits.stream_coalesce_max
         self._state = state
         self._sealer = sealer
         self._model = model
@@ -198,6 +200,9 @@ class _SealedEncoder:
 
 
 class _PlainEncoder:
+    # A plain event costs less than merging chunks (bench/server.py): one event per chunk.
+    coalesce_max = 1
+
     def __init__(self, state: NodeState) -> None:
         self._state = state
 
@@ -294,7 +299,7 @@ async def _stream(
                     failure = item.error
                 else:
                     batch.append(item)
-            events = encoder.encode(coalesce(batch, limits.stream_coalesce_max))
+            events = encoder.encode(coalesce(batch, encoder.coalesce_max))
             if ended:
                 events += encoder.end()
             if not events and failure is None:
