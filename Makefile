@@ -51,6 +51,8 @@ test-long: setup
 bench: setup
 	$(BIN)/python bench/envelope.py
 	$(BIN)/python bench/server.py
+	@# The sealed-events/s goal counts events: one per engine chunk, nothing coalesced.
+	TEE_NODE_LIMITS__STREAM_COALESCE_MAX=1 $(BIN)/python bench/server.py --only streams --name server-per-chunk
 	$(BIN)/python bench/e2e.py
 	$(BIN)/python bench/plot.py
 

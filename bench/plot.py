@@ -20,6 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR  # noqa: E402
 
 
+# Bars stop here: past a few times the goal, the length says nothing more.
+MAX_ATTAINMENT = 3.0
+
+
 class Ratio:
     """One measured figure against its goal. `higher` tells the goal's direction."""
 
@@ -28,9 +32,12 @@ class Ratio:
 
     @property
     def attainment(self) -> float:
-        if self.value <= 0 or self.goal <= 0:
+        if self.goal <= 0:
             return 0.0
-        return self.value / self.goal if self.higher else self.goal / self.value
+        if self.higher:
+            return min(self.value / self.goal, MAX_ATTAINMENT)
+        # Lower is better: nothing added at all (zero or less) is as good as the plot shows.
+        return min(self.goal / self.value, MAX_ATTAINMENT) if self.value > 0 else MAX_ATTAINMENT
 
     @property
     def met(self) -> bool:
@@ -39,6 +46,8 @@ class Ratio:
     def fmt(self, x: float) -> str:
         if self.unit == "ratio":
             return f"{x:.0%}" if self.higher else f"{x:.2f}x"
+        if self.unit == "ms":
+            return f"{x:+.1f} ms"
         return f"{x:,.0f} {self.unit}"
 
 
@@ -81,41 +90,36 @@ def server_ratios(data: dict[str, Any]) -> list[Ratio]:
     streams = summary.get("streams") or {}
     if _num(streams.get("tokens_ratio")) is not None and _num(streams.get("goal")) is not None:
         out.append(Ratio("server", "stream tokens/s confidential / plain", streams["tokens_ratio"], streams["goal"], True))
+    # A coalesced event carries several tokens, so events/s of the coalesced run is not the figure.
     per_chunk = ((_load("server-per-chunk") or {}).get("summary") or {}).get("streams") or {}
-    for name, figures in (("per chunk", per_chunk), ("coalesced", streams)):
-        events, goal = _num(figures.get("confidential_events_per_s")), _num(figures.get("confidential_events_goal"))
-        if events is not None and goal is not None:
-            out.append(Ratio("server", f"sealed events/s ({name})", events, goal, True, unit="events/s"))
+    events, goal = _num(per_chunk.get("confidential_events_per_s")), _num(per_chunk.get("confidential_events_goal"))
+    if events is not None and goal is not None:
+        out.append(Ratio("server", "sealed events/s, one event per chunk", events, goal, True, unit="events/s"))
     return out
 
 
-def generic_ratios(source: str, data: Any, path: str = "") -> list[Ratio]:
-    """Any dict holding a numeric `ratio` and `goal` (e2e.json's layout is its owner's): the
-    direction is `lower_is_better` / `direction` when given, else higher is better."""
-    out: list[Ratio] = []
-    if isinstance(data, dict):
-        value, goal = _num(data.get("ratio")), _num(data.get("goal"))
-        if value is not None and goal is not None:
-            lower = data.get("lower_is_better") is True or str(data.get("direction", "")).lower() in ("lower", "min", "<=")
-            name = data.get("name") or data.get("case") or path.strip("/") or source
-            out.append(Ratio(source, str(name), value, goal, higher=not lower))
-        for key, value in data.items():
-            if isinstance(value, (dict, list)):
-                out.extend(generic_ratios(source, value, f"{path}/{key}"))
-    elif isinstance(data, list):
-        for index, item in enumerate(data):
-            out.extend(generic_ratios(source, item, f"{path}[{index}]"))
+def e2e_ratios(data: dict[str, Any]) -> list[Ratio]:
+    """e2e.json: node / plain vLLM output tokens/s, and the p50 TTFT the node adds (one request
+    at a time)."""
+    goals = data.get("goals") or {}
+    out = []
+    throughput, goal = _num(data.get("throughput_ratio")), _num(goals.get("throughput_ratio_min"))
+    if throughput is not None and goal is not None:
+        out.append(Ratio("e2e", "output tokens/s node / plain vLLM", throughput, goal, True))
+    added, goal = _num(data.get("added_ttft_p50_ms")), _num(goals.get("added_ttft_p50_ms_max"))
+    if added is not None and goal is not None:
+        out.append(Ratio("e2e", "added p50 time to first token", added, goal, False, unit="ms"))
     return out
 
 
 def collect() -> list[Ratio]:
     ratios: list[Ratio] = []
-    for name, reader in (("envelope", envelope_ratios), ("server", server_ratios), ("e2e", None)):
+    for name, reader in (("envelope", envelope_ratios), ("server", server_ratios), ("e2e", e2e_ratios)):
         data = _load(name)
         if data is None:
             continue
         try:
-            ratios.extend(reader(data) if reader else generic_ratios(name, data))
+            ratios.extend(reader(data))
         except Exception as exc:  # noqa: BLE001 - another benchmark's layout changed: skip it, say so
             print(f"skipped {name}.json: {type(exc).__name__}: {exc}", file=sys.stderr)
     return ratios
@@ -138,7 +142,7 @@ def plot(ratios: list[Ratio], path: Path) -> None:
         ax.text(values[i] + 0.01, i, f"{r.fmt(r.value)} (goal {'≥' if r.higher else '≤'} {r.fmt(r.goal)})", va="center", fontsize=8)
     ax.set_yticks(list(y), labels, fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlim(0, max([1.3, *values]) * 1.35)
+    ax.set_xlim(0, max([1.3, *values]) * 1.5)
     ax.set_xlabel("attainment of the goal (1.0 = on the goal, higher is better)")
     ax.set_title("tee-node benchmarks: ratios vs goals")
     fig.tight_layout()
