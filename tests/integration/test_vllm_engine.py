@@ -4,6 +4,7 @@ that vLLM's own OpenAI layer does the work (logprobs, stop, completions)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator
 
 import pytest
@@ -32,6 +33,11 @@ async def engine() -> AsyncIterator[VllmEngine]:
     yield engine
     await engine.stop()
     assert not engine.ready
+    # stop() releases the engine: nothing keeps an AsyncLLM alive until interpreter exit.
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    gc.collect()
+    assert not [o for o in gc.get_objects() if isinstance(o, AsyncLLM)]
 
 
 async def idle(engine: VllmEngine) -> bool:
