@@ -95,6 +95,9 @@ def add_chat_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--model", help="model name (default: the first from GET /v1/models)")
     parser.add_argument("--no-stream", action="store_true", help="wait for the whole answer")
     parser.add_argument("--max-tokens", type=int, default=None, help="max_tokens of the request")
+    parser.add_argument(
+        "--temperature", type=float, default=None, help="sampling temperature (default: the model's; 0 for the same answer every time)"
+    )
     parser.add_argument("--system", default=None, help="an optional system message")
     parser.set_defaults(func=run_chat)
     return parser
@@ -114,6 +117,8 @@ def run_chat(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | 
     params: dict[str, Any] = {}
     if args.max_tokens is not None:
         params["max_tokens"] = args.max_tokens
+    if args.temperature is not None:
+        params["temperature"] = args.temperature
     partial = False
     try:
         with Client(args.url, **_client_kwargs(args)) as client:

@@ -164,3 +164,16 @@ def test_models_lists_both_embedded_models(node: str) -> None:
     with urllib.request.urlopen(node + "/v1/models", timeout=5) as response:
         ids = {m["id"] for m in json.loads(response.read())["data"]}
     assert {CHAT_MODEL, EMBED_MODEL} <= ids
+
+
+def test_readme_chat_command_answers_paris(node: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's `tee-node chat` against the real node: attested, verified, and right."""
+    from node.cli import main as cli_main
+
+    code = cli_main(["chat", node, QUESTION, "--allow-simulated", "--temperature", "0", "--max-tokens", "24"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "Paris" in captured.out
+    assert "attestation verified: tee=simulated" in captured.err
+    assert "receipt verified" in captured.err
+
