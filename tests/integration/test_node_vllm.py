@@ -176,4 +176,3 @@ def test_readme_chat_command_answers_paris(node: str, capsys: pytest.CaptureFixt
     assert "Paris" in captured.out
     assert "attestation verified: tee=simulated" in captured.err
     assert "receipt verified" in captured.err
-
