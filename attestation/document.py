@@ -22,7 +22,7 @@ from .errors import (
 from .intel import IntelCollateral
 from .providers import FORMAT_NVIDIA, FORMAT_SNP, FORMAT_TDX, GpuProvider, TeeProvider
 
-DOCUMENT_VERSION = 1
+DOCUMENT_VERSION = 2
 TEE_TYPES = ("tdx", "sev-snp", "simulated")
 _TEE_FORMAT = {"tdx": FORMAT_TDX, "simulated": FORMAT_TDX, "sev-snp": FORMAT_SNP}
 
@@ -36,6 +36,11 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
+def empty_collateral() -> dict[str, Any]:
+    """The v2 `collateral` object when no vendor collateral is at hand."""
+    return {"intel": None, "amd": None, "nvidia": None}
+
+
 def build_document(
     provider: TeeProvider,
     gpu_provider: GpuProvider | None,
@@ -44,12 +49,17 @@ def build_document(
     dh_public_key: bytes,
     signing_public_key: bytes,
     key_epoch: int,
-    config_digest: bytes,
+    measured_config: dict[str, Any],
+    kem_public_key: bytes | None = None,
+    tls_cert_sha256: bytes | None = None,
+    collateral: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """The v2 document (PROTOCOL.md part C); `config_digest` is computed from `measured_config`."""
     gpu_evidence: list[dict[str, Any]] = []
     if gpu_provider is not None:
         gpu_nonce = binding.gpu_nonce(nonce=nonce, dh_public_key=dh_public_key, signing_public_key=signing_public_key)
         gpu_evidence = gpu_provider.get_evidence(gpu_nonce)
+    config_digest = binding.config_digest(measured_config)
     report_data = binding.report_data(
         nonce=nonce,
         dh_public_key=dh_public_key,
@@ -57,6 +67,8 @@ def build_document(
         key_epoch=key_epoch,
         config_digest=config_digest,
         gpu_evidence=gpu_evidence,
+        kem_public_key=kem_public_key,
+        tls_cert_sha256=tls_cert_sha256,
     )
     evidence = provider.get_evidence(report_data)
     return {
@@ -71,6 +83,10 @@ def build_document(
         "report_data": report_data.hex(),
         "cpu_evidence": {"format": evidence.format, "quote": _b64(evidence.quote), "certificates": evidence.certificates},
         "gpu_evidence": gpu_evidence,
+        "kem_public_key": _b64(kem_public_key) if kem_public_key is not None else None,
+        "tls_cert_sha256": tls_cert_sha256.hex() if tls_cert_sha256 is not None else None,
+        "measured_config": measured_config,
+        "collateral": collateral if collateral is not None else empty_collateral(),
     }
 
 
@@ -93,6 +109,10 @@ class VerifiedAttestation:
     signing_public_key: bytes
     key_epoch: int
     config_digest: bytes
+    measured_config: dict[str, Any]
+    kem_public_key: bytes | None
+    tls_cert_sha256: bytes | None
+    collateral: dict[str, Any]
     tcb_status: str | None = None
     gpu_devices: int = 0
     gpu_verified: bool = False  # GPU report signatures are not checked by this verifier (see notes)
@@ -125,6 +145,21 @@ def _unb64(doc: dict[str, Any], name: str, size: int | None = None) -> bytes:
     if size is not None and len(value) != size:
         raise DocumentInvalid(f"document field {name!r} must be {size} bytes")
     return value
+
+
+def _optional(doc: dict[str, Any], name: str, decode) -> Any:
+    """A v2 field that must be present and may be null."""
+    if name not in doc:
+        raise DocumentInvalid(f"document field {name!r} is missing")
+    return None if doc[name] is None else decode(doc, name)
+
+
+def _collateral(doc: dict[str, Any]) -> dict[str, Any]:
+    collateral = _field(doc, "collateral", dict)
+    for vendor, kind in (("intel", dict), ("amd", dict), ("nvidia", list)):
+        if vendor not in collateral or not isinstance(collateral[vendor], (kind, type(None))):
+            raise DocumentInvalid(f"document collateral.{vendor} must be {'an object' if kind is dict else 'a list'} or null")
+    return collateral
 
 
 def _check_gpu(entries: list[Any], gpu_nonce: bytes, policy: Policy) -> tuple[int, tuple[str, ...]]:
@@ -174,6 +209,12 @@ def verify_document(
     signing_public_key = _unb64(doc, "signing_public_key", binding.KEY_SIZE)
     key_epoch = _field(doc, "key_epoch", int)
     config_digest = _hex(doc, "config_digest", binding.DIGEST_SIZE)
+    measured_config = _field(doc, "measured_config", dict)
+    if not hmac.compare_digest(binding.config_digest(measured_config), config_digest):
+        raise DocumentInvalid("document measured_config does not hash to its config_digest")
+    kem_public_key = _optional(doc, "kem_public_key", lambda d, n: _unb64(d, n, binding.KEM_PUBLIC_KEY_SIZE))
+    tls_cert_sha256 = _optional(doc, "tls_cert_sha256", lambda d, n: _hex(d, n, binding.DIGEST_SIZE))
+    collateral = _collateral(doc)
     gpu_entries = _field(doc, "gpu_evidence", list)
     try:
         expected_report_data = binding.report_data(
@@ -183,6 +224,8 @@ def verify_document(
             key_epoch=key_epoch,
             config_digest=config_digest,
             gpu_evidence=gpu_entries,
+            kem_public_key=kem_public_key,
+            tls_cert_sha256=tls_cert_sha256,
         )
     except (ValueError, TypeError):
         raise DocumentInvalid("document fields cannot be bound into report_data") from None
@@ -228,6 +271,10 @@ def verify_document(
         signing_public_key=signing_public_key,
         key_epoch=key_epoch,
         config_digest=config_digest,
+        measured_config=measured_config,
+        kem_public_key=kem_public_key,
+        tls_cert_sha256=tls_cert_sha256,
+        collateral=collateral,
         tcb_status=tcb_status,
         gpu_devices=gpu_devices,
         gpu_verified=False,

@@ -39,7 +39,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: E402
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF  # noqa: E402
 
-from node.envelope import canonical_json, decode_request, open_request, parse_request, seal_request  # noqa: E402
+from node.envelope import decode_request, open_request, parse_request, seal_request  # noqa: E402
+from node.wire import canonical_json  # noqa: E402
 from node.keys import KeyRing, Signer  # noqa: E402
 from node.protocol import Usage  # noqa: E402
 

@@ -1,14 +1,12 @@
 """Node configuration: defaults < TOML file (`--config`) < `TEE_NODE_*` environment < CLI flags.
 
 Nested keys use `__` in the environment, e.g. `TEE_NODE_LIMITS__MAX_IN_FLIGHT=32`. The
-config's digest (`config_digest`) is what the attestation document reports, so a client
-can pin the exact configuration a node runs.
+digest of the config's measured part (`config_digest`) is what the attestation document
+reports, so a client can pin the configuration a node runs.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +18,8 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+
+from attestation.binding import config_digest
 
 TeeMode = Literal["simulated", "tdx", "sev-snp"]
 EngineKind = Literal["vllm", "upstream", "echo"]
@@ -165,12 +165,34 @@ class NodeConfig(BaseSettings):
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=_toml_path))
         return tuple(sources)
 
+    def measured_config(self) -> dict[str, Any]:
+        """The measured part (PROTOCOL.md part C): what changes what the node does to a request.
+
+        Never a secret (token digests, upstream key, seeds) nor a host-local value (paths, host,
+        port, log level), so two hosts with the same config file report the same digest.
+        """
+        return {
+            "tee_mode": self.tee_mode,
+            "allow_plaintext": self.allow_plaintext,
+            "tokens_required": bool(self.auth.api_token_sha256),
+            "trusted_proxy_keys": sorted(self.auth.trusted_proxy_keys),
+            "engine": {
+                "kind": self.engine.kind,
+                "models": [
+                    m.model_dump(mode="json", include={"name", "task", "dtype", "max_model_len", "engine_args"})
+                    for m in self.engine.models
+                ],
+            },
+            "limits": {
+                "max_body_bytes": self.limits.max_body_bytes,
+                "stream_coalesce_max": self.limits.stream_coalesce_max,
+            },
+            "attestation": {"require_gpu": self.attestation.require_gpu},
+        }
+
     def digest(self) -> bytes:
-        """SHA-256 of the canonical JSON of the whole configuration (reported by attestation)."""
-        data = self.model_dump(mode="json")
-        return hashlib.sha256(
-            json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-        ).digest()
+        """The config digest the attestation reports: SHA-256 of the measured part's canonical JSON."""
+        return config_digest(self.measured_config())
 
 
 _toml_path: Path | None = None

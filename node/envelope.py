@@ -9,7 +9,6 @@ the client and the tests all call this module. Node side: `parse_request`, `open
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterable
 from typing import Any
 
@@ -50,13 +49,9 @@ from .errors import (
 )
 from .keys import KeyRing, NodeKey, Signer, replay_identity, verify_sui_signature
 from .protocol import ConfidentialComputeRequest
+from .wire import canonical_json
 
 RECEIPT_VERSION = 1
-
-
-def canonical_json(obj: Any) -> bytes:
-    """PROTOCOL.md's canonical JSON: sorted keys, no spaces, raw UTF-8."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 def _field(value: str, size: int | None, minimum: int = 0) -> bytes:

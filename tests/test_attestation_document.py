@@ -29,13 +29,16 @@ from attestation.providers import SimulatedProvider
 from attestation.sevsnp import load_amd_certificates
 from attestation.simulated import SimulatedTdx
 
-TESTDATA = Path(__file__).resolve().parents[1].parent / "shared" / "testdata"
+TESTDATA = Path(__file__).resolve().parent / "data"
 SEED = b"document-test-seed-0123456789abc"
 MEASUREMENT = b"code digest || config digest"
 NONCE = bytes(range(32))
 DH = b"\xd1" * 32
 SIGN = b"\x5e" * 32
-CONFIG = hashlib.sha256(b"config").digest()
+MEASURED = {"tee_mode": "simulated", "engine": {"kind": "echo", "models": [{"name": "m"}]}}
+CONFIG = hashlib.sha256(json.dumps(MEASURED, sort_keys=True, separators=(",", ":")).encode()).digest()
+KEM = bytes(range(256)) * 4 + bytes(160)
+TLS = hashlib.sha256(b"certificate").digest()
 AT = datetime(2026, 6, 1, tzinfo=timezone.utc)
 SIMULATED = Policy(allow_simulated=True)
 
@@ -49,7 +52,7 @@ class FakeGpu:
 
 
 def make_doc(gpu=None, **overrides):
-    args = dict(nonce=NONCE, dh_public_key=DH, signing_public_key=SIGN, key_epoch=3, config_digest=CONFIG)
+    args = dict(nonce=NONCE, dh_public_key=DH, signing_public_key=SIGN, key_epoch=3, measured_config=MEASURED)
     args.update(overrides)
     return build_document(SimulatedProvider(MEASUREMENT, seed=SEED), gpu, **args)
 
@@ -61,23 +64,28 @@ def test_report_data_follows_the_protocol_byte_for_byte():
     gpu = [{"device": 0, "format": "nvidia-cc", "evidence": "ü"}]
     canonical = json.dumps(gpu, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
     assert binding.canonical_json(gpu) == canonical and "ü".encode() in canonical
-    expected = hashlib.sha512(
-        b"tee-node/report-data/v1\x00" + NONCE + DH + SIGN + struct.pack("<Q", 7) + CONFIG + hashlib.sha256(canonical).digest()
-    ).digest()
-    got = binding.report_data(
-        nonce=NONCE, dh_public_key=DH, signing_public_key=SIGN, key_epoch=7, config_digest=CONFIG, gpu_evidence=gpu
-    )
-    assert got == expected and len(got) == 64
+    prefix = b"tee-node/report-data/v2\x00" + NONCE + DH + SIGN + struct.pack("<Q", 7) + CONFIG + hashlib.sha256(canonical).digest()
+    common = dict(nonce=NONCE, dh_public_key=DH, signing_public_key=SIGN, key_epoch=7, config_digest=CONFIG, gpu_evidence=gpu)
+    with_both = binding.report_data(**common, kem_public_key=KEM, tls_cert_sha256=TLS)
+    assert with_both == hashlib.sha512(prefix + hashlib.sha256(KEM).digest() + TLS).digest() and len(with_both) == 64
+    # Absent keys commit to SHA-256 of nothing and 32 zero bytes.
+    without = binding.report_data(**common, kem_public_key=None, tls_cert_sha256=None)
+    assert without == hashlib.sha512(prefix + hashlib.sha256(b"").digest() + bytes(32)).digest()
     assert binding.gpu_nonce(nonce=NONCE, dh_public_key=DH, signing_public_key=SIGN) == hashlib.sha256(
         b"tee-node/gpu-nonce/v1\x00" + NONCE + DH + SIGN
     ).digest()
 
 
 def test_report_data_rejects_bad_lengths():
+    common = dict(dh_public_key=DH, signing_public_key=SIGN, config_digest=CONFIG, gpu_evidence=[])
     with pytest.raises(ValueError, match="nonce"):
-        binding.report_data(nonce=b"x", dh_public_key=DH, signing_public_key=SIGN, key_epoch=0, config_digest=CONFIG, gpu_evidence=[])
+        binding.report_data(nonce=b"x", key_epoch=0, kem_public_key=None, tls_cert_sha256=None, **common)
     with pytest.raises(ValueError, match="key_epoch"):
-        binding.report_data(nonce=NONCE, dh_public_key=DH, signing_public_key=SIGN, key_epoch=-1, config_digest=CONFIG, gpu_evidence=[])
+        binding.report_data(nonce=NONCE, key_epoch=-1, kem_public_key=None, tls_cert_sha256=None, **common)
+    with pytest.raises(ValueError, match="kem_public_key"):
+        binding.report_data(nonce=NONCE, key_epoch=0, kem_public_key=KEM[:-1], tls_cert_sha256=None, **common)
+    with pytest.raises(ValueError, match="tls_cert_sha256"):
+        binding.report_data(nonce=NONCE, key_epoch=0, kem_public_key=None, tls_cert_sha256=TLS[:16], **common)
 
 
 # --- documents ---
@@ -88,8 +96,11 @@ def test_document_has_the_protocol_shape():
     assert set(doc) == {
         "version", "tee", "simulated", "nonce", "dh_public_key", "signing_public_key", "key_epoch",
         "config_digest", "report_data", "cpu_evidence", "gpu_evidence",
+        "kem_public_key", "tls_cert_sha256", "measured_config", "collateral",
     }
-    assert (doc["version"], doc["tee"], doc["simulated"]) == (1, "simulated", True)
+    assert (doc["version"], doc["tee"], doc["simulated"]) == (2, "simulated", True)
+    assert (doc["kem_public_key"], doc["tls_cert_sha256"]) == (None, None)
+    assert doc["measured_config"] == MEASURED and doc["collateral"] == {"intel": None, "amd": None, "nvidia": None}
     assert doc["nonce"] == NONCE.hex() and doc["config_digest"] == CONFIG.hex()
     assert base64.b64decode(doc["dh_public_key"]) == DH
     assert doc["cpu_evidence"]["format"] == "tdx-quote" and doc["cpu_evidence"]["certificates"] is None
@@ -103,6 +114,31 @@ def test_simulated_round_trip_is_accepted_only_when_allowed():
     assert result.simulated is True and result.tee == "simulated"
     assert result.measurement == hashlib.sha384(MEASUREMENT).hexdigest()
     assert (result.dh_public_key, result.signing_public_key, result.key_epoch, result.config_digest) == (DH, SIGN, 3, CONFIG)
+    assert (result.kem_public_key, result.tls_cert_sha256, result.measured_config) == (None, None, MEASURED)
+
+
+def test_kem_key_and_tls_certificate_are_bound():
+    doc = make_doc(kem_public_key=KEM, tls_cert_sha256=TLS)
+    assert base64.b64decode(doc["kem_public_key"]) == KEM and doc["tls_cert_sha256"] == TLS.hex()
+    result = verify_document(doc, expected_nonce=NONCE, policy=SIMULATED)
+    assert (result.kem_public_key, result.tls_cert_sha256) == (KEM, TLS)
+    for field, value in (
+        ("kem_public_key", base64.b64encode(KEM[::-1]).decode()),
+        ("kem_public_key", None),
+        ("tls_cert_sha256", "00" * 32),
+        ("tls_cert_sha256", None),
+    ):
+        swapped = copy.deepcopy(doc)
+        swapped[field] = value
+        with pytest.raises(ReportDataMismatch):
+            verify_document(swapped, expected_nonce=NONCE, policy=SIMULATED)
+
+
+def test_measured_config_must_hash_to_the_config_digest():
+    doc = make_doc()
+    doc["measured_config"] = {**MEASURED, "allow_plaintext": True}
+    with pytest.raises(DocumentInvalid, match="measured_config"):
+        verify_document(doc, expected_nonce=NONCE, policy=SIMULATED)
     with pytest.raises(SimulatedNotAllowed):
         verify_document(doc, expected_nonce=NONCE, policy=Policy())
 
@@ -122,12 +158,13 @@ def test_a_simulated_quote_cannot_pass_as_tdx():
         ("dh_public_key", base64.b64encode(b"\x01" * 32).decode()),
         ("signing_public_key", base64.b64encode(b"\x02" * 32).decode()),
         ("key_epoch", 4),
-        ("config_digest", "00" * 32),
+        ("measured_config", {"tee_mode": "tdx"}),
     ],
 )
 def test_a_swapped_field_fails(field, value):
     doc = make_doc()
     doc[field] = value
+    doc["config_digest"] = binding.config_digest(doc["measured_config"]).hex()
     with pytest.raises(ReportDataMismatch, match="document report_data"):
         verify_document(doc, expected_nonce=NONCE, policy=SIMULATED)
     # Recomputing the document's report_data does not help: the quote still commits to the old keys.
@@ -138,6 +175,8 @@ def test_a_swapped_field_fails(field, value):
         key_epoch=doc["key_epoch"],
         config_digest=bytes.fromhex(doc["config_digest"]),
         gpu_evidence=[],
+        kem_public_key=None,
+        tls_cert_sha256=None,
     ).hex()
     with pytest.raises(ReportDataMismatch, match="evidence's REPORTDATA"):
         verify_document(doc, expected_nonce=NONCE, policy=SIMULATED)
@@ -185,7 +224,13 @@ def test_malformed_documents_are_refused():
         lambda d: d.update(dh_public_key="not base64!"),
         lambda d: d.update(dh_public_key=base64.urlsafe_b64encode(b"\xff" * 32).decode()),
         lambda d: d.update(key_epoch=True),
-        lambda d: d.update(version=2),
+        lambda d: d.update(version=1),
+        lambda d: d.pop("kem_public_key"),
+        lambda d: d.update(kem_public_key=base64.b64encode(b"k" * 32).decode()),
+        lambda d: d.update(tls_cert_sha256="zz" * 32),
+        lambda d: d.pop("collateral"),
+        lambda d: d.update(collateral={"intel": None, "amd": None}),
+        lambda d: d.update(measured_config=[]),
         lambda d: d.update(tee="sgx"),
         lambda d: d["cpu_evidence"].update(format="sev-snp-report"),
     ):
@@ -218,7 +263,7 @@ def test_gpu_evidence_is_covered_by_report_data_and_nonce():
     doc = build_document(
         SimulatedProvider(MEASUREMENT, seed=SEED),
         type("Replay", (), {"get_evidence": lambda self, n: stale})(),
-        nonce=NONCE, dh_public_key=DH, signing_public_key=SIGN, key_epoch=3, config_digest=CONFIG,
+        nonce=NONCE, dh_public_key=DH, signing_public_key=SIGN, key_epoch=3, measured_config=MEASURED,
     )
     with pytest.raises(GpuEvidenceInvalid, match="GPU nonce"):
         verify_document(doc, expected_nonce=NONCE, policy=SIMULATED)

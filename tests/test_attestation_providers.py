@@ -15,7 +15,7 @@ from attestation.errors import AttestationUnavailable
 from attestation.providers import NvidiaGpuProvider, SimulatedProvider, TsmFilesystem, TsmProvider, snp_certificates_pem
 from attestation.simulated import SEED_FILE, SimulatedTdx
 
-TESTDATA = Path(__file__).resolve().parents[1].parent / "shared" / "testdata"
+TESTDATA = Path(__file__).resolve().parent / "data"
 SEED = b"providers-test-seed-0123456789ab"
 
 

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from attestation import sevsnp, trust
 from attestation.errors import ChainInvalid, ParseError, SignatureInvalid
 
-TESTDATA = Path(__file__).resolve().parents[1].parent / "shared" / "testdata"
+TESTDATA = Path(__file__).resolve().parent / "data"
 SNP = TESTDATA / "sev-snp"
 AT = datetime(2026, 6, 1, tzinfo=timezone.utc)  # the VCEK is valid 2022-09-24 .. 2029-09-24
 

@@ -1,5 +1,6 @@
 """TDX quote parsing and verification against the real samples in shared/testdata."""
 
+import dataclasses
 import base64
 import json
 import re
@@ -24,11 +25,11 @@ from attestation.errors import (
 from attestation.intel import IntelCollateral, PckExtensions
 from attestation.simulated import SimulatedTdx
 
-TESTDATA = Path(__file__).resolve().parents[1].parent / "shared" / "testdata"
+TESTDATA = Path(__file__).resolve().parent / "data"
 TDX = TESTDATA / "tdx"
 AT = datetime(2026, 6, 1, tzinfo=timezone.utc)  # inside every sample chain's validity
 COLLATERAL_AT = datetime(2023, 6, 20, tzinfo=timezone.utc)  # inside the sample collateral's validity
-TCB_SIGNING_CHAIN = Path(__file__).resolve().parent / "attestation_fixtures" / "intel_tcb_signing_chain.pem"
+TCB_SIGNING_CHAIN = TESTDATA / "tdx" / "tcb_signing_chain.pem"
 
 SAMPLES = {
     # file: (version, body type, MRTD prefix, REPORTDATA prefix, TEE_TCB_SVN prefix), read with xxd
@@ -222,9 +223,10 @@ def signed_collateral(**overrides) -> IntelCollateral:
 
 def test_collateral_checks_crls_and_reports_tcb_status():
     collateral = IntelCollateral.from_directory(TDX)
+    assert collateral.tcb_signing_chain is not None  # the directory holds the issuer chain too
     result = tdx.verify_quote(read("tdx_prod_quote_SPR_E4.dat"), at=COLLATERAL_AT, collateral=collateral)
     assert "root CRL checked" in result.notes and "PCK CRL checked" in result.notes
-    assert "QE identity (signature NOT verified): UpToDate" in result.notes
+    assert "QE identity: UpToDate" in result.notes
     # The sample TCB info (evaluation number 15) requires SGX SVNs 5,5,... and TDX SVN 5 at index 2;
     # this platform's PCK has 3,3,... and its TEE_TCB_SVN is 3,0,4: below every listed level.
     assert result.tcb_status == "TCBNotSupported"
@@ -293,6 +295,9 @@ def test_collateral_for_another_platform_is_refused():
 
 def test_stale_collateral_is_refused():
     collateral = IntelCollateral.from_directory(TDX)
+    with pytest.raises(ChainInvalid, match="TCB Signing' is not valid"):
+        tdx.verify_quote(read("tdx_prod_quote_SPR_E4.dat"), at=AT, collateral=collateral)
+    collateral = dataclasses.replace(collateral, tcb_signing_chain=None)  # the bodies' own dates
     with pytest.raises(CollateralInvalid, match="not current"):
         tdx.verify_quote(read("tdx_prod_quote_SPR_E4.dat"), at=AT, collateral=collateral)
 

@@ -60,12 +60,14 @@ def test_config_digest(tmp_path, capsys, monkeypatch):
     a = tmp_path / "a.toml"
     a.write_text('port = 9001\n[engine]\nkind = "echo"\n')
     b = tmp_path / "b.toml"
-    b.write_text('port = 9002\n[engine]\nkind = "echo"\n')
+    b.write_text('port = 9002\nallow_plaintext = true\n[engine]\nkind = "echo"\n')
     da, db = digest(capsys, "--config", str(a)), digest(capsys, "--config", str(b))
     assert re.fullmatch(r"[0-9a-f]{64}", da) and re.fullmatch(r"[0-9a-f]{64}", db)
     assert len({default, da, db}) == 3
     assert digest(capsys, "--config", str(a)) == da
-    monkeypatch.setenv("TEE_NODE_LIMITS__MAX_IN_FLIGHT", "7")  # the environment is part of the config
+    monkeypatch.setenv("TEE_NODE_PORT", "9003")  # host-local: not measured
+    assert digest(capsys, "--config", str(a)) == da
+    monkeypatch.setenv("TEE_NODE_LIMITS__STREAM_COALESCE_MAX", "7")  # the environment is part of the config
     assert digest(capsys, "--config", str(a)) != da
     # the console script prints the same
     out = run_cli("config", "digest", "--config", str(b), env={k: v for k, v in os.environ.items() if not k.startswith("TEE_NODE_")})

@@ -24,10 +24,10 @@ from hypothesis import strategies as st
 
 import node.envelope as envelope
 from node.crypto import Aead, b64d, b64e, blake2b_256, derive_key
+from node.wire import canonical_json
 from node.envelope import (
     ResponseOpener,
     build_receipt,
-    canonical_json,
     decode_request,
     open_request,
     parse_request,

@@ -67,6 +67,6 @@ async def attestation_document(request: web.Request) -> web.Response:
         dh_public_key=key.public_key,
         signing_public_key=state.signer.public_key,
         key_epoch=key.epoch,
-        config_digest=state.config_digest,
+        measured_config=state.measured_config,
     )
     return web.Response(body=orjson.dumps(document), content_type="application/json")
