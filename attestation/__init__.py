@@ -1,12 +1,16 @@
-"""TEE attestation for tee-node: TDX and SEV-SNP evidence, its verification, and the simulated TEE.
+"""TEE attestation for tee-node: evidence, its verification, claims, and one appraisal policy.
 
 Layout: parsers and verifiers per TEE (tdx, sevsnp), vendor collateral (intel), certificate trust
-(trust, roots/), the report_data commitment (binding), evidence providers (providers, simulated),
-the attestation document (document) and the `quote verify` command (cli).
+(trust, roots/), the report_data commitment (binding), normalised claims (claims), the one policy
+decision (appraisal), the attestation document (document) and the `quote verify` and
+`policy from-quote` commands (cli). Evidence producers (configfs-tsm, NVML, the simulated TEE)
+live in `attestation.producers`, which no verifier imports.
 """
 
+from .appraisal import Policy, PolicyError, Verdict, appraise, load_policy
 from .binding import canonical_json, gpu_nonce, report_data
-from .document import Policy, VerifiedAttestation, build_document, verify_document
+from .claims import Claims, SnpClaims, TdxClaims
+from .document import VerifiedAttestation, build_document, verify_document, verify_evidence
 from .errors import (
     AttestationError,
     AttestationUnavailable,
@@ -15,16 +19,14 @@ from .errors import (
     CollateralInvalid,
     DocumentInvalid,
     GpuEvidenceInvalid,
-    MeasurementNotAllowed,
     NonceMismatch,
     ParseError,
+    PolicyRefused,
     ReportDataMismatch,
     SignatureInvalid,
-    SimulatedNotAllowed,
-    TeeNotAllowed,
 )
+from .evidence import CpuEvidence, GpuProvider, TeeProvider
 from .intel import IntelCollateral
-from .providers import CpuEvidence, GpuProvider, NvidiaGpuProvider, SimulatedProvider, TeeProvider, TsmProvider
 from .sevsnp import SnpReport, verify_report
 from .tdx import TdxQuote, verify_quote
 
@@ -33,32 +35,35 @@ __all__ = [
     "AttestationUnavailable",
     "CertificateRevoked",
     "ChainInvalid",
+    "Claims",
     "CollateralInvalid",
     "CpuEvidence",
     "DocumentInvalid",
     "GpuEvidenceInvalid",
     "GpuProvider",
     "IntelCollateral",
-    "MeasurementNotAllowed",
     "NonceMismatch",
-    "NvidiaGpuProvider",
     "ParseError",
     "Policy",
+    "PolicyError",
+    "PolicyRefused",
     "ReportDataMismatch",
     "SignatureInvalid",
-    "SimulatedNotAllowed",
-    "SimulatedProvider",
+    "SnpClaims",
     "SnpReport",
+    "TdxClaims",
     "TdxQuote",
-    "TeeNotAllowed",
     "TeeProvider",
-    "TsmProvider",
+    "Verdict",
     "VerifiedAttestation",
+    "appraise",
     "build_document",
     "canonical_json",
     "gpu_nonce",
+    "load_policy",
     "report_data",
     "verify_document",
+    "verify_evidence",
     "verify_quote",
     "verify_report",
 ]

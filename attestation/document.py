@@ -5,22 +5,17 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
 from . import binding, sevsnp, tdx
-from .errors import (
-    DocumentInvalid,
-    GpuEvidenceInvalid,
-    MeasurementNotAllowed,
-    NonceMismatch,
-    ReportDataMismatch,
-    SimulatedNotAllowed,
-    TeeNotAllowed,
-)
+from .appraisal import Policy, appraise
+from .claims import Claims
+from .collateral import AmdCollateral
+from .errors import DocumentInvalid, GpuEvidenceInvalid, NonceMismatch, PolicyRefused, ReportDataMismatch
+from .evidence import FORMAT_NVIDIA, FORMAT_SNP, FORMAT_TDX, GpuProvider, TeeProvider
 from .intel import IntelCollateral
-from .providers import FORMAT_NVIDIA, FORMAT_SNP, FORMAT_TDX, GpuProvider, TeeProvider
 
 DOCUMENT_VERSION = 2
 TEE_TYPES = ("tdx", "sev-snp", "simulated")
@@ -91,20 +86,11 @@ def build_document(
 
 
 @dataclass(frozen=True)
-class Policy:
-    allowed_tees: frozenset[str] = frozenset({"tdx", "sev-snp"})
-    expected_measurements: frozenset[str] = frozenset()  # hex MRTD / MEASUREMENT; empty = any
-    allow_simulated: bool = False
-    require_gpu: bool = False
-    trusted_roots: tuple | None = None  # override the pinned vendor roots (tests, private PKI)
-    collateral: IntelCollateral | None = None  # Intel PCS collateral for a TDX TCB status
-
-
-@dataclass(frozen=True)
 class VerifiedAttestation:
+    """An authentic document whose claims the policy accepted."""
+
     tee: str
     simulated: bool
-    measurement: str  # hex MRTD (TDX) or MEASUREMENT (SEV-SNP)
     dh_public_key: bytes
     signing_public_key: bytes
     key_epoch: int
@@ -113,10 +99,20 @@ class VerifiedAttestation:
     kem_public_key: bytes | None
     tls_cert_sha256: bytes | None
     collateral: dict[str, Any]
-    tcb_status: str | None = None
+    claims: Claims
     gpu_devices: int = 0
     gpu_verified: bool = False  # GPU report signatures are not checked by this verifier (see notes)
     notes: tuple[str, ...] = field(default=())
+    warnings: tuple[str, ...] = field(default=())  # accepted, but the caller should know (e.g. unpinned)
+
+    @property
+    def measurement(self) -> str:
+        """Hex MRTD (TDX, simulated) or MEASUREMENT (SEV-SNP)."""
+        return self.claims.cpu.measurement.hex()
+
+    @property
+    def tcb_status(self) -> str:
+        return self.claims.cpu.tcb_status
 
 
 def _field(doc: dict[str, Any], name: str, kind: type) -> Any:
@@ -162,7 +158,7 @@ def _collateral(doc: dict[str, Any]) -> dict[str, Any]:
     return collateral
 
 
-def _check_gpu(entries: list[Any], gpu_nonce: bytes, policy: Policy) -> tuple[int, tuple[str, ...]]:
+def _check_gpu(entries: list[Any], gpu_nonce: bytes) -> tuple[int, tuple[str, ...]]:
     for entry in entries:
         if not isinstance(entry, dict) or entry.get("format") != FORMAT_NVIDIA:
             raise GpuEvidenceInvalid("GPU evidence entry is not of format 'nvidia-cc'")
@@ -172,35 +168,29 @@ def _check_gpu(entries: list[Any], gpu_nonce: bytes, policy: Policy) -> tuple[in
         got = report[SPDM_REQUEST_NONCE_OFFSET:SPDM_REQUEST_NONCE_OFFSET + SPDM_NONCE_SIZE]
         if not hmac.compare_digest(got, gpu_nonce):
             raise GpuEvidenceInvalid(f"GPU {entry['device']} evidence does not carry this document's GPU nonce")
-    if policy.require_gpu:
-        if not entries:
-            raise GpuEvidenceInvalid("GPU evidence is required but the document has none")
-        raise GpuEvidenceInvalid(
-            "GPU evidence is required, but this verifier does not check NVIDIA report signatures and certificate chains"
-        )
     if entries:
         return len(entries), ("GPU evidence nonce checked; GPU report signatures and certificates NOT verified",)
     return 0, ()
 
 
-def verify_document(
+def verify_evidence(
     doc: dict[str, Any],
     *,
     expected_nonce: bytes,
-    policy: Policy,
     at: datetime | None = None,
+    trusted_roots: tuple | None = None,
 ) -> VerifiedAttestation:
-    """Trust the document's keys only if its evidence chains to a trusted root and commits to them and to our nonce."""
+    """Check that the document is authentic: well-formed, bound to our nonce and its keys, evidence
+    signed up to a pinned root (or the simulated one), bundled collateral signed and current at `at`.
+
+    Returns the document's contents with its claims (`verify_document` then appraises them).
+    """
     if not isinstance(doc, dict) or doc.get("version") != DOCUMENT_VERSION:
         raise DocumentInvalid(f"not an attestation document of version {DOCUMENT_VERSION}")
     tee = _field(doc, "tee", str)
     if tee not in TEE_TYPES:
         raise DocumentInvalid(f"unknown TEE type {tee!r}")
     claims_simulated = _field(doc, "simulated", bool)
-    if (tee == "simulated" or claims_simulated) and not policy.allow_simulated:
-        raise SimulatedNotAllowed("the document comes from the simulated TEE, which is not a TEE")
-    if tee != "simulated" and tee not in policy.allowed_tees:
-        raise TeeNotAllowed(f"TEE type {tee!r} is not allowed by the policy")
 
     nonce = _hex(doc, "nonce", binding.NONCE_SIZE)
     if not hmac.compare_digest(nonce, expected_nonce):
@@ -240,33 +230,28 @@ def verify_document(
     if certificates is not None and not isinstance(certificates, str):
         raise DocumentInvalid("cpu_evidence certificates must be PEM text or null")
 
-    tcb_status = None
     if cpu["format"] == FORMAT_TDX:
-        result = tdx.verify_quote(
-            quote, at=at, trusted_roots=policy.trusted_roots, allow_simulated=policy.allow_simulated, collateral=policy.collateral
-        )
-        simulated, evidence_report_data, measurement = result.simulated, result.quote.body.report_data, result.quote.body.mr_td
-        tcb_status = result.tcb_status
+        intel = IntelCollateral.from_document(collateral["intel"]) if collateral["intel"] is not None else None
+        result = tdx.verify_quote(quote, at=at, trusted_roots=trusted_roots, collateral=intel)
+        simulated, cpu_claims = result.simulated, result.claims
     else:
         certs = sevsnp.load_amd_certificates(certificates.encode()) if certificates else []
-        snp = sevsnp.verify_report(quote, certs, at=at, trusted_roots=policy.trusted_roots)
-        simulated, evidence_report_data, measurement = False, snp.report.report_data, snp.report.measurement
+        amd = AmdCollateral.from_document(collateral["amd"]) if collateral["amd"] is not None else None
+        if amd is not None:
+            certs += amd.certificates()
+        snp = sevsnp.verify_report(quote, certs, at=at, trusted_roots=trusted_roots, crl=amd.crl if amd else None)
+        simulated, cpu_claims = False, snp.claims
     if simulated != (tee == "simulated") or simulated != claims_simulated:
         raise DocumentInvalid("the document's tee/simulated claims do not match its evidence")
-    if not hmac.compare_digest(evidence_report_data, expected_report_data):
+    if not hmac.compare_digest(cpu_claims.report_data, expected_report_data):
         raise ReportDataMismatch("the evidence's REPORTDATA does not commit to this document's keys and nonce")
 
-    measurement_hex = measurement.hex()
-    allowed = {m.lower() for m in policy.expected_measurements}
-    if allowed and measurement_hex not in allowed:
-        raise MeasurementNotAllowed(f"measurement {measurement_hex} is not in the policy's allow list")
-
     gpu_nonce = binding.gpu_nonce(nonce=expected_nonce, dh_public_key=dh_public_key, signing_public_key=signing_public_key)
-    gpu_devices, notes = _check_gpu(gpu_entries, gpu_nonce, policy)
+    gpu_devices, notes = _check_gpu(gpu_entries, gpu_nonce)
+    claims = Claims(tee=tee, simulated=simulated, cpu=cpu_claims, config_digest=config_digest, gpu_evidence=len(gpu_entries))
     return VerifiedAttestation(
         tee=tee,
         simulated=simulated,
-        measurement=measurement_hex,
         dh_public_key=dh_public_key,
         signing_public_key=signing_public_key,
         key_epoch=key_epoch,
@@ -275,8 +260,25 @@ def verify_document(
         kem_public_key=kem_public_key,
         tls_cert_sha256=tls_cert_sha256,
         collateral=collateral,
-        tcb_status=tcb_status,
+        claims=claims,
         gpu_devices=gpu_devices,
         gpu_verified=False,
-        notes=notes,
+        notes=(*cpu_claims.collateral_notes, *notes),
     )
+
+
+def verify_document(
+    doc: dict[str, Any],
+    *,
+    expected_nonce: bytes,
+    policy: Policy,
+    at: datetime | None = None,
+    trusted_roots: tuple | None = None,
+) -> VerifiedAttestation:
+    """Trust the document's keys only if its evidence is authentic (`verify_evidence`) and the
+    policy accepts its claims (`appraise`); raises PolicyRefused naming every failing claim."""
+    verified = verify_evidence(doc, expected_nonce=expected_nonce, at=at, trusted_roots=trusted_roots)
+    verdict = appraise(verified.claims, policy)
+    if not verdict.accepted:
+        raise PolicyRefused(verdict.errors)
+    return replace(verified, warnings=verdict.warnings)

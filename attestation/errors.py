@@ -37,16 +37,12 @@ class NonceMismatch(AttestationError):
     """The evidence answers a different nonce than the one the verifier sent."""
 
 
-class SimulatedNotAllowed(AttestationError):
-    """The evidence comes from the simulated TEE and the verifier did not allow it."""
+class PolicyRefused(AttestationError):
+    """The evidence is authentic but the policy does not accept it; `errors` names each failing claim."""
 
-
-class MeasurementNotAllowed(AttestationError):
-    """The measured code (MRTD / MEASUREMENT) is not in the verifier's allow list."""
-
-
-class TeeNotAllowed(AttestationError):
-    """The TEE type is not in the verifier's allow list."""
+    def __init__(self, errors: tuple[str, ...] | list[str]):
+        self.errors = tuple(errors)
+        super().__init__("; ".join(self.errors))
 
 
 class GpuEvidenceInvalid(AttestationError):

@@ -2,11 +2,14 @@
 
 The JSON bodies are matched against the quote and the PCK certificate. Their signatures are checked
 when the Intel SGX TCB Signing chain (which PCS sends in a response header, not in the body) is
-supplied; without it the status is reported as unsigned in the notes.
+supplied; without it the status is reported as unsigned in the notes. Without TCB info the status
+is `Unknown`. Whether a status is acceptable is decided by `appraise`, not here.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import re
 from dataclasses import dataclass
@@ -21,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from . import der, trust
+from .claims import TCB_UNKNOWN
 from .errors import CollateralInvalid
 
 if TYPE_CHECKING:
@@ -95,6 +99,7 @@ def _oid_items(body: bytes):
 @dataclass(frozen=True)
 class CollateralResult:
     status: str
+    advisory_ids: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
 
 
@@ -151,6 +156,59 @@ class IntelCollateral:
             tcb_signing_chain=read("tcb_signing_chain.pem"),
         )
 
+    @classmethod
+    def from_document(cls, intel: dict[str, Any]) -> "IntelCollateral":
+        """The `collateral.intel` object of an attestation document v2 (PROTOCOL.md part C)."""
+        try:
+            texts = {k: intel[k] for k in ("tcb_info", "tcb_info_issuer_chain", "qe_identity", "qe_identity_issuer_chain")}
+            if not all(isinstance(v, str) for v in texts.values()):
+                raise TypeError
+            if texts["tcb_info_issuer_chain"] != texts["qe_identity_issuer_chain"]:
+                raise CollateralInvalid("collateral.intel: TCB info and QE identity must be signed by the same TCB Signing chain")
+            pck_crl = base64.b64decode(intel["pck_crl"], validate=True)
+            root_crl = base64.b64decode(intel["root_ca_crl"], validate=True)
+        except (KeyError, TypeError, binascii.Error, ValueError):
+            raise CollateralInvalid("collateral.intel is not in the shape of PROTOCOL.md part C") from None
+        return cls(
+            pck_crl=pck_crl,
+            root_crl=root_crl,
+            tcb_info=texts["tcb_info"].encode(),
+            qe_identity=texts["qe_identity"].encode(),
+            tcb_signing_chain=texts["tcb_info_issuer_chain"].encode(),
+        )
+
+    def to_document(self, pck_crl_issuer_chain: str) -> dict[str, Any] | None:
+        """`collateral.intel` for the attestation document, or None unless every part is at hand."""
+        parts = (self.pck_crl, self.root_crl, self.tcb_info, self.qe_identity, self.tcb_signing_chain)
+        if any(part is None for part in parts):
+            return None
+        chain = self.tcb_signing_chain.decode()  # type: ignore[union-attr]
+        return {
+            "tcb_info": self.tcb_info.decode(),  # type: ignore[union-attr]
+            "tcb_info_issuer_chain": chain,
+            "qe_identity": self.qe_identity.decode(),  # type: ignore[union-attr]
+            "qe_identity_issuer_chain": chain,
+            "pck_crl": base64.b64encode(self.pck_crl).decode(),  # type: ignore[arg-type]
+            "pck_crl_issuer_chain": pck_crl_issuer_chain,
+            "root_ca_crl": base64.b64encode(self.root_crl).decode(),  # type: ignore[arg-type]
+        }
+
+    def next_update(self) -> datetime | None:
+        """The earliest `nextUpdate` of the parts present: after it this collateral proves nothing."""
+        times: list[datetime] = []
+        for raw in (self.pck_crl, self.root_crl):
+            if raw is not None:
+                crl = trust.load_crl(raw)
+                if crl.next_update_utc is not None:
+                    times.append(crl.next_update_utc)
+        for raw, name in ((self.tcb_info, "tcbInfo"), (self.qe_identity, "enclaveIdentity")):
+            if raw is not None:
+                try:
+                    times.append(_parse_time(json.loads(raw)[name]["nextUpdate"]))
+                except (KeyError, TypeError, ValueError):
+                    raise CollateralInvalid(f"{name} collateral has no readable nextUpdate") from None
+        return min(times) if times else None
+
     def evaluate(self, quote: "TdxQuote", chain: Sequence[x509.Certificate], at: datetime) -> CollateralResult:
         notes: list[str] = []
         leaf, intermediate, root = chain[0], chain[1], chain[-1]
@@ -164,27 +222,32 @@ class IntelCollateral:
             trust.check_crl(trust.load_crl(self.pck_crl), intermediate, [leaf], at)
             notes.append("PCK CRL checked")
         statuses: list[str] = []
+        advisories: list[str] = []
         try:
             if self.qe_identity is not None:
                 body, signed = self._body(self.qe_identity, "enclaveIdentity", signer)
-                statuses.append(self._qe_status(body, quote, at))
+                level = self._qe_level(body, quote, at)
+                statuses.append(_level_status(level))
+                advisories += _advisories(level)
                 notes.append(f"QE identity{'' if signed else ' (signature NOT verified)'}: {statuses[-1]}")
-            if self.tcb_info is not None:
-                body, signed = self._body(self.tcb_info, "tcbInfo", signer)
-                statuses.append(self._tcb_status(body, quote, PckExtensions.from_certificate(leaf), at))
-                notes.append(f"TCB info{'' if signed else ' (signature NOT verified)'}: {statuses[-1]}")
+            if self.tcb_info is None:
+                # Without the platform's TCB info nothing says how current the platform is.
+                return CollateralResult(status=TCB_UNKNOWN, notes=tuple(notes))
+            body, signed = self._body(self.tcb_info, "tcbInfo", signer)
+            level = self._tcb_level(body, quote, PckExtensions.from_certificate(leaf), at)
+            statuses.append(_level_status(level))
+            advisories += _advisories(level)
+            notes.append(f"TCB info{'' if signed else ' (signature NOT verified)'}: {statuses[-1]}")
         except (KeyError, TypeError, ValueError) as exc:
             raise CollateralInvalid(f"collateral JSON is malformed: {type(exc).__name__}") from None
-        if not statuses:
-            return CollateralResult(status="CRLChecked" if notes else "Unknown", notes=tuple(notes))
-        return CollateralResult(status=_worst(*statuses), notes=tuple(notes))
+        return CollateralResult(status=_worst(*statuses), advisory_ids=tuple(dict.fromkeys(advisories)), notes=tuple(notes))
 
     def _tcb_signer(self, root: x509.Certificate, at: datetime) -> x509.Certificate:
         """The TCB Signing certificate, chained to the same pinned root as the quote's PCK chain."""
         chain = trust.load_certificates(self.tcb_signing_chain)
         if trust.common_name(chain[0]) != TCB_SIGNING_COMMON_NAME:
             raise CollateralInvalid(f"collateral is signed by {trust.common_name(chain[0])!r}, not {TCB_SIGNING_COMMON_NAME!r}")
-        trust.check_root(trust.verify_chain(chain, at), [root], allow_simulated=False)
+        trust.check_root(trust.verify_chain(chain, at), [root], simulated_ok=False)
         return chain[0]
 
     @staticmethod
@@ -202,7 +265,7 @@ class IntelCollateral:
             raise CollateralInvalid(f"{name} signature does not verify under the TCB Signing certificate") from None
         return json.loads(match.group(2)), True
 
-    def _qe_status(self, body: dict[str, Any], quote: "TdxQuote", at: datetime) -> str:
+    def _qe_level(self, body: dict[str, Any], quote: "TdxQuote", at: datetime) -> dict[str, Any] | None:
         qe = quote.signature_data.certification.qe_report
         _check_current(body, "QE identity", at)
         if bytes.fromhex(body["mrsigner"]) != qe.mr_signer:
@@ -215,10 +278,10 @@ class IntelCollateral:
             raise CollateralInvalid("QE ATTRIBUTES do not match the QE identity")
         for level in body["tcbLevels"]:
             if qe.isv_svn >= int(level["tcb"]["isvsvn"]):
-                return str(level["tcbStatus"])
-        return "TCBNotSupported"
+                return level
+        return None
 
-    def _tcb_status(self, body: dict[str, Any], quote: "TdxQuote", pck: PckExtensions, at: datetime) -> str:
+    def _tcb_level(self, body: dict[str, Any], quote: "TdxQuote", pck: PckExtensions, at: datetime) -> dict[str, Any] | None:
         if body.get("id") != "TDX":
             raise CollateralInvalid("TCB info is not for TDX")
         _check_current(body, "TCB info", at)
@@ -243,5 +306,14 @@ class IntelCollateral:
                 and pck.pce_svn >= int(tcb["pcesvn"])
                 and all(have >= need for have, need in zip(report.tee_tcb_svn, tdx))
             ):
-                return str(level["tcbStatus"])
-        return "TCBNotSupported"
+                return level
+        return None
+
+
+def _level_status(level: dict[str, Any] | None) -> str:
+    # Below every level the collateral lists: Intel's libraries report this as TCB_NOT_SUPPORTED.
+    return "TCBNotSupported" if level is None else str(level["tcbStatus"])
+
+
+def _advisories(level: dict[str, Any] | None) -> list[str]:
+    return [str(a) for a in (level or {}).get("advisoryIDs", [])]

@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from . import der, trust
+from .claims import TCB_UNKNOWN, SnpClaims, SnpTcb
 from .errors import ChainInvalid, ParseError, SignatureInvalid
 
 REPORT_SIZE = 0x4A0  # 1184
@@ -71,12 +72,17 @@ OID_BL_SPL = "1.3.6.1.4.1.3704.1.3.1"
 OID_TEE_SPL = "1.3.6.1.4.1.3704.1.3.2"
 OID_SNP_SPL = "1.3.6.1.4.1.3704.1.3.3"
 OID_UCODE_SPL = "1.3.6.1.4.1.3704.1.3.8"
+OID_FMC_SPL = "1.3.6.1.4.1.3704.1.3.9"  # Turin and later
 OID_HWID = "1.3.6.1.4.1.3704.1.4"
+OID_PRODUCT_NAME = "1.3.6.1.4.1.3704.1.2"
+
+# (CPUID family, high nibble of the model) of each chip family, as SNP reports v3+ carry them.
+_CPUID_PRODUCT = {(0x19, 0x0): "Milan", (0x19, 0x1): "Genoa", (0x19, 0xA): "Genoa", (0x1A, 0x0): "Turin", (0x1A, 0x1): "Turin"}
 
 
 @dataclass(frozen=True)
 class TcbVersion:
-    """TCB_VERSION of Milan and Genoa: bootloader, TEE, SNP firmware and microcode security patch levels."""
+    """TCB_VERSION in the Milan and Genoa layout (Turin's differs: see decode_tcb, once the chip family is known)."""
 
     raw: int
     bootloader: int
@@ -198,6 +204,7 @@ def looks_like_snp_report(data: bytes) -> bool:
 class SnpVerification:
     report: SnpReport
     chain: tuple[x509.Certificate, ...]  # VCEK/VLEK, ASK/ASVK, ARK
+    claims: SnpClaims
 
 
 def load_amd_certificates(data: bytes) -> list[x509.Certificate]:
@@ -217,32 +224,69 @@ def _find_leaf(report: SnpReport, certs: Sequence[x509.Certificate]) -> x509.Cer
     raise ChainInvalid(f"no {wanted} certificate supplied for this report")
 
 
-def _spl(cert: x509.Certificate, oid: str) -> int | None:
+def _extension(cert: x509.Certificate, oid: str) -> bytes | None:
     try:
-        ext = cert.extensions.get_extension_for_oid(x509.ObjectIdentifier(oid))
+        return cert.extensions.get_extension_for_oid(x509.ObjectIdentifier(oid)).value.value
     except x509.ExtensionNotFound:
         return None
-    return der.decode_integer(ext.value.value)
 
 
-def _check_leaf_matches_report(leaf: x509.Certificate, report: SnpReport) -> None:
-    """A VCEK is derived for one chip at one TCB; a key for another TCB must not vouch for this report."""
-    tcb = report.reported_tcb
-    for oid, value, name in (
-        (OID_BL_SPL, tcb.bootloader, "bootloader"),
-        (OID_TEE_SPL, tcb.tee, "TEE"),
-        (OID_SNP_SPL, tcb.snp, "SNP"),
-        (OID_UCODE_SPL, tcb.microcode, "microcode"),
-    ):
+def product_of(leaf: x509.Certificate, report: SnpReport) -> str:
+    """The chip family a VCEK/VLEK was issued for (productName, e.g. "Milan-B0"), checked against
+    the report's CPUID family and model where the report carries them (version 3 and later)."""
+    raw = _extension(leaf, OID_PRODUCT_NAME)
+    if raw is None:
+        raise ChainInvalid(f"{trust.common_name(leaf)} carries no productName")
+    tag, value, _ = der.read_tlv(raw)
+    if tag != der.TAG_IA5_STRING:
+        raise ChainInvalid(f"{trust.common_name(leaf)} productName is not an IA5String")
+    product = value.decode("ascii", "replace").split("-")[0]
+    if product not in trust.AMD_PRODUCTS:
+        raise ChainInvalid(f"{trust.common_name(leaf)} is for AMD product {product!r}, which has no pinned ARK")
+    if report.cpuid_fam_id:
+        by_cpuid = _CPUID_PRODUCT.get((report.cpuid_fam_id, report.cpuid_mod_id >> 4))
+        if by_cpuid != product:
+            raise ChainInvalid(
+                f"report CPUID family 0x{report.cpuid_fam_id:x} model 0x{report.cpuid_mod_id:x} is not a {product} chip"
+            )
+    return product
+
+
+def decode_tcb(raw: int, product: str) -> SnpTcb:
+    if product == "Turin":
+        b = raw.to_bytes(8, "little")
+        return SnpTcb(raw=raw, fmc=b[0], bootloader=b[1], tee=b[2], snp=b[3], microcode=b[7])
+    tcb = TcbVersion.from_int(raw)
+    return SnpTcb(raw=raw, bootloader=tcb.bootloader, tee=tcb.tee, snp=tcb.snp, microcode=tcb.microcode)
+
+
+def _spl(cert: x509.Certificate, oid: str) -> int | None:
+    raw = _extension(cert, oid)
+    return None if raw is None else der.decode_integer(raw)
+
+
+def _check_leaf_matches_report(leaf: x509.Certificate, report: SnpReport, product: str) -> None:
+    """A VCEK is derived for one chip at one TCB; a key for another TCB must not vouch for this report.
+
+    Every TCB extension must be present: a key that does not say which TCB it was derived for
+    cannot vouch for the report's."""
+    tcb = decode_tcb(report.reported_tcb.raw, product)
+    levels = [(OID_BL_SPL, tcb.bootloader, "bootloader"), (OID_TEE_SPL, tcb.tee, "TEE"),
+              (OID_SNP_SPL, tcb.snp, "SNP"), (OID_UCODE_SPL, tcb.microcode, "microcode")]
+    if product == "Turin":
+        levels.append((OID_FMC_SPL, tcb.fmc, "FMC"))
+    for oid, value, name in levels:
         spl = _spl(leaf, oid)
-        if spl is not None and spl != value:
+        if spl is None:
+            raise ChainInvalid(f"{trust.common_name(leaf)} has no {name} SPL extension")
+        if spl != value:
             raise ChainInvalid(f"{trust.common_name(leaf)} was issued for {name} SPL {spl}, report has {value}")
     if report.signing_key == SIGNING_KEY_VCEK and not report.chip_key_masked:
-        try:
-            hwid = leaf.extensions.get_extension_for_oid(x509.ObjectIdentifier(OID_HWID)).value.value
-        except x509.ExtensionNotFound:
-            raise ChainInvalid("VCEK carries no hardware ID") from None
-        if hwid != report.chip_id:
+        hwid = _extension(leaf, OID_HWID)
+        if hwid is None:
+            raise ChainInvalid("VCEK carries no hardware ID")
+        # Turin VCEKs name the chip by the first 8 bytes of CHIP_ID; the rest of the field is zero.
+        if hwid != report.chip_id[:len(hwid)] or any(report.chip_id[len(hwid):]):
             raise ChainInvalid("VCEK belongs to another chip than the report's CHIP_ID")
 
 
@@ -262,19 +306,33 @@ def verify_report(
     *,
     at: datetime | None = None,
     trusted_roots: Sequence[x509.Certificate] | None = None,
+    crl: bytes | None = None,
 ) -> SnpVerification:
-    """Report signature by the VCEK/VLEK, that key by ASK/ASVK, that by a pinned ARK (RSA-PSS SHA-384)."""
+    """Report signature by the VCEK/VLEK, that key by its family's ASK/ASVK, that by the family's ARK.
+
+    The ARK must be the pinned root of the chip family the VCEK names (Milan, Genoa, Turin). The
+    family's ASK is pinned as well, so a VCEK alone verifies. With AMD's CRL (`crl`, DER or PEM)
+    the ASK is checked for revocation and the TCB status is `UpToDate`; without it, `Unknown`.
+    """
     if not isinstance(report, SnpReport):
         report = SnpReport.from_bytes(report)
     at = trust.as_utc(at)
-    roots = trust.amd_roots() if trusted_roots is None else tuple(trusted_roots)
     if not certificates:
         raise ChainInvalid("no VCEK supplied")
     leaf = _find_leaf(report, certificates)
-    # A missing ARK is taken from the pins; a supplied one must still be a pinned root.
-    chain = _build_chain(leaf, [*certificates, *roots])
+    product = product_of(leaf, report)
+    pinned = trusted_roots is None
+    roots = (trust.amd_ark(product),) if pinned else tuple(trusted_roots)
+    # A missing ASK or ARK is taken from the pins; a supplied ARK must still be the family's pinned root.
+    pool = [*certificates, *((trust.amd_ask(product),) if pinned else ()), *roots]
+    chain = _build_chain(leaf, pool)
     root = trust.verify_chain(chain, at)
-    trust.check_root(root, roots, allow_simulated=False)
+    trust.check_root(root, roots, simulated_ok=False)
+    if len(chain) != 3:
+        raise ChainInvalid(f"{trust.common_name(leaf)} chain has {len(chain)} certificates, expected key, ASK/ASVK, ARK")
+    expected_ask = f"SEV-{product}" if report.signing_key == SIGNING_KEY_VCEK else f"SEV-VLEK-{product}"
+    if trust.common_name(chain[1]) != expected_ask:
+        raise ChainInvalid(f"{trust.common_name(leaf)} is issued by {trust.common_name(chain[1])!r}, expected {expected_ask!r}")
 
     key = leaf.public_key()
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp384r1":
@@ -287,5 +345,30 @@ def verify_report(
         )
     except InvalidSignature:
         raise SignatureInvalid(f"SEV-SNP report signature does not verify under the {trust.common_name(leaf)}") from None
-    _check_leaf_matches_report(leaf, report)
-    return SnpVerification(report=report, chain=tuple(chain))
+    _check_leaf_matches_report(leaf, report, product)
+
+    status, notes = TCB_UNKNOWN, ()
+    if crl is not None:
+        # AMD's CRL is issued by the ARK and lists revoked ASKs/ASVKs.
+        trust.check_crl(trust.load_crl(crl), chain[2], [chain[1]], at)
+        status, notes = "UpToDate", ("AMD CRL checked",)
+    claims = SnpClaims(
+        product=product,
+        measurement=report.measurement,
+        host_data=report.host_data,
+        policy=report.policy,
+        vmpl=report.vmpl,
+        reported_tcb=decode_tcb(report.reported_tcb.raw, product),
+        chip_id=report.chip_id,
+        guest_svn=report.guest_svn,
+        family_id=report.family_id,
+        image_id=report.image_id,
+        id_key_digest=report.id_key_digest,
+        author_key_digest=report.author_key_digest,
+        platform_info=report.platform_info,
+        signing_key="vcek" if report.signing_key == SIGNING_KEY_VCEK else "vlek",
+        report_data=report.report_data,
+        tcb_status=status,
+        collateral_notes=notes,
+    )
+    return SnpVerification(report=report, chain=tuple(chain), claims=claims)

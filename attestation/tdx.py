@@ -6,7 +6,7 @@ import hashlib
 import struct
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -15,10 +15,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from . import trust
+from .claims import TCB_UNKNOWN, TdxClaims
 from .errors import ParseError, ReportDataMismatch, SignatureInvalid
-
-if TYPE_CHECKING:
-    from .intel import IntelCollateral
+from .intel import CollateralResult, IntelCollateral, PckExtensions
 
 # --- Quote header (48 bytes, common to v4 and v5) ---
 HEADER_SIZE = 48
@@ -299,10 +298,37 @@ def looks_like_tdx_quote(data: bytes) -> bool:
 @dataclass(frozen=True)
 class TdxVerification:
     quote: TdxQuote
-    simulated: bool
+    simulated: bool  # the chain ends in the simulated TEE's root; appraise decides whether that is acceptable
     pck_chain: tuple[x509.Certificate, ...]
-    tcb_status: str | None  # None when no collateral was supplied
-    notes: tuple[str, ...] = ()
+    claims: TdxClaims
+
+
+def claims_of(quote: TdxQuote, *, fmspc: bytes | None, tcb_status: str = TCB_UNKNOWN,
+              advisory_ids: tuple[str, ...] = (), notes: tuple[str, ...] = ()) -> TdxClaims:
+    body, qe = quote.body, quote.signature_data.certification.qe_report
+    return TdxClaims(
+        mr_td=body.mr_td,
+        rtmrs=body.rtmrs,  # type: ignore[arg-type]
+        mr_config_id=body.mr_config_id,
+        mr_owner=body.mr_owner,
+        mr_owner_config=body.mr_owner_config,
+        mr_seam=body.mr_seam,
+        mr_signer_seam=body.mr_signer_seam,
+        td_attributes=body.td_attributes,
+        xfam=body.xfam,
+        tee_tcb_svn=body.tee_tcb_svn,
+        report_data=body.report_data,
+        qe_vendor_id=quote.header.qe_vendor_id,
+        qe_mr_signer=qe.mr_signer,
+        qe_isv_prod_id=qe.isv_prod_id,
+        qe_isv_svn=qe.isv_svn,
+        qe_attributes=qe.attributes,
+        qe_misc_select=qe.misc_select,
+        fmspc=fmspc,
+        tcb_status=tcb_status,
+        advisory_ids=advisory_ids,
+        collateral_notes=notes,
+    )
 
 
 def _p256_key(raw: bytes) -> ec.EllipticCurvePublicKey:
@@ -326,12 +352,12 @@ def verify_quote(
     *,
     at: datetime | None = None,
     trusted_roots: Sequence[x509.Certificate] | None = None,
-    allow_simulated: bool = False,
-    collateral: "IntelCollateral | None" = None,
+    collateral: IntelCollateral | None = None,
 ) -> TdxVerification:
-    """Verify every signature of a TDX quote up to a pinned Intel SGX Root CA.
+    """Verify every signature of a TDX quote up to a pinned Intel SGX Root CA (or the simulated root).
 
-    `at` fixes the time at which certificates (and collateral) must be valid.
+    `at` fixes the time at which certificates (and collateral) must be valid. The result's claims
+    say what the quote states; `attestation.appraisal.appraise` decides whether to trust it.
     """
     if not isinstance(quote, TdxQuote):
         quote = TdxQuote.from_bytes(quote)
@@ -343,7 +369,7 @@ def verify_quote(
 
     chain = tuple(trust.load_certificates(cert_data.pck_chain_pem))
     root = trust.verify_chain(chain, at)
-    simulated = trust.check_root(root, trust.intel_roots() if trusted_roots is None else trusted_roots, allow_simulated=allow_simulated)
+    simulated = trust.check_root(root, trust.intel_roots() if trusted_roots is None else trusted_roots)
 
     pck_key = chain[0].public_key()
     if not isinstance(pck_key, ec.EllipticCurvePublicKey):
@@ -356,10 +382,9 @@ def verify_quote(
     if binding[:32] != expected or any(binding[32:]):
         raise ReportDataMismatch("QE report does not bind the attestation key (SHA-256(key || QE auth data))")
 
-    tcb_status = None
-    notes: tuple[str, ...] = ()
-    if collateral is not None:
-        result = collateral.evaluate(quote, chain, at)
-        tcb_status, notes = result.status, result.notes
-    return TdxVerification(quote=quote, simulated=simulated, pck_chain=chain, tcb_status=tcb_status, notes=notes)
+    # The simulated PCK is no Intel platform certificate: it has no FMSPC.
+    fmspc = None if simulated else PckExtensions.from_certificate(chain[0]).fmspc
+    result = collateral.evaluate(quote, chain, at) if collateral is not None else CollateralResult(status=TCB_UNKNOWN)
+    claims = claims_of(quote, fmspc=fmspc, tcb_status=result.status, advisory_ids=result.advisory_ids, notes=result.notes)
+    return TdxVerification(quote=quote, simulated=simulated, pck_chain=chain, claims=claims)
 

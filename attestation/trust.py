@@ -13,19 +13,29 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import NameOID
 
-from .errors import ChainInvalid, CertificateRevoked, CollateralInvalid, SignatureInvalid, SimulatedNotAllowed
+from .errors import ChainInvalid, CertificateRevoked, CollateralInvalid, SignatureInvalid
 
 # SHA-256 of the DER of each pinned root. A root file that does not hash to its pin is refused,
 # so editing roots/ cannot widen trust.
 INTEL_SGX_ROOT_CA_SHA256 = "44a0196b2b99f889b8e149e95b807a350e7424964399e885a7cbb8ccfab674d3"
 AMD_ARK_MILAN_SHA256 = "69d063b45344d26a2e94e1f4210de49ef555308287d4c174445c95639a540bcd"
 AMD_ARK_GENOA_SHA256 = "4c6598d19c18719c5dfd4a7d335f674e5bfe1d8f800cea2cf270c10d103db2f1"
+AMD_ARK_TURIN_SHA256 = "1f084161a44bb6d93778a904877d4819cafa5d05ef4193b2ded9dd9c73dd3f6a"
+# AMD's ASKs (the VCEK issuers), pinned so that a VCEK alone verifies. Each is signed by its ARK.
+AMD_ASK_MILAN_SHA256 = "67d303bd3905fd38db8b20e0793699870e7fa612eaad5dec358293fd8c0bac1b"
+AMD_ASK_GENOA_SHA256 = "5464738c1546aed5f2cecf1dc98c5c960a92e8913238a61711bc90ec6e828521"
+AMD_ASK_TURIN_SHA256 = "5b77ef5fe7a7a004fd9032668fba9d0fda22f88c4442069a479636a6ae3b3185"
 
 _ROOT_FILES = {
     "intel_sgx_root_ca.pem": INTEL_SGX_ROOT_CA_SHA256,
     "amd_ark_milan.pem": AMD_ARK_MILAN_SHA256,
     "amd_ark_genoa.pem": AMD_ARK_GENOA_SHA256,
+    "amd_ark_turin.pem": AMD_ARK_TURIN_SHA256,
+    "amd_ask_milan.pem": AMD_ASK_MILAN_SHA256,
+    "amd_ask_genoa.pem": AMD_ASK_GENOA_SHA256,
+    "amd_ask_turin.pem": AMD_ASK_TURIN_SHA256,
 }
+AMD_PRODUCTS = ("Milan", "Genoa", "Turin")
 
 # The simulated TEE's root: recognised only when the caller explicitly allows simulation,
 # and only from the certificate carried in the evidence (it is never pinned).
@@ -82,7 +92,19 @@ def intel_roots() -> tuple[x509.Certificate, ...]:
 
 
 def amd_roots() -> tuple[x509.Certificate, ...]:
-    return (pinned_root("amd_ark_milan.pem"), pinned_root("amd_ark_genoa.pem"))
+    return tuple(amd_ark(product) for product in AMD_PRODUCTS)
+
+
+def amd_ark(product: str) -> x509.Certificate:
+    """The ARK of one chip family: a chain for a Genoa chip must end in ARK-Genoa, not any AMD root."""
+    if product not in AMD_PRODUCTS:
+        raise ChainInvalid(f"AMD product {product!r} has no pinned ARK (known: {', '.join(AMD_PRODUCTS)})")
+    return pinned_root(f"amd_ark_{product.lower()}.pem")
+
+
+def amd_ask(product: str) -> x509.Certificate:
+    amd_ark(product)  # same product check
+    return pinned_root(f"amd_ask_{product.lower()}.pem")
 
 
 def verify_issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> None:
@@ -140,13 +162,14 @@ def is_simulated_root(root: x509.Certificate) -> bool:
     return common_name(root) == SIMULATED_ROOT_COMMON_NAME and root.issuer == root.subject
 
 
-def check_root(root: x509.Certificate, trusted: Sequence[x509.Certificate], *, allow_simulated: bool) -> bool:
-    """Return True when the root is the simulated one (and simulation is allowed); raise when untrusted."""
+def check_root(root: x509.Certificate, trusted: Sequence[x509.Certificate], *, simulated_ok: bool = True) -> bool:
+    """True when the root is the simulated TEE's, False when pinned; raise when neither.
+
+    Whether simulated evidence is acceptable is the policy's decision (appraise), not this one's.
+    """
     if any(_same_root(root, t) for t in trusted):
         return False
-    if is_simulated_root(root):
-        if not allow_simulated:
-            raise SimulatedNotAllowed("evidence is signed by the simulated TEE root, which is not a TEE")
+    if simulated_ok and is_simulated_root(root):
         return True
     raise ChainInvalid(f"certificate chain ends in {common_name(root)!r}, which is not a pinned root")
 

@@ -98,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     attestation_cli.add_arguments(verify)
     verify.set_defaults(func=attestation_cli.run)
 
+    policy = commands.add_parser("policy", help="appraisal policies").add_subparsers(dest="policy_command", required=True)
+    from_quote = policy.add_parser("from-quote", help="print a policy pinning the registers of known-good evidence")
+    attestation_cli.add_from_quote_arguments(from_quote)
+    from_quote.set_defaults(func=attestation_cli.run_from_quote)
+
     config = commands.add_parser("config", help="configuration").add_subparsers(dest="config_command", required=True)
     digest = with_config(config.add_parser("digest", help="print the config digest the attestation reports"))
     digest.set_defaults(func=_config_digest)

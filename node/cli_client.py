@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import replace
 from typing import Any, TextIO
 
 EXIT_OK = 0
@@ -17,18 +18,16 @@ EXIT_FAILED = 1
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
+    from attestation.cli import add_policy_arguments
+
     parser.add_argument("url", help="the node's base URL, e.g. http://127.0.0.1:8080")
-    parser.add_argument(
-        "--allow-simulated",
-        action="store_true",
-        help="accept the simulated TEE (laptops and CI; it is NOT a TEE)",
-    )
+    add_policy_arguments(parser)
     parser.add_argument(
         "--measurement",
         action="append",
         default=None,
         metavar="HEX",
-        help="accept only this MRTD / MEASUREMENT (repeatable; default: any)",
+        help="pin this MRTD / MEASUREMENT (repeatable; overrides the policy file's pins)",
     )
     parser.add_argument(
         "--tee",
@@ -45,14 +44,16 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default 600)")
 
 
-def _client_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "api_key": args.api_key,
-        "allow_simulated": args.allow_simulated,
-        "expected_measurements": args.measurement,
-        "allowed_tee": args.tee,
-        "timeout": args.timeout,
-    }
+def _client_kwargs(args: argparse.Namespace, err: TextIO) -> dict[str, Any]:
+    """The policy from --policy, --allow-simulated, --accept-any-measurement, --measurement and --tee."""
+    from attestation.cli import policy_from_args
+
+    policy = policy_from_args(args, err)
+    if args.measurement:
+        policy = policy.with_measurements(args.measurement)
+    if args.tee:
+        policy = replace(policy, allowed_tees=frozenset(args.tee))
+    return {"api_key": args.api_key, "policy": policy, "timeout": args.timeout}
 
 
 def _identity_lines(identity: Any) -> list[str]:
@@ -72,10 +73,13 @@ def _identity_lines(identity: Any) -> list[str]:
 def _fail(err: TextIO, exc: BaseException, partial: bool = False) -> int:
     if partial:
         err.write("\n")
-    kind = type(exc).__name__
-    err.write(f"error: {kind}: {exc}\n")
-    if kind == "SimulatedNotAllowed":
-        err.write("the node runs the simulated TEE; pass --allow-simulated to accept it (for testing only)\n")
+    from attestation.errors import PolicyRefused
+
+    if isinstance(exc, PolicyRefused):  # one line per refused claim
+        err.write("error: PolicyRefused: the node's attestation is authentic but the policy refuses it:\n")
+        err.writelines(f"  - {line}\n" for line in exc.errors)
+    else:
+        err.write(f"error: {type(exc).__name__}: {exc}\n")
     if partial:
         err.write("the text above did not verify and must not be trusted\n")
     return EXIT_FAILED
@@ -104,12 +108,18 @@ def add_chat_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run_chat(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    from attestation.appraisal import PolicyError
     from attestation.errors import AttestationError
 
     from .client import Client, TeeNodeError
 
     out = out or sys.stdout
     err = err or sys.stderr
+    try:
+        client_kwargs = _client_kwargs(args, err)
+    except (OSError, PolicyError) as exc:
+        err.write(f"error: {exc}\n")
+        return EXIT_FAILED
     messages: list[dict[str, Any]] = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
@@ -121,7 +131,7 @@ def run_chat(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | 
         params["temperature"] = args.temperature
     partial = False
     try:
-        with Client(args.url, **_client_kwargs(args)) as client:
+        with Client(args.url, **client_kwargs) as client:
             model = args.model
             if not model:
                 models = client.models.list().data
@@ -168,7 +178,8 @@ def add_attest_parser(subparsers: Any) -> argparse.ArgumentParser:
         "attest",
         help="fetch and verify a node's attestation (evidence and key binding)",
         description="Fetch /v1/attestation with a fresh nonce and verify the evidence chain, the nonce "
-        "and the binding of the node's keys. Exit 0 only when valid.",
+        "and the binding of the node's keys, then appraise its claims against the policy "
+        "(docs/policy.md). Exit 0 only when valid and accepted.",
     )
     _add_common(parser)
     parser.add_argument("--json", action="store_true", help="print the result (and the document) as JSON")
@@ -177,22 +188,30 @@ def add_attest_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run_attest(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
-    from attestation.errors import AttestationError
+    from attestation.appraisal import PolicyError
+    from attestation.errors import AttestationError, PolicyRefused
 
     from .client import Client, TeeNodeError
 
     out = out or sys.stdout
     err = err or sys.stderr
     try:
-        with Client(args.url, **_client_kwargs(args)) as client:
+        client_kwargs = _client_kwargs(args, err)
+    except (OSError, PolicyError) as exc:
+        err.write(f"error: {exc}\n")
+        return EXIT_FAILED
+    try:
+        with Client(args.url, **client_kwargs) as client:
             identity = client.attest()
     except (TeeNodeError, AttestationError) as exc:
         if args.json:
-            out.write(json.dumps({"url": args.url, "valid": False, "error": type(exc).__name__, "message": str(exc)}) + "\n")
+            refused = isinstance(exc, PolicyRefused)  # authentic evidence that the policy does not accept
+            result = {"url": args.url, "valid": refused, "accepted": False, "error": type(exc).__name__, "message": str(exc)}
+            out.write(json.dumps({**result, "policy_errors": list(exc.errors) if refused else []}) + "\n")
             return EXIT_FAILED
         return _fail(err, exc)
     if args.json:
-        out.write(json.dumps({"url": args.url, "valid": True, **identity.summary(), "document": identity.document}) + "\n")
+        out.write(json.dumps({"url": args.url, "valid": True, "accepted": True, **identity.summary(), "document": identity.document}) + "\n")
     else:
         for line in _identity_lines(identity):
             out.write(line + "\n")

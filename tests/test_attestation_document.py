@@ -13,21 +13,19 @@ import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from attestation import binding, cli
-from attestation.document import Policy, build_document, verify_document
+from attestation.appraisal import Policy
+from attestation.document import build_document, verify_document
 from attestation.errors import (
     ChainInvalid,
     DocumentInvalid,
     GpuEvidenceInvalid,
-    MeasurementNotAllowed,
     NonceMismatch,
+    PolicyRefused,
     ReportDataMismatch,
     SignatureInvalid,
-    SimulatedNotAllowed,
-    TeeNotAllowed,
 )
-from attestation.providers import SimulatedProvider
+from attestation.producers.simulated import SimulatedProvider, SimulatedTdx
 from attestation.sevsnp import load_amd_certificates
-from attestation.simulated import SimulatedTdx
 
 TESTDATA = Path(__file__).resolve().parent / "data"
 SEED = b"document-test-seed-0123456789abc"
@@ -139,17 +137,22 @@ def test_measured_config_must_hash_to_the_config_digest():
     doc["measured_config"] = {**MEASURED, "allow_plaintext": True}
     with pytest.raises(DocumentInvalid, match="measured_config"):
         verify_document(doc, expected_nonce=NONCE, policy=SIMULATED)
-    with pytest.raises(SimulatedNotAllowed):
+    with pytest.raises(DocumentInvalid, match="measured_config"):  # authenticity first, whatever the policy
         verify_document(doc, expected_nonce=NONCE, policy=Policy())
 
 
 def test_a_simulated_quote_cannot_pass_as_tdx():
     doc = make_doc()
     doc["tee"], doc["simulated"] = "tdx", False
-    with pytest.raises(SimulatedNotAllowed):
-        verify_document(doc, expected_nonce=NONCE, policy=Policy())
-    with pytest.raises(DocumentInvalid, match="do not match"):
-        verify_document(doc, expected_nonce=NONCE, policy=SIMULATED)
+    for policy in (Policy(), SIMULATED, Policy(accept_any_measurement=True)):
+        with pytest.raises(DocumentInvalid, match="do not match"):
+            verify_document(doc, expected_nonce=NONCE, policy=policy)
+
+
+def test_simulated_evidence_is_refused_by_the_default_policy():
+    with pytest.raises(PolicyRefused, match="tee is simulated") as refused:
+        verify_document(make_doc(), expected_nonce=NONCE, policy=Policy())
+    assert refused.value.errors == ("tee is simulated, which is not a TEE: pass --allow-simulated (allow_simulated = true) for testing only",)
 
 
 @pytest.mark.parametrize(
@@ -213,9 +216,9 @@ def test_a_quote_from_another_simulated_root_still_needs_the_binding():
 def test_measurement_policy():
     doc = make_doc()
     good = hashlib.sha384(MEASUREMENT).hexdigest().upper()
-    assert verify_document(doc, expected_nonce=NONCE, policy=Policy(allow_simulated=True, expected_measurements=frozenset({good})))
-    with pytest.raises(MeasurementNotAllowed):
-        verify_document(doc, expected_nonce=NONCE, policy=Policy(allow_simulated=True, expected_measurements=frozenset({"00" * 48})))
+    assert verify_document(doc, expected_nonce=NONCE, policy=SIMULATED.with_measurements({good}))
+    with pytest.raises(PolicyRefused, match="mr_td differs from policy"):
+        verify_document(doc, expected_nonce=NONCE, policy=SIMULATED.with_measurements({"00" * 48}))
 
 
 def test_malformed_documents_are_refused():
@@ -246,9 +249,9 @@ def test_gpu_evidence_is_bound_but_not_verified():
     result = verify_document(doc, expected_nonce=NONCE, policy=SIMULATED)
     assert result.gpu_devices == 1 and result.gpu_verified is False
     assert any("NOT verified" in note for note in result.notes)
-    with pytest.raises(GpuEvidenceInvalid, match="does not check NVIDIA"):
+    with pytest.raises(PolicyRefused, match="GPU evidence verification .* is not available"):
         verify_document(doc, expected_nonce=NONCE, policy=Policy(allow_simulated=True, require_gpu=True))
-    with pytest.raises(GpuEvidenceInvalid, match="has none"):
+    with pytest.raises(PolicyRefused, match="the node sent none"):
         verify_document(make_doc(), expected_nonce=NONCE, policy=Policy(allow_simulated=True, require_gpu=True))
 
 
@@ -280,8 +283,8 @@ def test_real_tdx_evidence_is_verified_then_refused_for_its_binding():
     quote = (TESTDATA / "tdx" / "tdx_prod_quote_SPR_E4.dat").read_bytes()
     with pytest.raises(ReportDataMismatch, match="evidence's REPORTDATA"):
         verify_document(_real_doc("tdx-quote", quote), expected_nonce=NONCE, policy=Policy(), at=AT)
-    with pytest.raises(TeeNotAllowed):
-        verify_document(_real_doc("tdx-quote", quote), expected_nonce=NONCE, policy=Policy(allowed_tees=frozenset({"sev-snp"})))
+    with pytest.raises(ReportDataMismatch):  # authenticity is checked before any policy
+        verify_document(_real_doc("tdx-quote", quote), expected_nonce=NONCE, policy=Policy(allowed_tees=frozenset({"sev-snp"})), at=AT)
 
 
 def test_real_snp_evidence_is_verified_then_refused_for_its_binding():
@@ -315,9 +318,15 @@ def run_cli(capsys, *argv):
 )
 def test_cli_verifies_tdx_samples(capsys, name, version, mrtd):
     code, out = run_cli(capsys, TESTDATA / "tdx" / name, "--at", "2026-06-01T00:00:00Z")
-    assert code == 0 and out["valid"] is True and out["errors"] == []
+    # Authentic, but refused by the default policy: nothing is pinned and without collateral the TCB is Unknown.
+    assert code == 1 and out["valid"] is True and out["errors"] == [] and out["accepted"] is False
+    assert out["tcb_status"] == "Unknown" and out["claims"]["tcb_status"] == "Unknown"
     assert (out["tee"], out["version"], out["simulated"]) == ("tdx", version, False)
     assert out["measurement"].startswith(mrtd) and len(out["report_data"]) == 128
+    assert out["claims"]["mr_td"] == out["measurement"] and out["claims"]["rtmrs"] == out["rtmrs"]
+    for key in ("mr_config_id", "mr_owner", "mr_seam", "td_attributes", "xfam"):
+        assert out[key] == out["claims"][key]
+    assert out["debug"] is False and len(out["fmspc"]) == 12
 
 
 def test_cli_snp_needs_a_vcek(capsys):
@@ -326,17 +335,19 @@ def test_cli_snp_needs_a_vcek(capsys):
     assert code == 1 and out["valid"] is False and "no VCEK supplied" in out["errors"][0]
     assert out["report_data"].startswith("0102030405") and out["version"] == 2
     code, out = run_cli(capsys, snp / "attestation.bin", "--at", "2026-06-01", "--certs", snp / "vcek.testcer", snp / "milan.testcer")
-    assert code == 0 and out["valid"] is True and out["tee"] == "sev-snp"
+    assert code == 1 and out["valid"] is True and out["tee"] == "sev-snp" and out["accepted"] is False
+    assert out["claims"]["product"] == "Milan" and out["claims"]["debug"] is True
+    assert any(e.startswith("debug is allowed by the guest policy") for e in out["policy_errors"])
 
 
 def test_cli_simulated_quote_and_flags(capsys, tmp_path):
     path = tmp_path / "quote.bin"
     path.write_bytes(SimulatedTdx.from_seed(SEED).quote(b"\x09" * 64, MEASUREMENT))
     code, out = run_cli(capsys, path)
-    assert code == 1 and out["valid"] is False and out["simulated"] is True
-    assert "SimulatedNotAllowed" in out["errors"][0]
+    assert code == 1 and out["valid"] is True and out["simulated"] is True and out["accepted"] is False
+    assert out["policy_errors"][0].startswith("tee is simulated")
     code, out = run_cli(capsys, path, "--allow-simulated")
-    assert code == 0 and out["valid"] is True and out["simulated"] is True
+    assert code == 0 and out["valid"] is True and out["simulated"] is True and out["accepted"] is True
     assert out["report_data"] == "09" * 64
 
 
@@ -358,4 +369,4 @@ def test_cli_collateral_and_text_output(capsys):
         collateral=TESTDATA / "tdx",
     )
     out = capsys.readouterr().out
-    assert code == 0 and "tcb_status: TCBNotSupported" in out and "valid: True" in out
+    assert code == 1 and "tcb_status: TCBNotSupported" in out and "valid: True" in out and "accepted: False" in out

@@ -12,8 +12,9 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from attestation import sevsnp, tdx
 from attestation.errors import AttestationUnavailable
-from attestation.providers import NvidiaGpuProvider, SimulatedProvider, TsmFilesystem, TsmProvider, snp_certificates_pem
-from attestation.simulated import SEED_FILE, SimulatedTdx
+from attestation.producers.nvml import NvidiaGpuProvider
+from attestation.producers.simulated import SEED_FILE, SimulatedProvider, SimulatedTdx
+from attestation.producers.tsm import TsmFilesystem, TsmProvider, snp_certificates_pem
 
 TESTDATA = Path(__file__).resolve().parent / "data"
 SEED = b"providers-test-seed-0123456789ab"
@@ -73,7 +74,7 @@ def test_a_real_quote_layout_round_trips_through_configfs(tmp_path):
     sim = SimulatedTdx.from_seed(SEED)
     kernel = FakeKernel(make_outblob=lambda inblob: sim.quote(inblob, b"measured"))
     evidence = TsmProvider("tdx", base_path=tmp_path, fs=kernel).get_evidence(b"\x07" * 64)
-    result = tdx.verify_quote(evidence.quote, allow_simulated=True)
+    result = tdx.verify_quote(evidence.quote)
     assert result.quote.body.report_data == b"\x07" * 64
 
 
@@ -207,7 +208,7 @@ def test_simulated_provider_measures_and_binds(tmp_path):
     provider = SimulatedProvider(b"code+config", state_dir=tmp_path / "state")
     evidence = provider.get_evidence(b"\x42" * 64)
     assert (evidence.tee, evidence.format, evidence.simulated) == ("simulated", "tdx-quote", True)
-    quote = tdx.verify_quote(evidence.quote, allow_simulated=True).quote
+    quote = tdx.verify_quote(evidence.quote).quote
     assert quote.body.mr_td == hashlib.sha384(b"code+config").digest()
     assert quote.body.report_data == b"\x42" * 64
     seed_file = tmp_path / "state" / SEED_FILE

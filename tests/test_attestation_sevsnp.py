@@ -68,7 +68,7 @@ def test_vlek_chain_is_rooted_in_the_milan_ark():
     asvk, ark = sevsnp.load_amd_certificates((SNP / "milanvlek.testcer").read_bytes())
     assert trust.common_name(asvk) == "SEV-VLEK-Milan"
     root = trust.verify_chain([asvk, ark], AT)
-    assert trust.check_root(root, trust.amd_roots(), allow_simulated=False) is False
+    assert trust.check_root(root, trust.amd_roots(), simulated_ok=False) is False
 
 
 @pytest.mark.parametrize(
@@ -113,12 +113,53 @@ def test_missing_vcek_is_reported():
 
 def test_vcek_must_match_the_chip_and_tcb():
     report = sevsnp.SnpReport.from_bytes(report_bytes())
-    sevsnp._check_leaf_matches_report(vcek(), report)
+    sevsnp._check_leaf_matches_report(vcek(), report, "Milan")
     with pytest.raises(ChainInvalid, match="another chip"):
-        sevsnp._check_leaf_matches_report(vcek(), dataclasses.replace(report, chip_id=bytes(64)))
+        sevsnp._check_leaf_matches_report(vcek(), dataclasses.replace(report, chip_id=bytes(64)), "Milan")
     other_tcb = sevsnp.TcbVersion.from_int(report.reported_tcb.raw + 1)  # bootloader SPL 3
     with pytest.raises(ChainInvalid, match="bootloader SPL 2"):
-        sevsnp._check_leaf_matches_report(vcek(), dataclasses.replace(report, reported_tcb=other_tcb))
+        sevsnp._check_leaf_matches_report(vcek(), dataclasses.replace(report, reported_tcb=other_tcb), "Milan")
+
+
+def test_vcek_tcb_extensions_must_be_present():
+    # The ASK carries no SPL extensions: as a leaf it says nothing about the TCB it vouches for.
+    report = sevsnp.SnpReport.from_bytes(report_bytes())
+    with pytest.raises(ChainInvalid, match="has no bootloader SPL extension"):
+        sevsnp._check_leaf_matches_report(milan()[0], report, "Milan")
+
+
+def test_a_vcek_alone_verifies_through_the_pinned_ask():
+    result = sevsnp.verify_report(report_bytes(), [vcek()], at=AT)
+    assert [trust.common_name(c) for c in result.chain] == ["SEV-VCEK", "SEV-Milan", "ARK-Milan"]
+    assert trust.fingerprint(result.chain[1]) == trust.AMD_ASK_MILAN_SHA256
+    claims = result.claims
+    assert claims.product == "Milan" and claims.signing_key == "vcek"
+    assert claims.tcb_status == "Unknown"  # no AMD CRL given
+    assert (claims.reported_tcb.bootloader, claims.reported_tcb.snp, claims.reported_tcb.microcode) == (2, 5, 0x44)
+    assert claims.policy == 0xB0000 and claims.debug is True  # bit 19: this sample guest allows debugging
+    assert claims.vmpl == 0
+
+
+def test_the_ark_must_be_the_chip_familys():
+    report = sevsnp.SnpReport.from_bytes(report_bytes())
+    assert sevsnp.product_of(vcek(), report) == "Milan"
+    # A version 3 report names its CPU: a Genoa CPUID with a Milan VCEK is refused.
+    genoa = dataclasses.replace(report, cpuid_fam_id=0x19, cpuid_mod_id=0x11)
+    with pytest.raises(ChainInvalid, match="not a Milan chip"):
+        sevsnp.product_of(vcek(), genoa)
+    # The Milan VCEK's chain cannot end in another family's ARK.
+    with pytest.raises(ChainInvalid, match="no issuer"):
+        sevsnp.verify_report(report_bytes(), [vcek(), milan()[0]], at=AT, trusted_roots=[trust.amd_ark("Turin")])
+    with pytest.raises(ChainInvalid, match="no pinned ARK"):
+        trust.amd_ark("Rome")
+
+
+def test_a_crl_from_another_issuer_is_refused():
+    from attestation.errors import CollateralInvalid
+
+    intel_crl = (TESTDATA / "tdx" / "rootcrl.der").read_bytes()
+    with pytest.raises(CollateralInvalid, match="issued by"):
+        sevsnp.verify_report(report_bytes(), [vcek()], at=AT, crl=intel_crl)
 
 
 def test_expired_certificates_fail_at_a_later_time():

@@ -23,7 +23,7 @@ from attestation.errors import (
     SignatureInvalid,
 )
 from attestation.intel import IntelCollateral, PckExtensions
-from attestation.simulated import SimulatedTdx
+from attestation.producers.simulated import SimulatedTdx
 
 TESTDATA = Path(__file__).resolve().parent / "data"
 TDX = TESTDATA / "tdx"
@@ -106,16 +106,22 @@ def test_samples_verify_to_the_pinned_intel_root(name):
     assert trust.common_name(result.pck_chain[0]) == "Intel SGX PCK Certificate"
     assert trust.common_name(result.pck_chain[-1]) == "Intel SGX Root CA"
     assert trust.fingerprint(result.pck_chain[-1]) == trust.INTEL_SGX_ROOT_CA_SHA256
-    assert result.tcb_status is None
+    assert result.claims.tcb_status == "Unknown"  # no collateral: nothing says how current the platform is
 
 
 def test_pinned_roots_match_their_fingerprints_and_subjects():
     root = trust.pinned_root("intel_sgx_root_ca.pem")
     assert trust.common_name(root) == "Intel SGX Root CA"
-    milan, genoa = trust.amd_roots()
-    assert (trust.common_name(milan), trust.common_name(genoa)) == ("ARK-Milan", "ARK-Genoa")
-    assert trust.fingerprint(genoa) == trust.AMD_ARK_GENOA_SHA256
-    genoa.verify_directly_issued_by(genoa)  # self-signed, RSA-PSS
+    arks = trust.amd_roots()
+    assert [trust.common_name(a) for a in arks] == ["ARK-Milan", "ARK-Genoa", "ARK-Turin"]
+    assert [trust.fingerprint(a) for a in arks] == [
+        trust.AMD_ARK_MILAN_SHA256, trust.AMD_ARK_GENOA_SHA256, trust.AMD_ARK_TURIN_SHA256
+    ]
+    for product, ark in zip(trust.AMD_PRODUCTS, arks):
+        ark.verify_directly_issued_by(ark)  # self-signed, RSA-PSS
+        ask = trust.amd_ask(product)
+        assert trust.common_name(ask) == f"SEV-{product}"
+        ask.verify_directly_issued_by(ark)  # each pinned ASK is AMD's: signed by its family's ARK
 
 
 @pytest.mark.parametrize(
@@ -225,17 +231,17 @@ def test_collateral_checks_crls_and_reports_tcb_status():
     collateral = IntelCollateral.from_directory(TDX)
     assert collateral.tcb_signing_chain is not None  # the directory holds the issuer chain too
     result = tdx.verify_quote(read("tdx_prod_quote_SPR_E4.dat"), at=COLLATERAL_AT, collateral=collateral)
-    assert "root CRL checked" in result.notes and "PCK CRL checked" in result.notes
-    assert "QE identity: UpToDate" in result.notes
+    assert "root CRL checked" in result.claims.collateral_notes and "PCK CRL checked" in result.claims.collateral_notes
+    assert "QE identity: UpToDate" in result.claims.collateral_notes
     # The sample TCB info (evaluation number 15) requires SGX SVNs 5,5,... and TDX SVN 5 at index 2;
     # this platform's PCK has 3,3,... and its TEE_TCB_SVN is 3,0,4: below every listed level.
-    assert result.tcb_status == "TCBNotSupported"
+    assert result.claims.tcb_status == "TCBNotSupported"
 
 
 def test_signed_collateral_is_verified_to_the_intel_root():
     result = tdx.verify_quote(read("tdx_prod_quote_SPR_E4.dat"), at=COLLATERAL_AT, collateral=signed_collateral())
-    assert "QE identity: UpToDate" in result.notes and "TCB info: TCBNotSupported" in result.notes
-    assert result.tcb_status == "TCBNotSupported"
+    assert "QE identity: UpToDate" in result.claims.collateral_notes and "TCB info: TCBNotSupported" in result.claims.collateral_notes
+    assert result.claims.tcb_status == "TCBNotSupported"
 
 
 def test_tampered_signed_collateral_is_refused():
@@ -270,11 +276,11 @@ def test_tcb_level_matching_uses_the_pck_extension_and_tee_tcb_svn():
     platform = _level([3, 3, 2, 2, 2, 1, 0, 2] + [0] * 8, 11, [3, 0, 4] + [0] * 13, "OutOfDate")
     collateral = IntelCollateral(tcb_info=_tcb_info_with_levels([newer, platform]))
     result = tdx.verify_quote(read("tdx_prod_quote_SPR_E4.dat"), at=COLLATERAL_AT, collateral=collateral)
-    assert result.tcb_status == "OutOfDate"
+    assert result.claims.tcb_status == "OutOfDate"
     # One PCE SVN above the platform's (11) and the level no longer matches.
     too_high = _level([3, 3, 2, 2, 2, 1, 0, 2] + [0] * 8, 12, [3, 0, 4] + [0] * 13, "UpToDate")
     collateral = IntelCollateral(tcb_info=_tcb_info_with_levels([too_high]))
-    assert tdx.verify_quote(read("tdx_prod_quote_SPR_E4.dat"), at=COLLATERAL_AT, collateral=collateral).tcb_status == "TCBNotSupported"
+    assert tdx.verify_quote(read("tdx_prod_quote_SPR_E4.dat"), at=COLLATERAL_AT, collateral=collateral).claims.tcb_status == "TCBNotSupported"
 
 
 def test_pck_sgx_extension_is_decoded():
@@ -334,4 +340,4 @@ def test_a_revoked_pck_is_refused():
     collateral = IntelCollateral(pck_crl=crl.public_bytes(Encoding.DER))
     quote = sim.quote(bytes(64), b"m")
     with pytest.raises(CertificateRevoked, match="revoked"):
-        tdx.verify_quote(quote, at=datetime(2026, 6, 1, tzinfo=timezone.utc), allow_simulated=True, collateral=collateral)
+        tdx.verify_quote(quote, at=datetime(2026, 6, 1, tzinfo=timezone.utc), collateral=collateral)

@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from attestation.errors import MeasurementNotAllowed, SimulatedNotAllowed, TeeNotAllowed
+from attestation.errors import PolicyRefused
 from node.cli import main as cli_main
 from node.client import (
     ChatCompletion,
@@ -311,9 +311,9 @@ async def test_429_retries_are_bounded(start_node):
 
 async def test_refuses_simulated_node_without_allow_simulated(node):
     async with ConfidentialClient(node.url) as client:
-        with pytest.raises(SimulatedNotAllowed):
+        with pytest.raises(PolicyRefused, match="tee is simulated"):
             await client.chat.completions.create(model=MODEL, messages=chat_messages(SECRET_PROMPT))
-        with pytest.raises(SimulatedNotAllowed):
+        with pytest.raises(PolicyRefused, match="tee is simulated"):
             await client.chat.completions.create(model=MODEL, messages=chat_messages(SECRET_PROMPT), stream=True)
         assert client.attestation is None
     assert node.confidential_requests() == 0  # nothing was sent
@@ -326,14 +326,14 @@ async def test_policy_measurement_and_tee_allow_lists(node):
         response = await client.chat.completions.create(model=MODEL, messages=chat_messages("ok"))
         assert response.choices[0].message.content == "ok"
     async with ConfidentialClient(node.url, allow_simulated=True, expected_measurements=["00" * 48]) as client:
-        with pytest.raises(MeasurementNotAllowed):
+        with pytest.raises(PolicyRefused, match="mr_td differs from policy"):
             await client.chat.completions.create(model=MODEL, messages=chat_messages(SECRET_PROMPT))
-    from attestation.document import Policy
+    from attestation.appraisal import Policy
 
     with pytest.raises(ValueError):
         ConfidentialClient(node.url, policy=Policy(allow_simulated=True), allow_simulated=True)
     async with ConfidentialClient(node.url, policy=Policy(allowed_tees=frozenset({"tdx"}))) as client:
-        with pytest.raises((SimulatedNotAllowed, TeeNotAllowed)):
+        with pytest.raises(PolicyRefused, match="tee is simulated"):
             await client.attest()
     assert node.confidential_requests() == 1
 
@@ -416,7 +416,7 @@ def test_cli_chat_refuses_simulated_by_default(node, capsys):
     code, out, err = _run_cli(["chat", node.url, SECRET_PROMPT], capsys)
     assert code == 1
     assert out == ""
-    assert "SimulatedNotAllowed" in err
+    assert "PolicyRefused" in err and "tee is simulated" in err
     assert node.confidential_requests() == 0
 
 
@@ -434,9 +434,11 @@ def test_cli_attest(node, capsys):
     assert code == 1
     assert json.loads(out) == {
         "url": node.url,
-        "valid": False,
-        "error": "SimulatedNotAllowed",
+        "valid": True,  # authentic simulated evidence, refused by the policy
+        "accepted": False,
+        "error": "PolicyRefused",
         "message": json.loads(out)["message"],
+        "policy_errors": ["tee is simulated, which is not a TEE: pass --allow-simulated (allow_simulated = true) for testing only"],
     }
     code, out, err = _run_cli(["attest", "http://127.0.0.1:9", "--allow-simulated"], capsys)
     assert code == 1 and "APIConnectionError" in err

@@ -8,6 +8,7 @@ import json
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any, Generic, TypeVar
 
@@ -59,21 +60,22 @@ def make_policy(
     allowed_tee: Any = None,
     require_gpu: bool = False,
 ) -> Any:
-    """An `attestation.document.Policy` from the constructor's shortcuts (or `policy` as is)."""
-    from attestation.document import Policy
+    """An `attestation.appraisal.Policy` from the constructor's shortcuts (or `policy` as is).
+
+    `policy` may also be a path to a TOML policy file (docs/policy.md).
+    """
+    from attestation.appraisal import Policy, load_policy
 
     if policy is not None:
         if allow_simulated or expected_measurements is not None or allowed_tee is not None or require_gpu:
             raise ValueError("pass either policy= or the policy shortcuts, not both")
-        return policy
-    kwargs: dict[str, Any] = {"allow_simulated": allow_simulated, "require_gpu": require_gpu}
+        return policy if isinstance(policy, Policy) else load_policy(policy)
+    built = Policy(allow_simulated=allow_simulated, require_gpu=require_gpu)
     if expected_measurements is not None:
-        if isinstance(expected_measurements, str):
-            expected_measurements = [expected_measurements]
-        kwargs["expected_measurements"] = frozenset(m.lower() for m in expected_measurements)
+        built = built.with_measurements([expected_measurements] if isinstance(expected_measurements, str) else expected_measurements)
     if allowed_tee is not None:
-        kwargs["allowed_tees"] = frozenset([allowed_tee] if isinstance(allowed_tee, str) else allowed_tee)
-    return Policy(**kwargs)
+        built = replace(built, allowed_tees=frozenset([allowed_tee] if isinstance(allowed_tee, str) else allowed_tee))
+    return built
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -327,13 +329,14 @@ class ConfidentialClient:
 
     Before the first request (and after the node reports STALE_NODE_KEY) the client fetches
     `/v1/attestation` with a fresh 32-byte nonce, verifies it against the policy
-    (`attestation.document.verify_document`) and pins the node's X25519 key and Ed25519
+    (`attestation.document.verify_document`: authentic evidence, then `appraise`) and pins the node's X25519 key and Ed25519
     signing key from it. Every request is sealed to the pinned X25519 key; every response,
     event and receipt must be signed by the pinned signing key.
 
-    Policy: `policy=attestation.document.Policy(...)`, or the shortcuts `allow_simulated`,
-    `expected_measurements` (hex MRTD / MEASUREMENT values), `allowed_tee` ("tdx",
-    "sev-snp"; simulated needs `allow_simulated`), `require_gpu`. Retries: 429 OVERLOADED and
+    Policy: `policy=attestation.appraisal.Policy(...)` or the path of a TOML policy file
+    (docs/policy.md), or the shortcuts `allow_simulated`, `expected_measurements` (hex MRTD /
+    MEASUREMENT values), `allowed_tee` ("tdx", "sev-snp"; simulated needs `allow_simulated`),
+    `require_gpu`. The default policy refuses every node (default-deny, docs/policy.md). Retries: 429 OVERLOADED and
     503 NOT_READY up to `max_retries` times, waiting Retry-After (at most `max_retry_wait`
     seconds each); 422 STALE_NODE_KEY re-attests and retries once with a fresh envelope (the
     key in the 422 body is never used: only attested keys are). `reattest_after` (seconds)
@@ -486,13 +489,14 @@ class ConfidentialClient:
             simulated=bool(verified.simulated),
             measurement=verified.measurement,
             key_epoch=verified.key_epoch,
-            config_digest=config_digest.hex() if isinstance(config_digest, bytes) else str(config_digest),
+            config_digest=config_digest.hex(),
             dh_public_key=bytes(verified.dh_public_key),
             signing_public_key=bytes(verified.signing_public_key),
             verified_at=datetime.now(timezone.utc),
-            tcb_status=getattr(verified, "tcb_status", None),
-            gpu_devices=getattr(verified, "gpu_devices", 0),
-            notes=tuple(getattr(verified, "notes", ())),
+            tcb_status=verified.tcb_status,
+            gpu_devices=verified.gpu_devices,
+            notes=(*verified.notes, *verified.warnings),
+            claims=verified.claims.as_json(),
             document=document,
         )
 

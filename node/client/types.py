@@ -37,6 +37,7 @@ class NodeIdentity:
     tcb_status: str | None = None
     gpu_devices: int = 0
     notes: tuple[str, ...] = ()
+    claims: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)  # every appraised claim, hex
     document: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
@@ -54,6 +55,7 @@ class NodeIdentity:
             "tcb_status": self.tcb_status,
             "gpu_devices": self.gpu_devices,
             "notes": list(self.notes),
+            "claims": self.claims,
         }
 
 

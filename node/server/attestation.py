@@ -10,7 +10,9 @@ import orjson
 from aiohttp import web
 
 from attestation.document import build_document
-from attestation.providers import NvidiaGpuProvider, SimulatedProvider, TsmProvider
+from attestation.producers.nvml import NvidiaGpuProvider
+from attestation.producers.simulated import SimulatedProvider
+from attestation.producers.tsm import TsmProvider
 
 from ..config import NodeConfig
 from ..errors import InvalidBody, Overloaded

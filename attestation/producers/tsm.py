@@ -1,29 +1,22 @@
-"""Evidence providers: one per TEE behind one protocol, plus NVIDIA GPUs.
+"""TDX and SEV-SNP evidence through Linux configfs-tsm (kernel 6.7+).
 
-Methods block (file I/O, NVML); the server calls them in a worker thread.
+Methods block (file I/O); the server calls them in a worker thread.
 """
 
 from __future__ import annotations
 
-import base64
 import os
 import secrets
 import struct
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
 
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from .errors import AttestationError, AttestationUnavailable, ChainInvalid
-from .sevsnp import load_amd_certificates
-from .simulated import SimulatedTdx
+from ..errors import AttestationError, AttestationUnavailable, ChainInvalid
+from ..evidence import FORMAT_SNP, FORMAT_TDX, CpuEvidence, check_report_data
+from ..sevsnp import load_amd_certificates
 
 TSM_REPORT_PATH = Path("/sys/kernel/config/tsm/report")
-REPORT_DATA_SIZE = 64
-FORMAT_TDX = "tdx-quote"
-FORMAT_SNP = "sev-snp-report"
-FORMAT_NVIDIA = "nvidia-cc"
 
 # configfs-tsm `provider` attribute per TEE type.
 _TSM_PROVIDER = {"tdx": "tdx_guest", "sev-snp": "sev_guest"}
@@ -33,49 +26,6 @@ _TSM_FORMAT = {"tdx": FORMAT_TDX, "sev-snp": FORMAT_SNP}
 # ended by an all-zero entry; offsets count from the start of the table.
 SNP_CERT_ENTRY_SIZE = 24
 SNP_CERT_ENTRY_GUID_SIZE = 16
-
-
-@dataclass(frozen=True)
-class CpuEvidence:
-    tee: str  # "tdx", "sev-snp" or "simulated"
-    format: str  # "tdx-quote" or "sev-snp-report"
-    quote: bytes
-    certificates: str | None  # PEM, when the quote does not carry its own chain
-    simulated: bool
-
-
-class TeeProvider(Protocol):
-    tee: str
-
-    def get_evidence(self, report_data: bytes) -> CpuEvidence:
-        """Evidence whose REPORTDATA is exactly `report_data` (64 bytes)."""
-
-
-class GpuProvider(Protocol):
-    def get_evidence(self, gpu_nonce: bytes) -> list[dict[str, Any]]:
-        """One entry per GPU: {"format", "device", "evidence" (b64), "certificate" (b64)}."""
-
-
-def _check_report_data(report_data: bytes) -> None:
-    if len(report_data) != REPORT_DATA_SIZE:
-        raise ValueError(f"report_data must be exactly {REPORT_DATA_SIZE} bytes")
-
-
-class SimulatedProvider:
-    """Simulated TDX; MRTD = SHA-384(measurement) where the node passes its code+config measurement."""
-
-    tee = "simulated"
-
-    def __init__(self, measurement: bytes, *, seed: bytes | None = None, state_dir: str | Path | None = None):
-        if (seed is None) == (state_dir is None):
-            raise ValueError("give exactly one of seed or state_dir")
-        self._tee = SimulatedTdx.from_seed(seed) if seed is not None else SimulatedTdx.from_state_dir(state_dir)
-        self._measurement = bytes(measurement)
-
-    def get_evidence(self, report_data: bytes) -> CpuEvidence:
-        _check_report_data(report_data)
-        quote = self._tee.quote(report_data, self._measurement)
-        return CpuEvidence(tee=self.tee, format=FORMAT_TDX, quote=quote, certificates=None, simulated=True)
 
 
 class TsmFilesystem:
@@ -157,7 +107,7 @@ class TsmProvider:
         return _ReportDir(self._fs, self._base / f"tee-node-{os.getpid()}-{secrets.token_hex(8)}")
 
     def get_evidence(self, report_data: bytes) -> CpuEvidence:
-        _check_report_data(report_data)
+        check_report_data(report_data)
         for _ in range(self._max_attempts):
             with self._report_dir() as path:
                 self._check_provider(path)
@@ -203,52 +153,3 @@ class _ReportDir:
             self._fs.rmdir(self.path)
         except OSError:
             pass  # a leftover report directory is harmless and must not hide the real outcome
-
-
-class NvidiaGpuProvider:
-    """NVIDIA confidential-computing GPU evidence through NVML (nvidia-ml-py, imported lazily)."""
-
-    def __init__(self, *, require_gpu: bool = True, nvml: Any = None):
-        self._nvml = nvml
-        self._count = 0
-        try:
-            if self._nvml is None:
-                import pynvml
-
-                self._nvml = pynvml
-            self._nvml.nvmlInit()
-            self._count = int(self._nvml.nvmlDeviceGetCount())
-        except Exception as exc:  # ImportError, a missing libnvidia-ml, or any NVMLError
-            if require_gpu:
-                raise AttestationUnavailable(f"NVML is not available ({type(exc).__name__}); GPU attestation is required") from None
-            self._nvml = None
-            return
-        if self._count == 0 and require_gpu:
-            raise AttestationUnavailable("NVML reports no GPU; GPU attestation is required")
-
-    @property
-    def device_count(self) -> int:
-        return self._count
-
-    def get_evidence(self, gpu_nonce: bytes) -> list[dict[str, Any]]:
-        if len(gpu_nonce) != 32:
-            raise ValueError("gpu_nonce must be 32 bytes")
-        evidence = []
-        for index in range(self._count):
-            try:
-                handle = self._nvml.nvmlDeviceGetHandleByIndex(index)
-                report = self._nvml.nvmlDeviceGetConfComputeGpuAttestationReport(handle, gpu_nonce)
-                certs = self._nvml.nvmlDeviceGetConfComputeGpuCertificate(handle)
-            except Exception as exc:  # NVMLError subclasses are generated per error code
-                raise AttestationUnavailable(f"GPU {index} refused attestation ({type(exc).__name__})") from None
-            evidence.append(
-                {
-                    "format": FORMAT_NVIDIA,
-                    "device": index,
-                    "evidence": base64.b64encode(bytes(report.attestationReport[: report.attestationReportSize])).decode(),
-                    "certificate": base64.b64encode(
-                        bytes(certs.attestationCertChain[: certs.attestationCertChainSize])
-                    ).decode(),
-                }
-            )
-        return evidence

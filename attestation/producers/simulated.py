@@ -19,9 +19,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
-from . import tdx
-from .errors import AttestationUnavailable
-from .trust import SIMULATED_ROOT_COMMON_NAME
+from .. import tdx
+from ..claims import TD_ATTRIBUTES_DEBUG
+from ..errors import AttestationUnavailable
+from ..evidence import FORMAT_TDX, CpuEvidence, check_report_data
+from ..trust import SIMULATED_ROOT_COMMON_NAME
 
 SEED_FILE = "simulated-tee.seed"
 SEED_SIZE = 32
@@ -116,8 +118,9 @@ class SimulatedTdx:
     def from_state_dir(cls, state_dir: str | Path) -> "SimulatedTdx":
         return cls.from_seed(load_or_create_seed(state_dir))
 
-    def quote(self, report_data: bytes, measurement: bytes) -> bytes:
-        """A TDX v4 quote with MRTD = SHA-384(measurement) and the given 64-byte REPORTDATA."""
+    def quote(self, report_data: bytes, measurement: bytes, *, debug: bool = False) -> bytes:
+        """A TDX v4 quote with MRTD = SHA-384(measurement) and the given 64-byte REPORTDATA;
+        `debug` sets TD_ATTRIBUTES.DEBUG, as a debuggable TD would report."""
         if len(report_data) != tdx.REPORT_DATA_SIZE:
             raise ValueError(f"report_data must be {tdx.REPORT_DATA_SIZE} bytes")
         header = bytearray(tdx.HEADER_SIZE)
@@ -125,6 +128,8 @@ class SimulatedTdx:
         header[tdx.HDR_QE_VENDOR_ID:tdx.HDR_QE_VENDOR_ID + tdx.QE_VENDOR_ID_SIZE] = SIMULATED_QE_VENDOR_ID
         body = bytearray(tdx.TD_REPORT10_SIZE)
         body[tdx.TD_MR_TD:tdx.TD_MR_TD + tdx.MEASUREMENT_SIZE] = hashlib.sha384(measurement).digest()
+        if debug:
+            body[tdx.TD_TD_ATTRIBUTES] |= TD_ATTRIBUTES_DEBUG
         body[tdx.TD_REPORT_DATA:tdx.TD_REPORT_DATA + tdx.REPORT_DATA_SIZE] = report_data
         signed = bytes(header + body)
 
@@ -150,3 +155,23 @@ class SimulatedTdx:
             + qe_cert_data
         )
         return signed + struct.pack("<I", len(sig_data)) + sig_data
+
+
+class SimulatedProvider:
+    """Simulated TDX; MRTD = SHA-384(measurement) where the node passes its code+config measurement."""
+
+    tee = "simulated"
+
+    def __init__(
+        self, measurement: bytes, *, seed: bytes | None = None, state_dir: str | Path | None = None, debug: bool = False
+    ):
+        if (seed is None) == (state_dir is None):
+            raise ValueError("give exactly one of seed or state_dir")
+        self._tee = SimulatedTdx.from_seed(seed) if seed is not None else SimulatedTdx.from_state_dir(state_dir)
+        self._measurement = bytes(measurement)
+        self._debug = debug
+
+    def get_evidence(self, report_data: bytes) -> CpuEvidence:
+        check_report_data(report_data)
+        quote = self._tee.quote(report_data, self._measurement, debug=self._debug)
+        return CpuEvidence(tee=self.tee, format=FORMAT_TDX, quote=quote, certificates=None, simulated=True)

@@ -1,0 +1,144 @@
+"""Normalised claims: what verified evidence says, with no judgement of whether to trust it.
+
+Verifiers (tdx, sevsnp, document) check that evidence is authentic and return these; `appraise`
+(attestation.appraisal) is the one place that decides whether the claims are acceptable.
+Byte fields are raw bytes; `as_json` gives every claim as hex strings for people and tools.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+TCB_UNKNOWN = "Unknown"  # no (current) collateral was available to compute a TCB status
+
+TD_ATTRIBUTES_DEBUG = 0x01  # TD_ATTRIBUTES bit 0 (TUD.DEBUG), first byte of the little-endian field
+SNP_POLICY_DEBUG = 1 << 19  # guest policy bit 19: the host may debug the guest
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).hex()
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "as_json"):
+        return value.as_json()
+    return value
+
+
+class _Claims:
+    def as_json(self) -> dict[str, Any]:
+        return {f.name: _jsonable(getattr(self, f.name)) for f in fields(self)}  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class TdxClaims(_Claims):
+    """A TDX quote's TD report, quoting enclave and platform facts (simulated quotes give the same)."""
+
+    mr_td: bytes
+    rtmrs: tuple[bytes, bytes, bytes, bytes]
+    mr_config_id: bytes
+    mr_owner: bytes
+    mr_owner_config: bytes
+    mr_seam: bytes
+    mr_signer_seam: bytes
+    td_attributes: bytes
+    xfam: bytes
+    tee_tcb_svn: bytes
+    report_data: bytes
+    qe_vendor_id: bytes
+    qe_mr_signer: bytes
+    qe_isv_prod_id: int
+    qe_isv_svn: int
+    qe_attributes: bytes
+    qe_misc_select: int
+    fmspc: bytes | None  # from the PCK certificate; None for the simulated TEE
+    tcb_status: str = TCB_UNKNOWN
+    advisory_ids: tuple[str, ...] = ()
+    collateral_notes: tuple[str, ...] = ()
+
+    @property
+    def debug(self) -> bool:
+        return bool(self.td_attributes[0] & TD_ATTRIBUTES_DEBUG)
+
+    @property
+    def measurement(self) -> bytes:
+        return self.mr_td
+
+    def as_json(self) -> dict[str, Any]:
+        out = super().as_json()
+        out["debug"] = self.debug
+        return out
+
+
+@dataclass(frozen=True)
+class SnpTcb(_Claims):
+    """TCB_VERSION security patch levels (Turin adds the FMC level and moves the others)."""
+
+    raw: int
+    bootloader: int
+    tee: int
+    snp: int
+    microcode: int
+    fmc: int | None = None  # Turin and later
+
+    def as_json(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class SnpClaims(_Claims):
+    """A SEV-SNP report's guest and platform facts."""
+
+    product: str  # chip family the chain was verified for: Milan, Genoa, Turin
+    measurement: bytes
+    host_data: bytes
+    policy: int
+    vmpl: int
+    reported_tcb: SnpTcb
+    chip_id: bytes
+    guest_svn: int
+    family_id: bytes
+    image_id: bytes
+    id_key_digest: bytes
+    author_key_digest: bytes
+    platform_info: int
+    signing_key: str  # "vcek" or "vlek"
+    report_data: bytes
+    tcb_status: str = TCB_UNKNOWN
+    collateral_notes: tuple[str, ...] = ()
+
+    @property
+    def debug(self) -> bool:
+        return bool(self.policy & SNP_POLICY_DEBUG)
+
+    def as_json(self) -> dict[str, Any]:
+        out = super().as_json()
+        out["debug"] = self.debug
+        return out
+
+
+@dataclass(frozen=True)
+class Claims:
+    """Everything appraisal looks at for one node.
+
+    `gpus` carries one claims object per verified GPU; the GPU verifier (issue 12) fills it.
+    `gpu_evidence` counts the GPU entries the document carried, verified or not.
+    """
+
+    tee: str  # "tdx", "sev-snp" or "simulated"
+    simulated: bool
+    cpu: TdxClaims | SnpClaims
+    config_digest: bytes | None = None  # None for bare evidence (`tee-node quote verify`)
+    gpu_evidence: int = 0
+    gpus: tuple[Any, ...] = field(default=())
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "tee": self.tee,
+            "simulated": self.simulated,
+            "cpu": self.cpu.as_json(),
+            "config_digest": self.config_digest.hex() if self.config_digest is not None else None,
+            "gpu_evidence": self.gpu_evidence,
+            "gpus": [_jsonable(g) for g in self.gpus],
+        }
