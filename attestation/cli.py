@@ -171,7 +171,7 @@ def policy_from_quote(
     return EXIT_VALID
 
 
-def _iso_time(text: str) -> datetime:
+def iso_time(text: str) -> datetime:
     try:
         return trust.as_utc(datetime.fromisoformat(text))
     except ValueError:
@@ -203,7 +203,7 @@ def policy_from_args(args: argparse.Namespace, err: TextIO | None = None) -> Pol
 
 def _add_evidence_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", help="raw TDX quote or SEV-SNP attestation report")
-    parser.add_argument("--at", type=_iso_time, default=None, help="verify certificates and collateral at this ISO time (default: now)")
+    parser.add_argument("--at", type=iso_time, default=None, help="verify certificates and collateral at this ISO time (default: now)")
     parser.add_argument("--certs", nargs="+", default=[], metavar="FILE", help="SEV-SNP VCEK/VLEK, ASK, ARK (PEM or DER)")
     parser.add_argument("--collateral", metavar="DIR", help="collateral directory: Intel PCS and AMD KDS files (docs/policy.md)")
 

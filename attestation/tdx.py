@@ -18,6 +18,7 @@ from . import trust
 from .claims import TCB_UNKNOWN, TdxClaims
 from .errors import ParseError, ReportDataMismatch, SignatureInvalid
 from .intel import CollateralResult, IntelCollateral, PckExtensions
+from .layout import need
 
 # --- Quote header (48 bytes, common to v4 and v5) ---
 HEADER_SIZE = 48
@@ -92,9 +93,7 @@ QE_AUTH_SIZE_SIZE = 2
 
 
 def _need(data: bytes, offset: int, size: int, what: str) -> bytes:
-    if offset < 0 or size < 0 or offset + size > len(data):
-        raise ParseError(f"TDX quote truncated: {what} needs {size} bytes at offset {offset}, only {len(data)} present")
-    return data[offset:offset + size]
+    return need(data, offset, size, what, "TDX quote")
 
 
 @dataclass(frozen=True)

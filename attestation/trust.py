@@ -25,6 +25,10 @@ AMD_ARK_TURIN_SHA256 = "1f084161a44bb6d93778a904877d4819cafa5d05ef4193b2ded9dd9c
 AMD_ASK_MILAN_SHA256 = "67d303bd3905fd38db8b20e0793699870e7fa612eaad5dec358293fd8c0bac1b"
 AMD_ASK_GENOA_SHA256 = "5464738c1546aed5f2cecf1dc98c5c960a92e8913238a61711bc90ec6e828521"
 AMD_ASK_TURIN_SHA256 = "5b77ef5fe7a7a004fd9032668fba9d0fda22f88c4442069a479636a6ae3b3185"
+# NVIDIA's roots as nvtrust ships them (verifier_device_root.pem, verifier_RIM_root.pem): GPU
+# attestation certificate chains end in the first, reference integrity manifests in the second.
+NVIDIA_DEVICE_IDENTITY_CA_SHA256 = "102bf659d5419614c9d8e6aecebc80454eb26b1df6a769ac720b9a690b167b48"
+NVIDIA_RIM_ROOT_CA_SHA256 = "12977b5115acb0381179279fffeb5a8c4d264971ebb32298023a465fa41df5d1"
 
 _ROOT_FILES = {
     "intel_sgx_root_ca.pem": INTEL_SGX_ROOT_CA_SHA256,
@@ -34,6 +38,8 @@ _ROOT_FILES = {
     "amd_ask_milan.pem": AMD_ASK_MILAN_SHA256,
     "amd_ask_genoa.pem": AMD_ASK_GENOA_SHA256,
     "amd_ask_turin.pem": AMD_ASK_TURIN_SHA256,
+    "nvidia_device_identity_ca.pem": NVIDIA_DEVICE_IDENTITY_CA_SHA256,
+    "nvidia_rim_root_ca.pem": NVIDIA_RIM_ROOT_CA_SHA256,
 }
 AMD_PRODUCTS = ("Milan", "Genoa", "Turin")
 
@@ -105,6 +111,14 @@ def amd_ark(product: str) -> x509.Certificate:
 def amd_ask(product: str) -> x509.Certificate:
     amd_ark(product)  # same product check
     return pinned_root(f"amd_ask_{product.lower()}.pem")
+
+
+def nvidia_device_roots() -> tuple[x509.Certificate, ...]:
+    return (pinned_root("nvidia_device_identity_ca.pem"),)
+
+
+def nvidia_rim_roots() -> tuple[x509.Certificate, ...]:
+    return (pinned_root("nvidia_rim_root_ca.pem"),)
 
 
 def verify_issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> None:

@@ -1,4 +1,4 @@
-"""`tee-node`: serve the node, prepare models, verify quotes, attest and chat with a node."""
+"""`tee-node`: serve the node, prepare models, verify quotes and GPU reports, attest and chat with a node."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from attestation import cli as attestation_cli
+from attestation.nvidia import cli as gpu_cli
 
 from .config import NodeConfig, load_config, merge_settings
 
@@ -102,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     from_quote = policy.add_parser("from-quote", help="print a policy pinning the registers of known-good evidence")
     attestation_cli.add_from_quote_arguments(from_quote)
     from_quote.set_defaults(func=attestation_cli.run_from_quote)
+    gpu = commands.add_parser("gpu", help="NVIDIA GPU evidence").add_subparsers(dest="gpu_command", required=True)
+    gpu_verify = gpu.add_parser("verify", help="verify an NVIDIA GPU attestation report offline")
+    gpu_cli.add_arguments(gpu_verify)
+    gpu_verify.set_defaults(func=gpu_cli.gpu_verify)
 
     config = commands.add_parser("config", help="configuration").add_subparsers(dest="config_command", required=True)
     digest = with_config(config.add_parser("digest", help="print the config digest the attestation reports"))
