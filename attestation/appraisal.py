@@ -13,7 +13,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from .claims import TCB_UNKNOWN, Claims, SnpClaims, TdxClaims
+from .claims import (
+    GPU_CC_MODE_ON,
+    MEASUREMENTS_MISMATCH,
+    MEASUREMENTS_NOT_CHECKED,
+    OCSP_GOOD,
+    TCB_UNKNOWN,
+    Claims,
+    GpuClaims,
+    SnpClaims,
+    TdxClaims,
+)
 
 UP_TO_DATE = "UpToDate"
 REVOKED = "Revoked"
@@ -123,13 +133,42 @@ class SnpPolicy:
         return cls(**kwargs)
 
 
+def _driver_version(value: Any, name: str) -> tuple[int, ...]:
+    """NVIDIA driver versions compare part by part as numbers: 550.90.07 > 550.54.15 > 545.00."""
+    try:
+        if not isinstance(value, str):
+            raise ValueError
+        return tuple(int(part) for part in value.split("."))
+    except ValueError:
+        raise PolicyError(f"{name} must be a driver version such as \"550.90.07\"") from None
+
+
+@dataclass(frozen=True)
+class GpuPolicy:
+    """The `[gpu]` table: what is accepted of each NVIDIA GPU whose evidence verified."""
+
+    min_driver_version: str | None = None
+    allowed_vbios_versions: frozenset[str] = frozenset()  # uppercase, as NVIDIA writes them; empty: any
+    allow_ocsp_unknown: bool = False
+
+    @classmethod
+    def from_table(cls, table: Mapping[str, Any]) -> "GpuPolicy":
+        _no_unknown(table, {"min_driver_version", "allowed_vbios_versions", "allow_ocsp_unknown"}, "[gpu]")
+        kwargs: dict[str, Any] = {}
+        if "min_driver_version" in table:
+            _driver_version(table["min_driver_version"], "gpu.min_driver_version")
+            kwargs["min_driver_version"] = table["min_driver_version"]
+        if "allowed_vbios_versions" in table:
+            versions = _statuses(table["allowed_vbios_versions"], "gpu.allowed_vbios_versions")
+            kwargs["allowed_vbios_versions"] = frozenset(v.upper() for v in versions)
+        if "allow_ocsp_unknown" in table:
+            kwargs["allow_ocsp_unknown"] = _bool(table["allow_ocsp_unknown"], "gpu.allow_ocsp_unknown")
+        return cls(**kwargs)
+
+
 @dataclass(frozen=True)
 class Policy:
-    """What a client accepts. The default accepts no real node (nothing is pinned) and no simulated one.
-
-    `gpu` holds the `[gpu]` table of a policy file for the GPU appraisal (issue 12); until that
-    lands a non-empty `[gpu]` table is refused, so a policy never silently ignores GPU pins.
-    """
+    """What a client accepts. The default accepts no real node (nothing is pinned) and no simulated one."""
 
     tdx: TdxPolicy = field(default_factory=TdxPolicy)
     sev_snp: SnpPolicy = field(default_factory=SnpPolicy)
@@ -138,14 +177,14 @@ class Policy:
     allow_simulated: bool = False
     accept_any_measurement: bool = False
     require_gpu: bool = False
-    gpu: Mapping[str, Any] = field(default_factory=dict)
+    gpu: GpuPolicy = field(default_factory=GpuPolicy)
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> "Policy":
         top = {"tdx", "sev_snp", "gpu", "config_digest", "allowed_tees", "allow_simulated", "accept_any_measurement", "require_gpu"}
         _no_unknown(data, top, "the policy")
         kwargs: dict[str, Any] = {}
-        for key, kind in (("tdx", TdxPolicy), ("sev_snp", SnpPolicy)):
+        for key, kind in (("tdx", TdxPolicy), ("sev_snp", SnpPolicy), ("gpu", GpuPolicy)):
             if key in data:
                 if not isinstance(data[key], Mapping):
                     raise PolicyError(f"[{key}] must be a table")
@@ -160,10 +199,6 @@ class Policy:
         for key in ("allow_simulated", "accept_any_measurement", "require_gpu"):
             if key in data:
                 kwargs[key] = _bool(data[key], key)
-        if "gpu" in data:
-            if not isinstance(data["gpu"], Mapping):
-                raise PolicyError("[gpu] must be a table")
-            kwargs["gpu"] = dict(data["gpu"])
         return cls(**kwargs)
 
     def with_measurements(self, measurements: Iterable[str]) -> "Policy":
@@ -319,17 +354,63 @@ def appraise(claims: Claims, policy: Policy) -> Verdict:
             "if you trust its measured_config, add the digest to config_digest"
         )
 
-    if policy.gpu:
-        errors.append("the policy has a [gpu] table, but GPU claims appraisal is not available in this verifier yet: remove it")
-    if policy.require_gpu:
-        if not claims.gpu_evidence:
-            errors.append("gpu evidence is required by the policy but the node sent none: refuse, or drop require_gpu")
-        elif not claims.gpus:
-            errors.append(
-                "gpu evidence is required, but GPU evidence verification (NVIDIA certificates, RIMs) is not "
-                "available in this verifier yet: drop require_gpu to accept a node whose GPUs are not verified"
-            )
+    if policy.require_gpu and not claims.gpus:
+        errors.append("gpu evidence is required by the policy but the node sent none: refuse, or drop require_gpu")
+    # Every GPU that came with the node is judged, required or not: it sees the same plaintext.
+    for gpu in claims.gpus:
+        errors += appraise_gpu(gpu, policy)
     return Verdict(accepted=not errors, errors=tuple(errors), warnings=tuple(warnings))
+
+
+def appraise_gpu(gpu: GpuClaims, policy: Policy, *, bare: bool = False) -> list[str]:
+    """Why the policy refuses one GPU (nothing when it accepts it).
+
+    `bare`: a report verified on its own (`tee-node gpu verify`), where no node reports the CC mode
+    and ready state; in an attestation document they are required.
+    """
+    errors: list[str] = []
+    name = f"gpu {gpu.device}"
+    pol = policy.gpu
+    if gpu.measurements == MEASUREMENTS_NOT_CHECKED:
+        errors.append(
+            f"{name} measurements were not checked: no driver and VBIOS RIM pair came with the evidence; "
+            "give both RIMs (the node ships them in collateral.nvidia)"
+        )
+    elif gpu.measurements == MEASUREMENTS_MISMATCH:
+        errors.append(
+            f"{name} measurements differ from NVIDIA's RIMs at indices {list(gpu.measurements_mismatched)}: "
+            "the GPU firmware or driver is not what NVIDIA published for these versions; refuse this node"
+        )
+    if gpu.ocsp != OCSP_GOOD and not pol.allow_ocsp_unknown:
+        missing = f" ({', '.join(gpu.ocsp_missing)})" if gpu.ocsp_missing else ""
+        errors.append(
+            f"{name} ocsp status is {gpu.ocsp}: no current OCSP response for every certificate{missing}; give fresh "
+            "responses (the node refreshes them), or knowingly set [gpu] allow_ocsp_unknown = true"
+        )
+    if pol.min_driver_version is not None:
+        try:
+            have = _driver_version(gpu.driver_version, f"{name} driver_version")
+        except PolicyError:
+            have = ()  # not a version NVIDIA writes: below any minimum
+        if have < _driver_version(pol.min_driver_version, "gpu.min_driver_version"):
+            errors.append(
+                f"{name} driver_version {gpu.driver_version} is below the policy minimum {pol.min_driver_version}: "
+                "have the node's NVIDIA driver updated"
+            )
+    if pol.allowed_vbios_versions and gpu.vbios_version.upper() not in pol.allowed_vbios_versions:
+        errors.append(
+            f"{name} vbios_version {gpu.vbios_version} is not in [gpu] allowed_vbios_versions: "
+            "if you trust this VBIOS, add it"
+        )
+    if not bare:
+        if gpu.cc_mode != GPU_CC_MODE_ON:
+            errors.append(
+                f"{name} cc_mode is {gpu.cc_mode!r}, not {GPU_CC_MODE_ON!r}: the GPU is not in confidential-computing "
+                "mode (or the node does not say); refuse this node"
+            )
+        if gpu.ready is not True:
+            errors.append(f"{name} is not reported ready for client work (NVML ready state): refuse, or retry later")
+    return errors
 
 
 def _toml_value(value: Any) -> str:

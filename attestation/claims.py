@@ -118,12 +118,39 @@ class SnpClaims(_Claims):
         return out
 
 
+MEASUREMENTS_MATCH = "match"
+MEASUREMENTS_MISMATCH = "mismatch"
+MEASUREMENTS_NOT_CHECKED = "not_checked"  # no driver + VBIOS RIM pair came with the evidence
+OCSP_GOOD = "good"  # every certificate that needs a status has a verified, current, good response
+OCSP_UNKNOWN = "unknown"  # at least one has no current response
+GPU_CC_MODE_ON = "on"
+
+
+@dataclass(frozen=True)
+class GpuClaims(_Claims):
+    """One NVIDIA GPU's verified report (signature, chain, nonce, RIMs and OCSP responses authentic)."""
+
+    device: int
+    model: str | None  # chip, from the attestation certificate, e.g. "GH100"
+    driver_version: str
+    vbios_version: str  # as NVIDIA writes it, e.g. "96.00.5E.00.01"
+    measurements: str  # MEASUREMENTS_*
+    measurements_checked: int
+    measurements_mismatched: tuple[int, ...]  # RIM indices (SPDM block index - 1)
+    ocsp: str  # OCSP_GOOD or OCSP_UNKNOWN
+    ocsp_missing: tuple[str, ...] = ()  # certificates without a current OCSP response
+    # What the node read from NVML; None for a bare report (`tee-node gpu verify`), where no node speaks.
+    cc_mode: str | None = None
+    ready: bool | None = None
+    notes: tuple[str, ...] = ()
+
+
 @dataclass(frozen=True)
 class Claims:
     """Everything appraisal looks at for one node.
 
-    `gpus` carries one claims object per verified GPU; the GPU verifier (issue 12) fills it.
-    `gpu_evidence` counts the GPU entries the document carried, verified or not.
+    `gpus` carries one claims object per GPU; the document verifier refuses GPU evidence that does
+    not verify, so `gpus` has one entry per GPU evidence entry.
     """
 
     tee: str  # "tdx", "sev-snp" or "simulated"
@@ -131,7 +158,7 @@ class Claims:
     cpu: TdxClaims | SnpClaims
     config_digest: bytes | None = None  # None for bare evidence (`tee-node quote verify`)
     gpu_evidence: int = 0
-    gpus: tuple[Any, ...] = field(default=())
+    gpus: tuple[GpuClaims, ...] = field(default=())
 
     def as_json(self) -> dict[str, Any]:
         return {

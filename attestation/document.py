@@ -11,20 +11,16 @@ from typing import Any
 
 from . import binding, sevsnp, tdx
 from .appraisal import Policy, appraise
-from .claims import Claims
+from .claims import Claims, GpuClaims
 from .collateral import AmdCollateral
-from .errors import DocumentInvalid, GpuEvidenceInvalid, NonceMismatch, PolicyRefused, ReportDataMismatch
+from .errors import DocumentInvalid, GpuEvidenceInvalid, NonceMismatch, ParseError, PolicyRefused, ReportDataMismatch
 from .evidence import FORMAT_NVIDIA, FORMAT_SNP, FORMAT_TDX, GpuProvider, TeeProvider
 from .intel import IntelCollateral
+from .nvidia.verify import verify_gpu_report
 
 DOCUMENT_VERSION = 2
 TEE_TYPES = ("tdx", "sev-snp", "simulated")
 _TEE_FORMAT = {"tdx": FORMAT_TDX, "simulated": FORMAT_TDX, "sev-snp": FORMAT_SNP}
-
-# The NVML report starts with the SPDM GET_MEASUREMENTS request the driver sent:
-# version, code, param1, param2 (1 byte each), then the 32-byte requester nonce.
-SPDM_REQUEST_NONCE_OFFSET = 4
-SPDM_NONCE_SIZE = 32
 
 
 def _b64(data: bytes) -> str:
@@ -101,7 +97,7 @@ class VerifiedAttestation:
     collateral: dict[str, Any]
     claims: Claims
     gpu_devices: int = 0
-    gpu_verified: bool = False  # GPU report signatures are not checked by this verifier (see notes)
+    gpu_verified: bool = False  # the document has GPU evidence and every entry verified (acceptance: appraise)
     notes: tuple[str, ...] = field(default=())
     warnings: tuple[str, ...] = field(default=())  # accepted, but the caller should know (e.g. unpinned)
 
@@ -134,8 +130,14 @@ def _hex(doc: dict[str, Any], name: str, size: int) -> bytes:
 
 
 def _unb64(doc: dict[str, Any], name: str, size: int | None = None) -> bytes:
+    return _b64_value(_field(doc, name, str), name, size)
+
+
+def _b64_value(text: Any, name: str, size: int | None = None) -> bytes:
     try:
-        value = base64.b64decode(_field(doc, name, str), validate=True)
+        if not isinstance(text, str):
+            raise ValueError
+        value = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise DocumentInvalid(f"document field {name!r} is not standard base64") from None
     if size is not None and len(value) != size:
@@ -158,19 +160,48 @@ def _collateral(doc: dict[str, Any]) -> dict[str, Any]:
     return collateral
 
 
-def _check_gpu(entries: list[Any], gpu_nonce: bytes) -> tuple[int, tuple[str, ...]]:
+def _nvidia_collateral(collateral: dict[str, Any], device: int) -> tuple[list[bytes], list[bytes]]:
+    """The RIMs and OCSP responses the document ships for `device` (self-authenticating, so not bound)."""
+    for item in collateral.get("nvidia") or []:
+        if isinstance(item, dict) and item.get("device") == device:
+            rims = [_unb64(item, name) for name in ("driver_rim", "vbios_rim") if item.get(name) is not None]
+            ocsp = item.get("ocsp") or []
+            if not isinstance(ocsp, list):
+                raise DocumentInvalid("collateral.nvidia ocsp must be a list")
+            return rims, [_b64_value(r, "collateral.nvidia ocsp") for r in ocsp]
+    return [], []
+
+
+def _check_gpu(
+    entries: list[Any], gpu_nonce: bytes, collateral: dict[str, Any], at: datetime | None, device_roots: tuple | None
+) -> tuple[GpuClaims, ...]:
+    """Every GPU entry must verify (NVIDIA's signature and chain, this document's GPU nonce, the
+    shipped RIMs and OCSP responses); what it then claims is for `appraise` to judge."""
+    claims = []
     for entry in entries:
         if not isinstance(entry, dict) or entry.get("format") != FORMAT_NVIDIA:
             raise GpuEvidenceInvalid("GPU evidence entry is not of format 'nvidia-cc'")
-        _field(entry, "device", int)
-        report = _unb64(entry, "evidence")
-        _unb64(entry, "certificate")
-        got = report[SPDM_REQUEST_NONCE_OFFSET:SPDM_REQUEST_NONCE_OFFSET + SPDM_NONCE_SIZE]
-        if not hmac.compare_digest(got, gpu_nonce):
-            raise GpuEvidenceInvalid(f"GPU {entry['device']} evidence does not carry this document's GPU nonce")
-    if entries:
-        return len(entries), ("GPU evidence nonce checked; GPU report signatures and certificates NOT verified",)
-    return 0, ()
+        device = _field(entry, "device", int)
+        cc_mode, ready = entry.get("cc_mode"), entry.get("ready")
+        if not isinstance(cc_mode, (str, type(None))) or not isinstance(ready, (bool, type(None))):
+            raise DocumentInvalid(f"GPU {device} cc_mode must be a string and ready a boolean")
+        rims, ocsp = _nvidia_collateral(collateral, device)
+        try:
+            result = verify_gpu_report(
+                _unb64(entry, "evidence"),
+                _unb64(entry, "certificate"),
+                nonce=gpu_nonce,
+                rims=rims,
+                ocsp_responses=ocsp,
+                at=at,
+                device_roots=device_roots,
+            )
+        except ParseError as exc:
+            raise GpuEvidenceInvalid(f"GPU {device} evidence is unreadable: {exc}") from None
+        if not result.valid:
+            raise GpuEvidenceInvalid(f"GPU {device} evidence does not verify: {'; '.join(result.errors)}")
+        claims.append(result.claims(device, cc_mode=cc_mode, ready=ready))
+    return tuple(claims)
 
 
 def verify_evidence(
@@ -179,6 +210,7 @@ def verify_evidence(
     expected_nonce: bytes,
     at: datetime | None = None,
     trusted_roots: tuple | None = None,
+    gpu_device_roots: tuple | None = None,
 ) -> VerifiedAttestation:
     """Check that the document is authentic: well-formed, bound to our nonce and its keys, evidence
     signed up to a pinned root (or the simulated one), bundled collateral signed and current at `at`.
@@ -247,8 +279,10 @@ def verify_evidence(
         raise ReportDataMismatch("the evidence's REPORTDATA does not commit to this document's keys and nonce")
 
     gpu_nonce = binding.gpu_nonce(nonce=expected_nonce, dh_public_key=dh_public_key, signing_public_key=signing_public_key)
-    gpu_devices, notes = _check_gpu(gpu_entries, gpu_nonce)
-    claims = Claims(tee=tee, simulated=simulated, cpu=cpu_claims, config_digest=config_digest, gpu_evidence=len(gpu_entries))
+    gpus = _check_gpu(gpu_entries, gpu_nonce, collateral, at, gpu_device_roots)
+    claims = Claims(
+        tee=tee, simulated=simulated, cpu=cpu_claims, config_digest=config_digest, gpu_evidence=len(gpu_entries), gpus=gpus
+    )
     return VerifiedAttestation(
         tee=tee,
         simulated=simulated,
@@ -261,9 +295,9 @@ def verify_evidence(
         tls_cert_sha256=tls_cert_sha256,
         collateral=collateral,
         claims=claims,
-        gpu_devices=gpu_devices,
-        gpu_verified=False,
-        notes=(*cpu_claims.collateral_notes, *notes),
+        gpu_devices=len(gpus),
+        gpu_verified=bool(gpus),
+        notes=(*cpu_claims.collateral_notes, *(note for gpu in gpus for note in gpu.notes)),
     )
 
 
@@ -274,10 +308,13 @@ def verify_document(
     policy: Policy,
     at: datetime | None = None,
     trusted_roots: tuple | None = None,
+    gpu_device_roots: tuple | None = None,
 ) -> VerifiedAttestation:
     """Trust the document's keys only if its evidence is authentic (`verify_evidence`) and the
     policy accepts its claims (`appraise`); raises PolicyRefused naming every failing claim."""
-    verified = verify_evidence(doc, expected_nonce=expected_nonce, at=at, trusted_roots=trusted_roots)
+    verified = verify_evidence(
+        doc, expected_nonce=expected_nonce, at=at, trusted_roots=trusted_roots, gpu_device_roots=gpu_device_roots
+    )
     verdict = appraise(verified.claims, policy)
     if not verdict.accepted:
         raise PolicyRefused(verdict.errors)

@@ -33,7 +33,7 @@ class TeeProvider(Protocol):
 
 class GpuProvider(Protocol):
     def get_evidence(self, gpu_nonce: bytes) -> list[dict[str, Any]]:
-        """One entry per GPU: {"format", "device", "evidence" (b64), "certificate" (b64)}."""
+        """One entry per GPU: {"format", "device", "evidence" (b64), "certificate" (b64), "cc_mode", "ready"}."""
 
 
 def check_report_data(report_data: bytes) -> None:

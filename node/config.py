@@ -20,6 +20,7 @@ from pydantic_settings import (
 )
 
 from attestation.binding import config_digest
+from attestation.producers.nvidia_collateral import DEFAULT_OCSP_URL, DEFAULT_RIM_SERVICE_URL
 
 TeeMode = Literal["simulated", "tdx", "sev-snp"]
 EngineKind = Literal["vllm", "upstream", "echo"]
@@ -122,6 +123,12 @@ class AttestationConfig(_Section):
     simulated_seed: str | None = Field(default=None, repr=False)
     require_gpu: bool = False
     configfs_tsm_path: Path = Path("/sys/kernel/config/tsm/report")
+    # NVIDIA GPU collateral shipped in the document: RIMs named <RIM id>.swidtag in gpu_rim_dir
+    # come first (offline sites), then the cache, then the RIM service; OCSP from the OCSP service.
+    gpu_rim_dir: Path | None = None
+    nvidia_rim_service_url: str = DEFAULT_RIM_SERVICE_URL
+    nvidia_ocsp_url: str = DEFAULT_OCSP_URL
+    gpu_collateral_refresh: float = Field(default=3600.0, gt=0)
 
 
 class NodeConfig(BaseSettings):

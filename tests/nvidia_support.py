@@ -11,6 +11,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -19,12 +20,13 @@ from signxml import DigestAlgorithm, SignatureMethod, XMLSigner
 from signxml.algorithms import CanonicalizationMethod
 
 from attestation.nvidia.rim import XMLDSIG_NS
-from attestation.nvidia.spdm import REQ_NONCE, NONCE_SIZE, parse_report_text
+from attestation.nvidia.spdm import NONCE_SIZE, REQ_NONCE, SIGNATURE_SIZE, parse_report_text
 
 NVIDIA = Path(__file__).resolve().parent / "data" / "nvidia"
 RIMS = NVIDIA / "rims"
-# Every NVIDIA certificate used is valid then: the RIM signing leaves expire in June 2025.
-AT = datetime(2024, 6, 1, tzinfo=timezone.utc)
+# Every certificate used is valid then: NVIDIA's RIM signing leaves expire in June 2025, the
+# simulated TEE's chain starts in 2025.
+AT = datetime(2025, 3, 1, tzinfo=timezone.utc)
 
 TEST_REPORT = NVIDIA / "test_no_gpu_report.hex"
 TEST_CHAIN = NVIDIA / "test_no_gpu_cert_chain.pem"
@@ -142,3 +144,89 @@ def replace_certificate(pem: bytes, index: int, der: bytes) -> bytes:
     return b"".join(
         b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(d) + b"-----END CERTIFICATE-----\n" for d in blocks
     )
+
+
+DRIVER_RIM_ID = "NV_GPU_DRIVER_GH100_545.00"
+VBIOS_RIM_ID = "NV_GPU_VBIOS_1010_0200_882_96005E0001"
+
+
+def rim_dir(path: Path) -> Path:
+    """A `gpu_rim_dir` holding the test report's RIM pair under their RIM service ids."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / f"{DRIVER_RIM_ID}.swidtag").write_bytes(DRIVER_RIM.read_bytes())
+    (path / f"{VBIOS_RIM_ID}.swidtag").write_bytes(VBIOS_RIM.read_bytes())
+    return path
+
+
+def throwaway_device_chain() -> list[Authority]:
+    """Leaf first: an attestation key named like a GH100's, its CA, a root that is not NVIDIA's."""
+    root = issue("Throwaway Device Root")
+    ca = issue("Throwaway GH100 Identity", root)
+    return [issue("GH100 A01 GSP FMC LF", ca, ca=False), ca, root]
+
+
+def resign_report(report: bytes, nonce: bytes, leaf: Authority) -> bytes:
+    """The report with its requester nonce replaced and signed again by `leaf` (measurements unchanged)."""
+    signed = report[:REQ_NONCE] + nonce + report[REQ_NONCE + NONCE_SIZE:-SIGNATURE_SIZE]
+    r, s = decode_dss_signature(leaf.key.sign(signed, ec.ECDSA(hashes.SHA384())))
+    half = SIGNATURE_SIZE // 2
+    return signed + r.to_bytes(half, "big") + s.to_bytes(half, "big")
+
+
+@dataclass
+class _Blob:
+    attestationReport: bytes = b""
+    attestationReportSize: int = 0
+    attestationCertChain: bytes = b""
+    attestationCertChainSize: int = 0
+
+
+@dataclass
+class _CcState:
+    environment: int
+    ccFeature: int
+    devToolsMode: int
+
+
+class SampleNvml:
+    """A fake NVML with one GPU in CC mode that answers with NVIDIA's real test report and chain.
+
+    The sample was signed for NVIDIA's own nonce, so it answers every requested nonce with that one,
+    as a replaying host would. With `device_chain` (throwaway_device_chain()), it re-signs the sample
+    for the requested nonce with that chain's leaf, which no NVIDIA root vouches for.
+    """
+
+    def __init__(self, *, cc_feature: int = 1, devtools: int = 0, ready: int = 1, device_chain: list[Authority] | None = None):
+        self.state = _CcState(environment=2, ccFeature=cc_feature, devToolsMode=devtools)
+        self.ready = ready
+        self.device_chain = device_chain
+        self.nonces: list[bytes] = []
+
+    def nvmlInit(self) -> None:
+        pass
+
+    def nvmlDeviceGetCount(self) -> int:
+        return 1
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
+        return index
+
+    def nvmlSystemGetConfComputeState(self) -> _CcState:
+        return self.state
+
+    def nvmlSystemGetConfComputeGpusReadyState(self) -> int:
+        return self.ready
+
+    def nvmlDeviceGetConfComputeGpuAttestationReport(self, handle: int, nonce: bytes) -> _Blob:
+        self.nonces.append(bytes(nonce))
+        report = report_bytes()
+        if self.device_chain is not None:
+            report = resign_report(report, bytes(nonce), self.device_chain[0])
+        return _Blob(attestationReport=report + bytes(64), attestationReportSize=len(report))
+
+    def nvmlDeviceGetConfComputeGpuCertificate(self, handle: int) -> _Blob:
+        if self.device_chain is None:
+            chain = TEST_CHAIN.read_bytes()
+        else:
+            chain = b"".join(a.pem() for a in self.device_chain)
+        return _Blob(attestationCertChain=chain + bytes(16), attestationCertChainSize=len(chain))

@@ -12,9 +12,12 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from nvidia_support import AT as GPU_AT
+from nvidia_support import SampleNvml, throwaway_device_chain
+
 from attestation import binding, cli
 from attestation.appraisal import Policy
-from attestation.document import build_document, verify_document
+from attestation.document import build_document, verify_document, verify_evidence
 from attestation.errors import (
     ChainInvalid,
     DocumentInvalid,
@@ -24,6 +27,7 @@ from attestation.errors import (
     ReportDataMismatch,
     SignatureInvalid,
 )
+from attestation.producers.nvml import NvidiaGpuProvider
 from attestation.producers.simulated import SimulatedProvider, SimulatedTdx
 from attestation.sevsnp import load_amd_certificates
 
@@ -41,12 +45,13 @@ AT = datetime(2026, 6, 1, tzinfo=timezone.utc)
 SIMULATED = Policy(allow_simulated=True)
 
 
-class FakeGpu:
-    """Answers like NVML: the SPDM request (4 header bytes + the requester nonce) opens the report."""
+# NVIDIA's sample GPU report, re-signed for each requested nonce by a throwaway device chain.
+GPU_CHAIN = throwaway_device_chain()
+GPU_ROOTS = (GPU_CHAIN[-1].cert,)
 
-    def get_evidence(self, gpu_nonce):
-        report = b"\x11\xe0\x00\x00" + gpu_nonce + b"\x00" + b"measurements"
-        return [{"format": "nvidia-cc", "device": 0, "evidence": base64.b64encode(report).decode(), "certificate": "Y2VydA=="}]
+
+def FakeGpu():
+    return NvidiaGpuProvider(nvml=SampleNvml(device_chain=GPU_CHAIN))
 
 
 def make_doc(gpu=None, **overrides):
@@ -243,16 +248,30 @@ def test_malformed_documents_are_refused():
             verify_document(doc, expected_nonce=NONCE, policy=SIMULATED)
 
 
-def test_gpu_evidence_is_bound_but_not_verified():
+def test_gpu_evidence_must_verify_then_is_appraised():
     doc = make_doc(gpu=FakeGpu())
     assert len(doc["gpu_evidence"]) == 1
-    result = verify_document(doc, expected_nonce=NONCE, policy=SIMULATED)
-    assert result.gpu_devices == 1 and result.gpu_verified is False
-    assert any("NOT verified" in note for note in result.notes)
-    with pytest.raises(PolicyRefused, match="GPU evidence verification .* is not available"):
-        verify_document(doc, expected_nonce=NONCE, policy=Policy(allow_simulated=True, require_gpu=True))
+    # Present evidence must verify, GPUs required or not: this chain does not end at NVIDIA's root.
+    with pytest.raises(GpuEvidenceInvalid, match="not a pinned root"):
+        verify_document(doc, expected_nonce=NONCE, policy=SIMULATED, at=GPU_AT)
+    verified = verify_evidence(doc, expected_nonce=NONCE, at=GPU_AT, gpu_device_roots=GPU_ROOTS)
+    assert verified.gpu_devices == 1 and verified.gpu_verified
+    (gpu,) = verified.claims.gpus
+    assert (gpu.device, gpu.model, gpu.driver_version, gpu.vbios_version) == (0, "GH100", "545.00", "96.00.5E.00.01")
+    assert (gpu.cc_mode, gpu.ready, gpu.measurements, gpu.ocsp) == ("on", True, "not_checked", "unknown")
+    # Every GPU that came with the node is appraised: no RIMs and no OCSP answers, so refused.
+    with pytest.raises(PolicyRefused) as info:
+        verify_document(doc, expected_nonce=NONCE, policy=SIMULATED, at=GPU_AT, gpu_device_roots=GPU_ROOTS)
+    assert [e.split(" ")[:3] for e in info.value.errors] == [["gpu", "0", "measurements"], ["gpu", "0", "ocsp"]]
     with pytest.raises(PolicyRefused, match="the node sent none"):
         verify_document(make_doc(), expected_nonce=NONCE, policy=Policy(allow_simulated=True, require_gpu=True))
+
+
+def test_unreadable_gpu_evidence_is_refused():
+    entry = {"format": "nvidia-cc", "device": 0, "evidence": base64.b64encode(b"\x11\xe0").decode(), "certificate": "Y2VydA=="}
+    doc = make_doc(gpu=type("Broken", (), {"get_evidence": lambda self, n: [entry]})())
+    with pytest.raises(GpuEvidenceInvalid, match="GPU 0 evidence is unreadable"):
+        verify_document(doc, expected_nonce=NONCE, policy=SIMULATED)
 
 
 def test_gpu_evidence_is_covered_by_report_data_and_nonce():
@@ -260,7 +279,7 @@ def test_gpu_evidence_is_covered_by_report_data_and_nonce():
     dropped = copy.deepcopy(doc)
     dropped["gpu_evidence"] = []
     with pytest.raises(ReportDataMismatch):
-        verify_document(dropped, expected_nonce=NONCE, policy=SIMULATED)
+        verify_evidence(dropped, expected_nonce=NONCE, at=GPU_AT, gpu_device_roots=GPU_ROOTS)
     # Evidence made for another nonce, correctly re-bound into report_data by a lying node, is still caught.
     stale = FakeGpu().get_evidence(b"\x00" * 32)
     doc = build_document(
@@ -268,8 +287,8 @@ def test_gpu_evidence_is_covered_by_report_data_and_nonce():
         type("Replay", (), {"get_evidence": lambda self, n: stale})(),
         nonce=NONCE, dh_public_key=DH, signing_public_key=SIGN, key_epoch=3, measured_config=MEASURED,
     )
-    with pytest.raises(GpuEvidenceInvalid, match="GPU nonce"):
-        verify_document(doc, expected_nonce=NONCE, policy=SIMULATED)
+    with pytest.raises(GpuEvidenceInvalid, match="NonceMismatch"):
+        verify_evidence(doc, expected_nonce=NONCE, at=GPU_AT, gpu_device_roots=GPU_ROOTS)
 
 
 def _real_doc(fmt, quote, certificates=None, tee="tdx"):

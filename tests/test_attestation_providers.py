@@ -182,6 +182,12 @@ class FakeNvml:
     def nvmlDeviceGetConfComputeGpuCertificate(self, handle):
         return FakeCerts(b"cert-chain-%d" % handle[1])
 
+    def nvmlSystemGetConfComputeState(self):
+        return type("State", (), {"environment": 2, "ccFeature": 1, "devToolsMode": 0})()
+
+    def nvmlSystemGetConfComputeGpusReadyState(self):
+        return 1
+
 
 def test_nvidia_evidence_per_gpu():
     nonce = hashlib.sha256(b"n").digest()
@@ -190,6 +196,7 @@ def test_nvidia_evidence_per_gpu():
     assert all(e["format"] == "nvidia-cc" for e in evidence)
     assert base64.b64decode(evidence[1]["evidence"]) == b"\x11\xe0\x00\x00" + nonce + b"\x00response1"
     assert base64.b64decode(evidence[0]["certificate"]) == b"cert-chain-0"
+    assert all((e["cc_mode"], e["ready"]) == ("on", True) for e in evidence)
 
 
 def test_missing_nvml_refuses_to_start_when_gpus_are_required():

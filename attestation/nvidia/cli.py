@@ -7,10 +7,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..appraisal import Policy, PolicyError, appraise_gpu, load_policy
 from ..cli import EXIT_INVALID, EXIT_UNREADABLE, EXIT_VALID, iso_time
 from ..errors import AttestationError
 from .spdm import NONCE_SIZE, parse_report_text
-from .verify import default_policy_errors, verify_gpu_report
+from .verify import verify_gpu_report
 
 
 def _nonce(text: str) -> bytes:
@@ -30,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rim", action="append", default=[], metavar="FILE", help="driver or VBIOS RIM (SWID tag); repeatable")
     parser.add_argument("--ocsp", action="append", default=[], metavar="FILE", help="DER OCSP response for a chain certificate; repeatable")
     parser.add_argument("--at", type=iso_time, default=None, help="verify at this ISO time (default: now)")
+    parser.add_argument("--policy", type=Path, metavar="FILE", help="TOML appraisal policy; its [gpu] table applies (docs/policy.md)")
     parser.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -49,6 +51,7 @@ def gpu_verify(args: argparse.Namespace) -> int:
     }
     code = EXIT_INVALID
     try:
+        policy = load_policy(args.policy) if args.policy else Policy()
         report = parse_report_text(Path(args.report).read_bytes())
         result = verify_gpu_report(
             report,
@@ -61,11 +64,12 @@ def gpu_verify(args: argparse.Namespace) -> int:
     except OSError as exc:
         out["errors"].append(f"cannot read {exc.filename}: {exc.strerror}")
         code = EXIT_UNREADABLE
-    except AttestationError as exc:
+    except (AttestationError, PolicyError) as exc:
         out["errors"].append(f"{type(exc).__name__}: {exc}")
         code = EXIT_UNREADABLE
     else:
-        policy_errors = default_policy_errors(result)
+        # A bare report: no node reports the CC mode and ready state, so only the report is judged.
+        policy_errors = appraise_gpu(result.claims(0), policy, bare=True) if result.valid else []
         out.update(
             valid=result.valid,
             model=result.model,

@@ -19,10 +19,9 @@ from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from .. import trust
+from ..claims import OCSP_GOOD, OCSP_UNKNOWN
 from ..errors import CertificateRevoked, ChainInvalid, CollateralInvalid, SignatureInvalid
 
-OCSP_GOOD = "good"  # every certificate that needs a status has a good, current, verified response
-OCSP_UNKNOWN = "unknown"  # at least one has no response
 
 
 @dataclass(frozen=True)
@@ -46,6 +45,16 @@ def device_chain_subjects(chain: Sequence[x509.Certificate]) -> list[OcspSubject
 
 def rim_chain_subjects(chain: Sequence[x509.Certificate]) -> list[OcspSubject]:
     return [OcspSubject(chain[i], chain[i + 1]) for i in range(len(chain) - 1)]
+
+
+def gpu_subjects(
+    device_chain: Sequence[x509.Certificate], rim_signing_chains: Sequence[Sequence[x509.Certificate]]
+) -> list[OcspSubject]:
+    """Every certificate of a GPU whose revocation status a verifier needs."""
+    subjects = device_chain_subjects(device_chain)
+    for chain in rim_signing_chains:
+        subjects += rim_chain_subjects(chain)
+    return subjects
 
 
 def load_responses(responses: Sequence[bytes]) -> list[ocsp.OCSPResponse]:

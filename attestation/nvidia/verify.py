@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from .. import trust
+from ..claims import MEASUREMENTS_MATCH, MEASUREMENTS_MISMATCH, MEASUREMENTS_NOT_CHECKED, GpuClaims
 from ..errors import AttestationError, CertificateRevoked, ChainInvalid, NonceMismatch, SignatureInvalid
 from . import ocsp as ocsp_check
 from .rim import ReferenceManifest, verify_rim
@@ -33,9 +34,6 @@ FWID_SIZE = 48
 # the block then holds no meaningful value).
 NVDEC0_MEASUREMENT_INDEX = 35
 
-MEASUREMENTS_MATCH = "match"
-MEASUREMENTS_MISMATCH = "mismatch"
-MEASUREMENTS_NOT_CHECKED = "not_checked"
 OCSP_REVOKED = "revoked"
 OCSP_INVALID = "invalid"
 
@@ -57,10 +55,31 @@ class GpuVerification:
     errors: tuple[str, ...]
     notes: tuple[str, ...] = field(default=())
 
+    ocsp_missing: tuple[str, ...] = ()
+
     @property
     def valid(self) -> bool:
         """Signature, chain, nonce, RIM signatures and OCSP responses all verified."""
         return not self.errors
+
+    def claims(self, device: int, *, cc_mode: str | None = None, ready: bool | None = None) -> GpuClaims:
+        """What a valid report says, for appraisal; `cc_mode` and `ready` as the node reported them."""
+        if not self.valid:
+            raise ValueError("an invalid GPU report has no claims")
+        return GpuClaims(
+            device=device,
+            model=self.model,
+            driver_version=self.driver_version,
+            vbios_version=self.vbios_version,
+            measurements=self.measurements,
+            measurements_checked=self.measurements_checked,
+            measurements_mismatched=self.measurements_mismatched,
+            ocsp=self.ocsp,
+            ocsp_missing=self.ocsp_missing,
+            cc_mode=cc_mode,
+            ready=ready,
+            notes=self.notes,
+        )
 
 
 def _reason(exc: AttestationError) -> str:
@@ -205,13 +224,11 @@ def verify_gpu_report(
     elif manifests:
         notes.append("measurements not compared: both the driver RIM and the VBIOS RIM are needed")
 
-    subjects = ocsp_check.device_chain_subjects(chain) if len(chain) > 2 else []
-    for manifest in (driver, vbios):
-        if manifest is not None:
-            subjects += ocsp_check.rim_chain_subjects(manifest.signing_chain)
+    subjects = ocsp_check.gpu_subjects(chain, [m.signing_chain for m in (driver, vbios) if m is not None])
+    ocsp_missing: tuple[str, ...] = ()
     try:
         result = ocsp_check.check_ocsp(subjects, ocsp_check.load_responses(ocsp_responses), at)
-        ocsp_status = result.status
+        ocsp_status, ocsp_missing = result.status, result.missing
         if result.missing:
             notes.append(f"no OCSP response for {', '.join(result.missing)}")
     except CertificateRevoked as exc:
@@ -236,17 +253,7 @@ def verify_gpu_report(
         ocsp=ocsp_status,
         errors=tuple(errors),
         notes=tuple(notes),
+        ocsp_missing=ocsp_missing,
     )
 
 
-
-def default_policy_errors(verification: GpuVerification) -> list[str]:
-    """Why the default policy refuses a verified GPU: measurements must match the RIMs, OCSP must be good."""
-    errors = []
-    if verification.measurements == MEASUREMENTS_NOT_CHECKED:
-        errors.append("measurements: not checked; give the driver RIM and the VBIOS RIM of this GPU")
-    elif verification.measurements == MEASUREMENTS_MISMATCH:
-        errors.append(f"measurements: differ from the RIMs at indices {list(verification.measurements_mismatched)}")
-    if verification.ocsp != ocsp_check.OCSP_GOOD:
-        errors.append(f"ocsp: status is {verification.ocsp}; give current OCSP responses for the device and RIM chains")
-    return errors

@@ -16,7 +16,7 @@ from ..config import NodeConfig
 from ..engine import Engine, build_engine
 from ..errors import ModelNotFound, MalformedJson, NotReady, SchemaViolation
 from ..protocol import NodesCreateLockRequest
-from .attestation import AttestationService, attestation_document
+from .attestation import AttestationService, attestation_document, collateral_lifecycle
 from .middleware import CONTEXT, error_middleware
 from .openapi import openapi_document
 from .serving import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint, check_auth, read_body, serve_confidential, serve_plain
@@ -171,4 +171,5 @@ def create_app(config: NodeConfig, engine: Engine | None = None) -> web.Applicat
     app.router.add_get("/v1/attestation", attestation_document)
     app.cleanup_ctx.append(_engine_lifecycle)
     app.cleanup_ctx.append(_key_maintenance)
+    app.cleanup_ctx.append(collateral_lifecycle)
     return app

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime
 
 import orjson
 from aiohttp import web
 
-from attestation.document import build_document
+from attestation import trust
+from attestation.document import build_document, empty_collateral
+from attestation.producers.nvidia_collateral import NvidiaCollateral
 from attestation.producers.nvml import NvidiaGpuProvider
 from attestation.producers.simulated import SimulatedProvider
 from attestation.producers.tsm import TsmProvider
@@ -27,21 +32,44 @@ class AttestationService:
 
     def __init__(self, config: NodeConfig, config_digest: bytes) -> None:
         settings = config.attestation
+        self._config = config
+        self.gpu: NvidiaGpuProvider | None = None
+        self.nvidia: NvidiaCollateral | None = None
         if config.tee_mode == "simulated":
             seed = bytes.fromhex(settings.simulated_seed) if settings.simulated_seed else None
             self.cpu = SimulatedProvider(
                 code_measurement(config_digest), seed=seed, state_dir=None if seed else settings.state_dir
             )
-            self.gpu = None
         else:
             # Real modes refuse to start without their device: these raise AttestationUnavailable.
             self.cpu = TsmProvider(config.tee_mode, base_path=settings.configfs_tsm_path)
             gpu = NvidiaGpuProvider(require_gpu=settings.require_gpu)
-            self.gpu = gpu if gpu.device_count else None
+            if gpu.device_count:
+                self.attach_gpu(gpu)
         self._rate = config.limits.attestation_per_minute / 60.0
         self._capacity = float(config.limits.attestation_per_minute)
         self._tokens = self._capacity
         self._refilled = time.monotonic()
+
+    def attach_gpu(self, gpu: NvidiaGpuProvider, *, now: Callable[[], datetime] = trust.utc_now) -> None:
+        """Serve this GPU provider's evidence, and its collateral (a simulated node gets a fake NVML here)."""
+        settings = self._config.attestation
+        self.gpu = gpu
+        self.nvidia = NvidiaCollateral(
+            gpu,
+            rim_service_url=settings.nvidia_rim_service_url,
+            ocsp_url=settings.nvidia_ocsp_url,
+            rim_dir=settings.gpu_rim_dir,
+            cache_dir=self._config.cache_dir / "nvidia",
+            refresh_interval=settings.gpu_collateral_refresh,
+            now=now,
+        )
+
+    def collateral(self) -> dict:
+        collateral = empty_collateral()
+        if self.nvidia is not None:
+            collateral["nvidia"] = self.nvidia.document()
+        return collateral
 
     def admit(self) -> None:
         now = time.monotonic()
@@ -70,5 +98,17 @@ async def attestation_document(request: web.Request) -> web.Response:
         signing_public_key=state.signer.public_key,
         key_epoch=key.epoch,
         measured_config=state.measured_config,
+        collateral=service.collateral(),
     )
     return web.Response(body=orjson.dumps(document), content_type="application/json")
+
+
+async def collateral_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    """Fetch the GPU collateral at start and keep it fresh."""
+    service: AttestationService = app[NODE].attestation
+    task = asyncio.create_task(service.nvidia.run()) if service.nvidia is not None else None
+    yield
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
