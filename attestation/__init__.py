@@ -1,10 +1,11 @@
 """TEE attestation for tee-node: evidence, its verification, claims, and one appraisal policy.
 
-Layout: parsers and verifiers per TEE (tdx, sevsnp), vendor collateral (intel), certificate trust
-(trust, roots/), the report_data commitment (binding), normalised claims (claims), the one policy
-decision (appraisal), the attestation document (document) and the `quote verify` and
-`policy from-quote` commands (cli). Evidence producers (configfs-tsm, NVML, the simulated TEE)
-live in `attestation.producers`, which no verifier imports.
+Layout: parsers and verifiers per TEE (tdx, sevsnp), NVIDIA GPUs (nvidia/: SPDM report, RIMs,
+OCSP, verifier, `gpu verify`), vendor collateral (intel), certificate trust (trust, roots/), the
+report_data commitment (binding), normalised claims (claims), the one policy decision
+(appraisal), the attestation document (document) and the `quote verify` and `policy from-quote`
+commands (cli). Evidence producers (configfs-tsm, NVML, the NVIDIA collateral service, the
+simulated TEE) live in `attestation.producers`, which no verifier imports.
 """
 
 from .appraisal import Policy, PolicyError, Verdict, appraise, load_policy

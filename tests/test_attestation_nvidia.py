@@ -233,6 +233,14 @@ def test_rim_signed_outside_nvidias_rim_root_fails():
     assert "not a pinned root" in only_error(verify(rims=[DRIVER_RIM.read_bytes(), forged]), ChainInvalid)
 
 
+def test_rim_with_a_second_signature_is_refused():
+    good = DRIVER_RIM.read_bytes()
+    start, end = good.index(b"<ds:Signature"), good.index(b"</ds:Signature>") + len(b"</ds:Signature>")
+    doubled = good[:end] + good[start:end] + good[end:]
+    with pytest.raises(ParseError, match="exactly one XML signature"):
+        verify_rim(doubled, at=AT)
+
+
 def test_rims_are_checked_at_the_given_time_not_skipped():
     with pytest.raises(ChainInvalid, match="not valid at"):
         verify_rim(DRIVER_RIM.read_bytes(), at=datetime(2026, 1, 1, tzinfo=timezone.utc))

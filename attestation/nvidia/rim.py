@@ -59,7 +59,11 @@ def _parser() -> etree.XMLParser:
 
 
 def _signing_chain(root: etree._Element) -> tuple[x509.Certificate, ...]:
-    elements = root.findall(f"{{{XMLDSIG_NS}}}Signature/{{{XMLDSIG_NS}}}KeyInfo/{{{XMLDSIG_NS}}}X509Data/{{{XMLDSIG_NS}}}X509Certificate")
+    # One enveloped signature, a child of the root: what signxml checks is then the one we read.
+    signatures = list(root.iter(f"{{{XMLDSIG_NS}}}Signature"))
+    if len(signatures) != 1 or signatures[0].getparent() is not root:
+        raise ParseError("a RIM must carry exactly one XML signature, enveloped in its SoftwareIdentity")
+    elements = signatures[0].findall(f"{{{XMLDSIG_NS}}}KeyInfo/{{{XMLDSIG_NS}}}X509Data/{{{XMLDSIG_NS}}}X509Certificate")
     if not elements:
         raise ParseError("RIM signature carries no X509Certificate")
     try:
