@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 from dataclasses import replace
+from datetime import timedelta
 
 import pytest
 from aiohttp import web
@@ -27,7 +28,7 @@ from nvidia_support import (
     throwaway_device_chain,
 )
 
-from server_support import free_port
+from server_support import echo_config, echo_engine, free_port, wait_for
 
 from attestation.appraisal import GpuPolicy, Policy, load_policy
 from attestation.document import verify_document
@@ -36,6 +37,8 @@ from attestation.producers.nvidia_collateral import NvidiaCollateral, driver_rim
 from attestation.nvidia.spdm import GpuAttestationReport
 from attestation.nvidia.verify import verify_gpu_report
 from attestation.producers.nvml import NvidiaGpuProvider
+from node.server import create_app
+from node.server.state import NODE
 
 NONCE = bytes(range(32))
 
@@ -83,6 +86,8 @@ class FakeNvidia:
         self.rim_requests: list[str] = []
         self.ocsp_requests: list[ocsp.OCSPRequest] = []
         self.forger = issue("Forger")
+        self.issuers: dict[int, tuple[x509.Certificate, object]] = {}  # serial -> (cert, issuing Authority) we can sign for
+        self.next_update = AT + timedelta(days=1)
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -101,6 +106,10 @@ class FakeNvidia:
         assert request.content_type == "application/ocsp-request"
         parsed = ocsp.load_der_ocsp_request(await request.read())
         self.ocsp_requests.append(parsed)
+        if parsed.serial_number in self.issuers:
+            cert, issuer = self.issuers[parsed.serial_number]
+            body = ocsp_response(cert, issuer.cert, issuer, next_update=self.next_update)
+            return web.Response(body=body, content_type="application/ocsp-response")
         # NVIDIA's OCSP key is not ours: answer for the right certificate, signed by another key.
         chain = x509.load_pem_x509_certificates(TEST_CHAIN.read_bytes())
         cert = next((c for c in chain if c.serial_number == parsed.serial_number), chain[1])
@@ -159,6 +168,22 @@ async def test_collateral_from_rim_dir_offline(tmp_path):
     service = collateral_service(tmp_path, offline + "v1/rim/", offline + "ocsp", rim_dir=rim_dir(tmp_path / "rims"))
     (gpu,) = await service.refresh()
     assert (gpu.driver_rim, gpu.vbios_rim, gpu.ocsp) == (DRIVER_RIM.read_bytes(), VBIOS_RIM.read_bytes(), ())
+
+
+async def test_good_ocsp_is_shipped_and_sets_the_next_refresh(tmp_path, nvidia_services):
+    fake, rim_url, ocsp_url = nvidia_services
+    leaf, ca, root = throwaway_device_chain()
+    fake.issuers[ca.cert.serial_number] = (ca.cert, root)  # the one device certificate that needs a status
+    fake.next_update = AT + timedelta(hours=1)
+    service = NvidiaCollateral(
+        NvidiaGpuProvider(nvml=SampleNvml(device_chain=[leaf, ca, root])),
+        rim_service_url=rim_url, ocsp_url=ocsp_url, cache_dir=tmp_path / "cache", now=lambda: AT,
+    )
+    (gpu,) = await service.refresh()
+    (der,) = gpu.ocsp  # the RIM chains' answers were forged and dropped
+    assert ocsp.load_der_ocsp_response(der).serial_number == ca.cert.serial_number
+    assert gpu.expires == fake.next_update
+    assert service.next_refresh_delay() == 1800.0  # halfway to the OCSP response's next_update
 
 
 async def test_a_rim_that_does_not_verify_is_not_shipped(tmp_path, nvidia_services):
@@ -240,3 +265,15 @@ async def test_gpu_not_ready_is_refused(make_node, tmp_path):
     policy = Policy(allow_simulated=True, gpu=GpuPolicy(allow_ocsp_unknown=True))
     with pytest.raises(PolicyRefused, match="gpu 0 is not reported ready"):
         verify_document(doc, expected_nonce=NONCE, policy=policy, at=AT, gpu_device_roots=(chain[-1].cert,))
+
+
+async def test_node_fetches_collateral_at_start(aiohttp_client, tmp_path):
+    nowhere = f"http://127.0.0.1:{free_port()}/"
+    settings = {"gpu_rim_dir": str(rim_dir(tmp_path / "rims")), "nvidia_rim_service_url": nowhere, "nvidia_ocsp_url": nowhere}
+    app = create_app(echo_config(attestation=settings, cache_dir=str(tmp_path / "cache")), echo_engine())
+    service = app[NODE].attestation
+    service.attach_gpu(NvidiaGpuProvider(nvml=SampleNvml()), now=lambda: AT)
+    await aiohttp_client(app)  # starts the app: its lifecycle begins the refresh loop
+    await wait_for(lambda: service.nvidia.document() is not None, what="first collateral refresh")
+    (entry,) = service.collateral()["nvidia"]
+    assert base64.b64decode(entry["driver_rim"]) == DRIVER_RIM.read_bytes()
