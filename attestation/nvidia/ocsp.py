@@ -23,7 +23,6 @@ from ..claims import OCSP_GOOD, OCSP_UNKNOWN
 from ..errors import CertificateRevoked, ChainInvalid, CollateralInvalid, SignatureInvalid
 
 
-
 @dataclass(frozen=True)
 class OcspSubject:
     """A certificate whose revocation status is needed, with the CA that issued it."""
@@ -36,7 +35,8 @@ class OcspSubject:
 class OcspResult:
     status: str  # OCSP_GOOD or OCSP_UNKNOWN
     checked: tuple[str, ...]  # common names with a good response
-    missing: tuple[str, ...]  # common names without any response
+    missing: tuple[str, ...]  # common names without a current response
+    stale: tuple[str, ...] = ()  # of those, the ones whose response is out of date or undated
 
 
 def device_chain_subjects(chain: Sequence[x509.Certificate]) -> list[OcspSubject]:
@@ -115,16 +115,14 @@ def _check_signed_by_issuer(response: ocsp.OCSPResponse, subject: OcspSubject, a
     )
 
 
-def _check_single(single: ocsp.OCSPSingleResponse, subject: OcspSubject, at: datetime) -> None:
-    name = trust.common_name(subject.cert)
+def _is_current(single: ocsp.OCSPSingleResponse, at: datetime) -> bool:
+    """A response without next_update cannot be judged fresh, so it counts as none."""
     next_update = single.next_update_utc
-    if next_update is None:
-        raise CollateralInvalid(f"OCSP response for {name!r} has no next_update, so its freshness cannot be judged")
-    if not single.this_update_utc <= at <= next_update:
-        raise CollateralInvalid(
-            f"OCSP response for {name!r} is not current at {at.isoformat()} "
-            f"(this_update {single.this_update_utc.isoformat()}, next_update {next_update.isoformat()}): fetch a fresh one"
-        )
+    return next_update is not None and single.this_update_utc <= at <= next_update
+
+
+def _check_status(single: ocsp.OCSPSingleResponse, subject: OcspSubject) -> None:
+    name = trust.common_name(subject.cert)
     if single.certificate_status == ocsp.OCSPCertStatus.REVOKED:
         reason = single.revocation_reason.name if single.revocation_reason else "no reason given"
         raise CertificateRevoked(f"certificate {name!r} is revoked ({reason}) according to its OCSP response")
@@ -133,20 +131,32 @@ def _check_single(single: ocsp.OCSPSingleResponse, subject: OcspSubject, at: dat
 
 
 def check_ocsp(subjects: Sequence[OcspSubject], responses: Sequence[ocsp.OCSPResponse], at: datetime) -> OcspResult:
-    """Every response that answers for a subject must verify and say good; a subject without one is `unknown`.
+    """Every response that answers for a subject must be signed by its issuer; a current one must say good.
 
-    Responses for other certificates are ignored (a node may ship one list for several chains).
+    A subject with no current response is `unknown` (a stale response is as good as none: fetch a
+    fresh one). Responses for other certificates are ignored (a node may ship one list for several chains).
     """
     at = trust.as_utc(at)
     checked: list[str] = []
     missing: list[str] = []
+    stale: list[str] = []
     for subject in subjects:
-        found = False
+        name = trust.common_name(subject.cert)
+        current = answered = False
         for response in responses:
             for single in response.responses:
                 if _matches(single, subject):
                     _check_signed_by_issuer(response, subject, at)
-                    _check_single(single, subject, at)
-                    found = True
-        (checked if found else missing).append(trust.common_name(subject.cert))
-    return OcspResult(status=OCSP_UNKNOWN if missing or not subjects else OCSP_GOOD, checked=tuple(checked), missing=tuple(missing))
+                    answered = True
+                    if _is_current(single, at):
+                        _check_status(single, subject)
+                        current = True
+        (checked if current else missing).append(name)
+        if answered and not current:
+            stale.append(name)
+    return OcspResult(
+        status=OCSP_UNKNOWN if missing or not subjects else OCSP_GOOD,
+        checked=tuple(checked),
+        missing=tuple(missing),
+        stale=tuple(stale),
+    )

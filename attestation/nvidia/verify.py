@@ -230,7 +230,9 @@ def verify_gpu_report(
         result = ocsp_check.check_ocsp(subjects, ocsp_check.load_responses(ocsp_responses), at)
         ocsp_status, ocsp_missing = result.status, result.missing
         if result.missing:
-            notes.append(f"no OCSP response for {', '.join(result.missing)}")
+            notes.append(f"no current OCSP response for {', '.join(result.missing)}")
+        if result.stale:
+            notes.append(f"OCSP responses out of date (or without next_update) for {', '.join(result.stale)}: fetch fresh ones")
     except CertificateRevoked as exc:
         ocsp_status = OCSP_REVOKED
         errors.append(_reason(exc))

@@ -226,7 +226,7 @@ class NvidiaCollateral:
             log.warning("OCSP response for %s dropped: %s", name, exc)
             return None
         if result.status != OCSP_GOOD:
-            log.warning("OCSP response for %s dropped: it answers for another certificate", name)
+            log.warning("OCSP response for %s dropped: it is out of date or answers for another certificate", name)
             return None
         single = next(s for s in loaded.responses if s.serial_number == subject.cert.serial_number)
         return der, single
