@@ -26,8 +26,10 @@ from nvidia_support import (
     ocsp_response,
     replace_certificate,
     report_bytes,
+    resign_report,
     resign_rim,
     sample_nonce,
+    throwaway_device_chain,
 )
 from server_support import TEE_NODE
 
@@ -382,3 +384,15 @@ def test_cli_unreadable_report(tmp_path):
     bad.write_text("11e0")
     code, out = gpu_verify(str(bad), "--cert-chain", str(HOPPER_CHAIN), "--nonce", "00" * 32)
     assert code == 2 and out["errors"][0].startswith("ParseError:")
+
+
+def test_nvdec0_measurement_is_compared_while_nvdec0_is_enabled():
+    report = report_bytes()
+    nvdec = struct.pack("<HH", spdm.OpaqueField.NVDEC0_STATUS, 1) + bytes([spdm.NVDEC0_DISABLED])
+    at = report.index(nvdec, offsets(report)["opaque"]) + spdm.TLV_HEADER_SIZE
+    enabled = report[:at] + b"\xaa" + report[at + 1:]
+    chain = throwaway_device_chain()  # the edited report needs a new signature, so a key we hold
+    resigned = resign_report(enabled, sample_nonce(), chain[0])
+    result = verify(resigned, b"".join(a.pem() for a in chain), rims=RIM_PAIR, device_roots=[chain[-1].cert])
+    assert result.valid, result.errors
+    assert (result.measurements_checked, result.measurements) == (33, "match")
