@@ -18,15 +18,17 @@ from attestation import cli, sevsnp, tdx
 from attestation.appraisal import (
     INTEL_TD_QE_MR_SIGNER,
     TDX_PINS,
+    GpuPolicy,
     Policy,
     PolicyError,
     SnpPolicy,
     TdxPolicy,
     appraise,
+    appraise_gpu,
     load_policy,
     policy_from_claims,
 )
-from attestation.claims import Claims
+from attestation.claims import Claims, GpuClaims
 from attestation.intel import IntelCollateral
 
 TESTDATA = Path(__file__).resolve().parent / "data"
@@ -255,3 +257,46 @@ def test_verifiers_do_not_import_the_simulated_tee():
     linter = Path(sys.executable).with_name("lint-imports")
     result = subprocess.run([str(linter), "--contract", "verifiers-without-producers"], env=env, capture_output=True, text=True, cwd=root)
     assert result.returncode == 0 and "KEPT" in result.stdout, result.stdout + result.stderr
+
+
+# --- GPUs ---
+
+GPU = GpuClaims(
+    device=1, model="GH100", driver_version="550.90.07", vbios_version="96.00.9F.00.01", measurements="match",
+    measurements_checked=33, measurements_mismatched=(), ocsp="good", cc_mode="on", ready=True,
+)
+
+
+def gpu_errors(gpu: GpuClaims = GPU, **gpu_policy) -> list[str]:
+    base = Policy(accept_any_measurement=True, tdx=TdxPolicy(allowed_tcb_status=frozenset({"TCBNotSupported"})))
+    claims = dataclasses.replace(sample_claims(), gpu_evidence=1, gpus=(gpu,))
+    return list(appraise(claims, dataclasses.replace(base, gpu=GpuPolicy(**gpu_policy))).errors)
+
+
+def test_gpu_appraisal_rules():
+    assert gpu_errors() == []
+    assert gpu_errors(min_driver_version="550.90.07", allowed_vbios_versions=frozenset({"96.00.9F.00.01"})) == []
+    (error,) = gpu_errors(allowed_vbios_versions=frozenset({"96.00.5E.00.01"}))
+    assert error.startswith("gpu 1 vbios_version 96.00.9F.00.01 is not in [gpu] allowed_vbios_versions")
+    assert "below the policy minimum 550.100" in gpu_errors(min_driver_version="550.100")[0]  # numbers, not text
+    assert "differ from NVIDIA's RIMs at indices [4, 9]" in gpu_errors(
+        dataclasses.replace(GPU, measurements="mismatch", measurements_mismatched=(4, 9))
+    )[0]
+    assert "were not checked" in gpu_errors(dataclasses.replace(GPU, measurements="not_checked", measurements_checked=0))[0]
+    unknown = dataclasses.replace(GPU, ocsp="unknown", ocsp_missing=("NVIDIA GH100 Identity",))
+    assert "ocsp status is unknown" in gpu_errors(unknown)[0] and "NVIDIA GH100 Identity" in gpu_errors(unknown)[0]
+    assert gpu_errors(unknown, allow_ocsp_unknown=True) == []
+    for cc_mode in ("devtools", None):
+        assert "cc_mode is" in gpu_errors(dataclasses.replace(GPU, cc_mode=cc_mode))[0]
+    assert "not reported ready" in gpu_errors(dataclasses.replace(GPU, ready=None))[0]
+    # A bare report (tee-node gpu verify) has no node to report CC mode and readiness.
+    assert appraise_gpu(dataclasses.replace(GPU, cc_mode=None, ready=None), Policy(), bare=True) == []
+
+
+def test_gpu_policy_table_is_strict():
+    assert Policy.from_mapping({"gpu": {"allowed_vbios_versions": ["96.00.9f.00.01"]}}).gpu.allowed_vbios_versions == {
+        "96.00.9F.00.01"
+    }
+    for table in ({"min_driver": "550"}, {"min_driver_version": 550}, {"min_driver_version": "r550"}, {"allow_ocsp_unknown": "yes"}):
+        with pytest.raises(PolicyError):
+            Policy.from_mapping({"gpu": table})

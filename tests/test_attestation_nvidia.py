@@ -396,3 +396,21 @@ def test_nvdec0_measurement_is_compared_while_nvdec0_is_enabled():
     result = verify(resigned, b"".join(a.pem() for a in chain), rims=RIM_PAIR, device_roots=[chain[-1].cert])
     assert result.valid, result.errors
     assert (result.measurements_checked, result.measurements) == (33, "match")
+
+
+def test_cli_accepts_under_a_policy_and_exits_0(tmp_path):
+    policy = tmp_path / "gpu.toml"
+    policy.write_text('[gpu]\nallow_ocsp_unknown = true\nmin_driver_version = "545.00"\nallowed_vbios_versions = ["96.00.5E.00.01"]\n')
+    args = [str(TEST_REPORT), "--cert-chain", str(TEST_CHAIN), "--nonce", sample_nonce().hex(), "--at", "2024-06-01",
+            "--rim", str(DRIVER_RIM), "--rim", str(VBIOS_RIM)]
+    code, out = gpu_verify(*args, "--policy", str(policy))
+    assert (code, out["valid"], out["accepted"], out["policy_errors"], out["ocsp"]) == (0, True, True, [], "unknown")
+    policy.write_text('[gpu]\nallow_ocsp_unknown = true\nmin_driver_version = "550.54.15"\n')
+    code, out = gpu_verify(*args, "--policy", str(policy))
+    assert (code, out["accepted"]) == (1, False)
+    assert out["policy_errors"] == [
+        "gpu 0 driver_version 545.00 is below the policy minimum 550.54.15: have the node's NVIDIA driver updated"
+    ]
+    policy.write_text("[gpu]\nmin_driver = 1\n")  # a misspelt key is an error, never ignored
+    code, out = gpu_verify(*args, "--policy", str(policy))
+    assert code == 2 and out["errors"][0].startswith("PolicyError: unknown key(s) in [gpu]")
