@@ -123,8 +123,9 @@ class AttestationConfig(_Section):
     simulated_seed: str | None = Field(default=None, repr=False)
     require_gpu: bool = False
     configfs_tsm_path: Path = Path("/sys/kernel/config/tsm/report")
-    # NVIDIA GPU collateral shipped in the document: RIMs named <RIM id>.swidtag in gpu_rim_dir
-    # come first (offline sites), then the cache, then the RIM service; OCSP from the OCSP service.
+    # NVIDIA GPU collateral shipped in the document: RIMs named <RIM id>.swidtag and OCSP
+    # responses (*.ocsp) in gpu_rim_dir come first (offline sites), then the RIM cache and
+    # NVIDIA's RIM and OCSP services.
     gpu_rim_dir: Path | None = None
     nvidia_rim_service_url: str = DEFAULT_RIM_SERVICE_URL
     nvidia_ocsp_url: str = DEFAULT_OCSP_URL

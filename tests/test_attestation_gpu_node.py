@@ -186,6 +186,21 @@ async def test_good_ocsp_is_shipped_and_sets_the_next_refresh(tmp_path, nvidia_s
     assert service.next_refresh_delay() == 1800.0  # halfway to the OCSP response's next_update
 
 
+async def test_ocsp_from_rim_dir_offline(tmp_path):
+    leaf, ca, root = throwaway_device_chain()
+    offline = rim_dir(tmp_path / "rims")
+    (offline / "identity.ocsp").write_bytes(ocsp_response(ca.cert, root.cert, root))
+    (offline / "other.ocsp").write_bytes(ocsp_response(leaf.cert, ca.cert, ca))  # for a certificate not asked about
+    nowhere = f"http://127.0.0.1:{free_port()}/"
+    service = NvidiaCollateral(
+        NvidiaGpuProvider(nvml=SampleNvml(device_chain=[leaf, ca, root])),
+        rim_service_url=nowhere, ocsp_url=nowhere, rim_dir=offline, cache_dir=tmp_path / "cache", now=lambda: AT,
+    )
+    (gpu,) = await service.refresh()
+    assert gpu.ocsp == ((offline / "identity.ocsp").read_bytes(),)
+    assert gpu.driver_rim == DRIVER_RIM.read_bytes()
+
+
 async def test_a_rim_that_does_not_verify_is_not_shipped(tmp_path, nvidia_services):
     fake, rim_url, ocsp_url = nvidia_services
     fake.rims[VBIOS_RIM_ID] = fake.rims[VBIOS_RIM_ID].replace(b'index="1" active="True"', b'index="1" active="False"')

@@ -2,10 +2,11 @@
 part C, `collateral.nvidia`): per GPU its attestation certificate chain, the driver and VBIOS RIMs,
 and OCSP responses for the device and RIM chains.
 
-RIMs come from `rim_dir` (offline sites, tests) when it holds them, else from the on-disk cache, else
-from NVIDIA's RIM service, which is then cached; OCSP responses from NVIDIA's OCSP service, kept in
-memory. Everything is checked before it is shipped (a RIM that does not verify, or an OCSP response
-that is not good and current, is dropped and logged), and refreshed at start and before it expires.
+RIMs come from `rim_dir` (offline sites, tests) when it holds them, else from the on-disk cache,
+else from NVIDIA's RIM service, which is then cached; OCSP responses from `rim_dir` (`*.ocsp`,
+DER) when one there is current, else from NVIDIA's OCSP service, kept in memory. Everything is
+checked before it is shipped (a RIM that does not verify, or an OCSP response that is not good and
+current, is dropped and logged), and refreshed at start and before it expires.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ log = logging.getLogger("tee_node.attestation.nvidia")
 DEFAULT_RIM_SERVICE_URL = "https://rim.attestation.nvidia.com/v1/rim/"
 DEFAULT_OCSP_URL = "https://ocsp.ndis.nvidia.com/"
 RIM_SUFFIX = ".swidtag"
+OCSP_SUFFIX = ".ocsp"
 OCSP_REQUEST_TYPE = "application/ocsp-request"
 MAX_RESPONSE_BYTES = 1 << 20
 MIN_REFRESH_DELAY = 60.0  # seconds: the soonest a refresh repeats, whatever expires
@@ -143,7 +145,8 @@ class NvidiaCollateral:
         vbios = await self._rim(session, vbios_rim_id(report), report.vbios_version, model)
         manifests = [m for _, m in filter(None, (driver, vbios))]
         subjects = ocsp_check.gpu_subjects(chain, [m.signing_chain for m in manifests])
-        responses = [r for subject in subjects if (r := await self._ocsp(session, subject)) is not None]
+        offline = self._offline_ocsp()
+        responses = [r for subject in subjects if (r := await self._ocsp(session, subject, offline)) is not None]
         expiries = [single.next_update_utc for _, single in responses]
         expiries += [m.signing_chain[0].not_valid_after_utc for m in manifests]
         return GpuCollateral(
@@ -203,9 +206,22 @@ class NvidiaCollateral:
             log.warning("RIM %s could not be fetched: %s", rim_id, type(exc).__name__)
             return None
 
+    def _offline_ocsp(self) -> list[bytes]:
+        """OCSP responses (DER, `*.ocsp`) that an offline site put in `rim_dir`."""
+        if self._rim_dir is None or not self._rim_dir.is_dir():
+            return []
+        return [path.read_bytes() for path in sorted(self._rim_dir.glob("*" + OCSP_SUFFIX))]
+
     async def _ocsp(
-        self, session: aiohttp.ClientSession, subject: ocsp_check.OcspSubject
+        self, session: aiohttp.ClientSession, subject: ocsp_check.OcspSubject, offline: list[bytes]
     ) -> tuple[bytes, ocsp.OCSPSingleResponse] | None:
+        for der in offline:
+            if (checked := self._checked_ocsp(der, subject, fetched=False)) is not None:
+                return checked
+        der = await self._fetch_ocsp(session, subject)
+        return None if der is None else self._checked_ocsp(der, subject, fetched=True)
+
+    async def _fetch_ocsp(self, session: aiohttp.ClientSession, subject: ocsp_check.OcspSubject) -> bytes | None:
         name = trust.common_name(subject.cert)
         request = ocsp.OCSPRequestBuilder().add_certificate(subject.cert, subject.issuer, hashes.SHA384()).build()
         try:
@@ -215,19 +231,28 @@ class NvidiaCollateral:
                 if response.status != 200:
                     log.warning("OCSP service answered %d for %s", response.status, name)
                     return None
-                der = await response.content.read(MAX_RESPONSE_BYTES)
+                return await response.content.read(MAX_RESPONSE_BYTES)
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             log.warning("OCSP status of %s could not be fetched: %s", name, type(exc).__name__)
             return None
+
+    def _checked_ocsp(
+        self, der: bytes, subject: ocsp_check.OcspSubject, *, fetched: bool
+    ) -> tuple[bytes, ocsp.OCSPSingleResponse] | None:
+        """The response when it is the issuer's, current and good for `subject`; else None (logged)."""
+        name = trust.common_name(subject.cert)
         try:
             (loaded,) = ocsp_check.load_responses([der])
+            single = next((s for s in loaded.responses if s.serial_number == subject.cert.serial_number), None)
+            if single is None:
+                if fetched:  # an offline file for another certificate is expected; a fetched one is not
+                    log.warning("OCSP response for %s dropped: it answers for another certificate", name)
+                return None
             result = ocsp_check.check_ocsp([subject], [loaded], self._now())
         except AttestationError as exc:
             log.warning("OCSP response for %s dropped: %s", name, exc)
             return None
         if result.status != OCSP_GOOD:
-            log.warning("OCSP response for %s dropped: it is out of date or answers for another certificate", name)
+            log.warning("OCSP response for %s dropped: it is out of date or for another issuer", name)
             return None
-        single = next(s for s in loaded.responses if s.serial_number == subject.cert.serial_number)
         return der, single
-
