@@ -8,9 +8,9 @@ commands (cli). Evidence producers (configfs-tsm, NVML, the NVIDIA collateral se
 simulated TEE) live in `attestation.producers`, which no verifier imports.
 """
 
-from .appraisal import Policy, PolicyError, Verdict, appraise, load_policy
+from .appraisal import GpuPolicy, Policy, PolicyError, Verdict, appraise, appraise_gpu, load_policy
 from .binding import canonical_json, gpu_nonce, report_data
-from .claims import Claims, SnpClaims, TdxClaims
+from .claims import Claims, GpuClaims, SnpClaims, TdxClaims
 from .document import VerifiedAttestation, build_document, verify_document, verify_evidence
 from .errors import (
     AttestationError,
@@ -28,6 +28,7 @@ from .errors import (
 )
 from .evidence import CpuEvidence, GpuProvider, TeeProvider
 from .intel import IntelCollateral
+from .nvidia import GpuAttestationReport, GpuVerification, verify_gpu_report
 from .sevsnp import SnpReport, verify_report
 from .tdx import TdxQuote, verify_quote
 
@@ -40,8 +41,12 @@ __all__ = [
     "CollateralInvalid",
     "CpuEvidence",
     "DocumentInvalid",
+    "GpuAttestationReport",
+    "GpuClaims",
     "GpuEvidenceInvalid",
+    "GpuPolicy",
     "GpuProvider",
+    "GpuVerification",
     "IntelCollateral",
     "NonceMismatch",
     "ParseError",
@@ -58,6 +63,7 @@ __all__ = [
     "Verdict",
     "VerifiedAttestation",
     "appraise",
+    "appraise_gpu",
     "build_document",
     "canonical_json",
     "gpu_nonce",
@@ -65,6 +71,7 @@ __all__ = [
     "report_data",
     "verify_document",
     "verify_evidence",
+    "verify_gpu_report",
     "verify_quote",
     "verify_report",
 ]
