@@ -77,7 +77,7 @@ OID_HWID = "1.3.6.1.4.1.3704.1.4"
 OID_PRODUCT_NAME = "1.3.6.1.4.1.3704.1.2"
 
 # (CPUID family, high nibble of the model) of each chip family, as SNP reports v3+ carry them.
-_CPUID_PRODUCT = {(0x19, 0x0): "Milan", (0x19, 0x1): "Genoa", (0x19, 0xA): "Genoa", (0x1A, 0x0): "Turin", (0x1A, 0x1): "Turin"}
+CPUID_PRODUCT = {(0x19, 0x0): "Milan", (0x19, 0x1): "Genoa", (0x19, 0xA): "Genoa", (0x1A, 0x0): "Turin", (0x1A, 0x1): "Turin"}
 
 
 @dataclass(frozen=True)
@@ -244,7 +244,7 @@ def product_of(leaf: x509.Certificate, report: SnpReport) -> str:
     if product not in trust.AMD_PRODUCTS:
         raise ChainInvalid(f"{trust.common_name(leaf)} is for AMD product {product!r}, which has no pinned ARK")
     if report.cpuid_fam_id:
-        by_cpuid = _CPUID_PRODUCT.get((report.cpuid_fam_id, report.cpuid_mod_id >> 4))
+        by_cpuid = CPUID_PRODUCT.get((report.cpuid_fam_id, report.cpuid_mod_id >> 4))
         if by_cpuid != product:
             raise ChainInvalid(
                 f"report CPUID family 0x{report.cpuid_fam_id:x} model 0x{report.cpuid_mod_id:x} is not a {product} chip"

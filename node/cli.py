@@ -41,13 +41,9 @@ def _serve(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     app = create_app(config)
+    # The config digest covers the models' weights: it is logged once they are loaded.
     logging.getLogger("tee_node").info(
-        "tee-node on http://%s:%d, tee_mode=%s, engine=%s, config_digest=%s",
-        config.host,
-        config.port,
-        config.tee_mode,
-        config.engine.kind,
-        config.digest().hex(),
+        "tee-node on http://%s:%d, tee_mode=%s, engine=%s", config.host, config.port, config.tee_mode, config.engine.kind
     )
     web.run_app(
         app,
@@ -68,8 +64,35 @@ def _models_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _weights_args(values: list[str] | None) -> dict[str, str]:
+    """NAME=HEX pairs, several per value allowed (whitespace-separated, as `models digest` prints them)."""
+    known = {}
+    for value in (pair for v in values or [] for pair in v.split()):
+        name, _, digest = value.rpartition("=")
+        if not name or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest.lower()):
+            raise SystemExit(f"error: --weights-sha256 takes NAME=<64 hex>, got {value!r}")
+        known[name] = digest.lower()
+    return known
+
+
 def _config_digest(args: argparse.Namespace) -> int:
-    print(config_from_args(args).digest().hex())
+    from .models import ModelPrepareError, configured_weights
+
+    config = config_from_args(args)
+    try:
+        weights = configured_weights(config, _weights_args(args.weights_sha256))
+    except ModelPrepareError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(config.digest(weights).hex())
+    return 0
+
+
+def _models_digest(args: argparse.Namespace) -> int:
+    from .models import configured_weights
+
+    for name, digest in configured_weights(config_from_args(args)).items():
+        print(f"{name}={digest}")
     return 0
 
 
@@ -93,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = with_config(models.add_parser("prepare", help="prepare the configured models ahead of time"))
     prepare.add_argument("--model")
     prepare.set_defaults(func=_models_prepare)
+    models_digest = with_config(models.add_parser("digest", help="print NAME=SHA256 of each model's weight manifest"))
+    models_digest.set_defaults(func=_models_digest)
 
     quote = commands.add_parser("quote", help="TEE evidence").add_subparsers(dest="quote_command", required=True)
     verify = quote.add_parser("verify", help="verify a raw TDX quote or SEV-SNP report")
@@ -109,7 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     gpu_verify.set_defaults(func=gpu_cli.gpu_verify)
 
     config = commands.add_parser("config", help="configuration").add_subparsers(dest="config_command", required=True)
-    digest = with_config(config.add_parser("digest", help="print the config digest the attestation reports"))
+    digest = with_config(config.add_parser("digest", help="print the config digest the attestation will report (prepares the models to measure their weights)"))
+    digest.add_argument(
+        "--weights-sha256", action="append", metavar="NAME=HEX", help="a model's weight-manifest digest measured elsewhere, as `tee-node models digest` prints it (repeatable)"
+    )
     digest.set_defaults(func=_config_digest)
     from .cli_client import add_attest_parser, add_chat_parser
 

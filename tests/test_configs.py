@@ -35,8 +35,10 @@ def test_the_expected_configs_exist() -> None:
 def test_every_config_loads_and_has_a_stable_digest(path: Path) -> None:
     config = load_config(path)
     assert config.engine.models
-    assert len(config.digest()) == 32
-    assert config.digest() == load_config(path).digest()
+    weights = {m.name: "ab" * 32 for m in config.engine.models}  # as the engine reports them once loaded
+    assert len(config.digest(weights)) == 32
+    assert config.digest(weights) == load_config(path).digest(weights)
+    assert config.digest(weights) != config.digest({})  # the weights are measured
 
 
 def test_simulated_default_serves_the_embedded_models_openly_on_loopback() -> None:
@@ -67,7 +69,7 @@ def test_h100_configs_run_a_real_tee_with_gpu_attestation(name: str, mode: str) 
 def test_the_two_h100_configs_differ_only_in_tee_mode_and_digest() -> None:
     tdx, snp = load("tdx-h100.toml"), load("sev-snp-h100.toml")
     assert tdx.model_copy(update={"tee_mode": "sev-snp"}) == snp
-    assert tdx.digest() != snp.digest()
+    assert tdx.digest({}) != snp.digest({})
 
 
 def test_upstream_config_forwards_to_loopback() -> None:

@@ -222,3 +222,32 @@ def test_prepare_all_prepares_each_configured_vllm_model(converted, replayed, tm
 
 def prepare_all_quietly(config) -> list[Path]:
     return models.prepare_all(config, progress=lambda _: None)
+
+
+def _manifest_digest(directory: Path, skip: tuple[str, ...] = ()) -> str:
+    """The weight-manifest digest computed independently: canonical JSON of {file: SHA-256}."""
+    import hashlib
+
+    files = {
+        p.relative_to(directory).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name not in skip
+    }
+    return hashlib.sha256(json.dumps(files, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def test_weights_sha256_is_the_digest_of_every_weight_file(converted, tmp_path: Path) -> None:
+    path, _ = converted
+    smollm2 = models.weights_sha256("embedded:smollm2", path)
+    assert smollm2 == _manifest_digest(path, skip=(MANIFEST,))
+    minilm_dir = prepare_model("embedded:minilm", tmp_path, progress=lambda _: None)
+    assert models.weights_sha256("embedded:minilm", minilm_dir) == _manifest_digest(minilm_dir, skip=("__pycache__",))
+    local = tmp_path / "local"
+    (local / "sub").mkdir(parents=True)
+    (local / "w.bin").write_bytes(b"weights")
+    (local / "sub" / "c.json").write_text("{}")
+    before = models.weights_sha256(str(local), local)
+    assert before == _manifest_digest(local)
+    (local / "w.bin").write_bytes(b"weightz")  # one changed byte changes the digest
+    assert models.weights_sha256(str(local), local) != before
+    assert models.weights_sha256("meta-llama/Llama-3.1-8B-Instruct", Path("meta-llama/Llama-3.1-8B-Instruct")) is None

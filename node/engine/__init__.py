@@ -20,10 +20,10 @@ def build_engine(config: NodeConfig) -> Engine:
     if kind == "upstream":
         from .upstream import UpstreamEngine
 
-        return UpstreamEngine(config)
+        return UpstreamEngine(config.engine)
     from .vllm import VllmEngine
 
-    return VllmEngine(config)
+    return VllmEngine(config.engine, config.cache_dir)
 
 
 __all__ = ["Engine", "ModelCard", "build_engine"]

@@ -64,6 +64,10 @@ class Engine(Protocol):
 
     def models(self) -> list[ModelCard]: ...
 
+    def weights_sha256(self) -> dict[str, str]:
+        """Weight-manifest SHA-256 (hex) of each served model whose weights this node holds,
+        known once `ready` (node/models.py `weights_sha256`); the measured config carries it."""
+
     async def chat(self, request: dict[str, Any], request_id: str) -> dict[str, Any] | AsyncIterator[Chunk]:
         """A chat completion; an async iterator of chunks when request["stream"] is true."""
 

@@ -69,6 +69,9 @@ class EchoEngine:
     def running_requests(self) -> int:
         return len(self.running)
 
+    def weights_sha256(self) -> dict[str, str]:
+        return {}  # no weights: the echo engine answers from the prompt
+
     def models(self) -> list[ModelCard]:
         return list(self._models.values())
 

@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from node.config import NodeConfig
+from node.config import EngineConfig
 from node.engine.base import ALL_TASKS, TASKS_OF, Chunk, ModelCard, Task, raise_for_engine_status
 from node.errors import EngineError, ModelNotFound, NotReady
 
@@ -31,13 +31,13 @@ class UpstreamEngine:
     name = "upstream"
     tee_capable = True
 
-    def __init__(self, config: NodeConfig) -> None:
+    def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        url = (config.engine.upstream_url or "").rstrip("/")
+        url = (config.upstream_url or "").rstrip("/")
         self.base_url = url[: -len("/v1")] if url.endswith("/v1") else url
         self._headers = {"Content-Type": "application/json"}
-        if config.engine.upstream_api_key:
-            self._headers["Authorization"] = f"Bearer {config.engine.upstream_api_key}"
+        if config.upstream_api_key:
+            self._headers["Authorization"] = f"Bearer {config.upstream_api_key}"
         self._session: aiohttp.ClientSession | None = None
         self._poller: asyncio.Task | None = None
         self._ready = False
@@ -48,7 +48,7 @@ class UpstreamEngine:
     # --- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self.config.engine.upstream_timeout)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self.config.upstream_timeout)
         self._session = aiohttp.ClientSession(timeout=timeout, headers=self._headers)
         await self.poll()
         self._poller = asyncio.create_task(self._poll_forever(), name="upstream-health")
@@ -99,7 +99,7 @@ class UpstreamEngine:
             if response.status != 200:
                 return []
             listing = orjson.loads(await response.read())
-        configured = {m.name: TASKS_OF[m.task] for m in self.config.engine.models}
+        configured = {m.name: TASKS_OF[m.task] for m in self.config.models}
         return [
             ModelCard(
                 id=entry["id"],

@@ -19,15 +19,16 @@ import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import orjson
 from pydantic import ValidationError
 
-from node.config import ModelConfig, NodeConfig
+from node.config import EngineConfig, ModelConfig
 from node.engine.base import TASKS_OF, Chunk, ModelCard, Task, raise_for_engine_status
 from node.errors import EngineBadRequest, EngineError, ModelNotFound, NotReady
-from node.models import prepare_model
+from node.models import prepare_model, weights_sha256
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +105,10 @@ class VllmEngine:
     name = "vllm"
     tee_capable = True
 
-    def __init__(self, config: NodeConfig) -> None:
+    def __init__(self, config: EngineConfig, cache_dir: Path) -> None:
         self.config = config
+        self._cache_dir = cache_dir
+        self._weights: dict[str, str] = {}
         self._served: dict[str, _Served] = {}
         self._running: dict[str, _Running] = {}
         self._ready = False
@@ -118,9 +121,12 @@ class VllmEngine:
         os.environ["TRANSFORMERS_OFFLINE"] = "1"
         try:
             await asyncio.to_thread(_import_vllm_serving)
-            for cfg in self.config.engine.models:
+            for cfg in self.config.models:
                 started = time.monotonic()
-                path = await asyncio.to_thread(prepare_model, cfg.source, self.config.cache_dir)
+                path = await asyncio.to_thread(prepare_model, cfg.source, self._cache_dir)
+                digest = await asyncio.to_thread(weights_sha256, cfg.source, path)
+                if digest is not None:
+                    self._weights[cfg.name] = digest
                 self._served[cfg.name] = await self._load(cfg, str(path))
                 log.info("model %s loaded in %.1f s", cfg.name, time.monotonic() - started)
         except Exception as exc:
@@ -212,8 +218,11 @@ class VllmEngine:
         loaded = {name: s.max_model_len for name, s in self._served.items()}
         return [
             ModelCard(id=m.name, tasks=TASKS_OF[m.task], max_model_len=loaded.get(m.name, m.max_model_len))
-            for m in self.config.engine.models
+            for m in self.config.models
         ]
+
+    def weights_sha256(self) -> dict[str, str]:
+        return dict(self._weights)
 
     def running_requests(self) -> int:
         """Sequences vLLM still holds across all models (0 when every slot is free)."""

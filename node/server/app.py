@@ -153,7 +153,7 @@ def create_app(config: NodeConfig, engine: Engine | None = None) -> web.Applicat
     if config.tee_mode != "simulated" and not engine.tee_capable:
         raise ValueError(f"the {engine.name} engine cannot serve in TEE mode {config.tee_mode}")
     state = NodeState.build(config, engine)
-    state.attestation = AttestationService(config, state.config_digest)
+    state.attestation = AttestationService(config)
     app = web.Application(middlewares=[error_middleware], client_max_size=config.limits.max_body_bytes)
     app[NODE] = state
     app[OPENAPI] = openapi_document(config)

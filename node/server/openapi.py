@@ -104,7 +104,7 @@ def openapi_document(config: NodeConfig) -> dict[str, Any]:
         "/metrics": _get("Prometheus metrics", "text/plain"),
         "/v1/attestation": {
             "get": {
-                "summary": "TEE evidence bound to the node's keys and the caller's nonce",
+                "summary": "TEE evidence bound to the node's keys, measured config and the caller's nonce (503 NOT_READY until the models are loaded)",
                 "parameters": [
                     {
                         "name": "nonce",

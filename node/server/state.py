@@ -26,8 +26,6 @@ class NodeState:
     signer: Signer
     metrics: Metrics
     admission: Admission
-    measured_config: dict[str, Any]
-    config_digest: bytes
     trusted_proxy_keys: frozenset[bytes]
     token_digests: tuple[bytes, ...]
     attestation: Any = None  # AttestationService, set by the app factory
@@ -52,8 +50,6 @@ class NodeState:
             signer=Signer.generate(),
             metrics=metrics,
             admission=Admission(limits.max_in_flight, limits.max_queue, limits.queue_timeout, limits.retry_after),
-            measured_config=config.measured_config(),
-            config_digest=config.digest(),
             trusted_proxy_keys=frozenset(b64d(k) for k in config.auth.trusted_proxy_keys),
             token_digests=tuple(bytes.fromhex(d) for d in config.auth.api_token_sha256),
         )

@@ -112,7 +112,7 @@ async def scripted(aiohttp_server):
         None,
         engine={"kind": "upstream", "upstream_url": f"http://127.0.0.1:{server.port}/v1", "models": [{"name": "m", "source": "-"}]},
     )
-    engine = UpstreamEngine(config)
+    engine = UpstreamEngine(config.engine)
     await engine.start()
     yield script, engine, server
     await engine.stop()

@@ -27,7 +27,7 @@ async def engine() -> AsyncIterator[VllmEngine]:
         None,
         engine={"kind": "vllm", "models": [{"name": CHAT_MODEL, "source": "embedded:smollm2", "dtype": "float32", "max_model_len": 2048}]},
     )
-    engine = VllmEngine(config)
+    engine = VllmEngine(config.engine, config.cache_dir)
     await engine.start()
     assert engine.ready, "engine failed to start (see the log)"
     yield engine
