@@ -154,7 +154,7 @@ class CollateralCache:
         return {
             "intel": intel.to_document(self.pck_crl_issuer_chain or "") if intel is not None else None,
             "amd": amd.to_document() if amd is not None else None,
-            "nvidia": None,  # the GPU attestation's collateral (issue 12)
+            "nvidia": None,  # NvidiaCollateral fills it (node/server/attestation.py)
         }
 
 
