@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import json
+import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -41,6 +42,7 @@ from .types import (
 )
 
 T = TypeVar("T", bound=BaseModel)
+log = logging.getLogger("tee_node.client")
 
 ATTESTATION_NONCE_SIZE = 32
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
@@ -483,6 +485,8 @@ class ConfidentialClient:
         if len(verified.dh_public_key) != 32 or len(verified.signing_public_key) != 32:
             raise ParseError("attested keys have the wrong length")
         config_digest = verified.config_digest
+        for warning in verified.warnings:  # e.g. accept_any_measurement: said on every attestation
+            log.warning("attestation accepted with a warning: %s", warning)
         self.attestations += 1
         return NodeIdentity(
             tee=verified.tee,
