@@ -6,6 +6,7 @@ import hashlib
 import struct
 from typing import Any
 
+from node.crypto import KEM_PUBLIC_KEY_SIZE
 from node.wire import canonical_json
 
 REPORT_DATA_DOMAIN = b"tee-node/report-data/v2"
@@ -14,7 +15,6 @@ NONCE_SIZE = 32
 KEY_SIZE = 32
 DIGEST_SIZE = 32
 REPORT_DATA_SIZE = 64
-KEM_PUBLIC_KEY_SIZE = 1184  # ML-KEM-768 encapsulation key
 MAX_KEY_EPOCH = 2**64 - 1
 NO_TLS_CERTIFICATE = bytes(DIGEST_SIZE)
 

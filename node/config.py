@@ -108,6 +108,9 @@ class LimitsConfig(_Section):
     # Engine chunks merged into one sealed event when a confidential stream falls behind
     # (1: one event per chunk). Plain routes always send one event per chunk.
     stream_coalesce_max: int = Field(default=16, ge=1, le=1024)
+    # Timing cover (off when None): a confidential stream sends one event every this many ms,
+    # carrying the text ready by then or none, so event timing does not follow token timing.
+    stream_cadence_ms: int | None = Field(default=None, ge=1, le=10_000)
     attestation_per_minute: int = Field(default=120, ge=1)
 
 
@@ -210,6 +213,7 @@ class NodeConfig(BaseSettings):
             "limits": {
                 "max_body_bytes": self.limits.max_body_bytes,
                 "stream_coalesce_max": self.limits.stream_coalesce_max,
+                "stream_cadence_ms": self.limits.stream_cadence_ms,
             },
             "attestation": {"require_gpu": self.attestation.require_gpu},
         }

@@ -1,7 +1,8 @@
 """The one module that owns the envelope's primitives and constants.
 
-Callers never touch HKDF, AES-GCM or BLAKE2b directly: they call these helpers, so the
-protocol's parameters (PROTOCOL.md part A, "Primitives") live in exactly one place.
+Callers never touch HKDF, AES-GCM, BLAKE2b or ML-KEM directly: they call these helpers, so the
+protocol's parameters (PROTOCOL.md part A, "Primitives"; part C, "Post-quantum hybrid key
+agreement") live in exactly one place.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM768PrivateKey, MLKEM768PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -27,12 +29,22 @@ ED25519_KEY_SIZE = 32
 SUI_ED25519_FLAG = 0x00
 SUI_SIGNATURE_SIZE = 1 + ED25519_SIGNATURE_SIZE + ED25519_KEY_SIZE
 HKDF_INFO = b""
+# ML-KEM-768 (FIPS 203) sizes and the hybrid derivation's domain label (part C).
+KEM_PUBLIC_KEY_SIZE = 1184
+KEM_CIPHERTEXT_SIZE = 1088
+KEM_SHARED_SECRET_SIZE = 32
+HYBRID_INFO_LABEL = b"tee-node/hybrid/v1"
 
 __all__ = [
     "AES_KEY_SIZE",
     "Aead",
     "Base64Error",
     "HASH_SIZE",
+    "HYBRID_INFO_LABEL",
+    "KEM_CIPHERTEXT_SIZE",
+    "KEM_PUBLIC_KEY_SIZE",
+    "KEM_SHARED_SECRET_SIZE",
+    "KemKeyPair",
     "NONCE_SIZE",
     "SALT_SIZE",
     "SUI_ED25519_FLAG",
@@ -43,7 +55,10 @@ __all__ = [
     "b64e",
     "blake2b_256",
     "constant_time_equal",
+    "derive_hybrid_key",
     "derive_key",
+    "kem_encapsulate",
+    "random_bytes",
     "random_nonce",
     "random_salt",
 ]
@@ -101,6 +116,56 @@ def derive_key(shared_secret: bytes, salt: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=AES_KEY_SIZE, salt=salt, info=HKDF_INFO).derive(
         shared_secret
     )
+
+
+def derive_hybrid_key(
+    kem_shared_secret: bytes,
+    x25519_shared_secret: bytes,
+    salt: bytes,
+    client_public_key: bytes,
+    node_public_key: bytes,
+    kem_ciphertext: bytes,
+) -> bytes:
+    """Part C's hybrid key: both secrets in the IKM, both DH keys and the KEM ciphertext in info.
+
+    Binding the ciphertext and the keys into `info` ties the key to this exact exchange, so
+    neither secret can be transplanted into another request.
+    """
+    info = HYBRID_INFO_LABEL + client_public_key + node_public_key + hashlib.sha256(kem_ciphertext).digest()
+    return HKDF(algorithm=hashes.SHA256(), length=AES_KEY_SIZE, salt=salt, info=info).derive(
+        kem_shared_secret + x25519_shared_secret
+    )
+
+
+class KemKeyPair:
+    """An ML-KEM-768 decapsulation key (in memory only) and its 1184-byte encapsulation key."""
+
+    __slots__ = ("_private", "public_key")
+
+    def __init__(self, private_key: MLKEM768PrivateKey) -> None:
+        self._private = private_key
+        self.public_key = private_key.public_key().public_bytes_raw()
+
+    @classmethod
+    def generate(cls) -> KemKeyPair:
+        return cls(MLKEM768PrivateKey.generate())
+
+    def decapsulate(self, ciphertext: bytes) -> bytes:
+        """The shared secret. A ciphertext of the right length never fails: ML-KEM's implicit
+        rejection turns a wrong one into an unrelated secret, so decryption fails instead."""
+        return self._private.decapsulate(ciphertext)
+
+    def __repr__(self) -> str:
+        return "KemKeyPair(<key hidden>)"
+
+
+def kem_encapsulate(public_key: bytes) -> tuple[bytes, bytes]:
+    """(shared secret, ciphertext) to an ML-KEM-768 encapsulation key (the client's half)."""
+    return MLKEM768PublicKey.from_public_bytes(public_key).encapsulate()
+
+
+def random_bytes(size: int) -> bytes:
+    return os.urandom(size)
 
 
 def random_nonce() -> bytes:

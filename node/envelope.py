@@ -1,21 +1,23 @@
-"""The Atoma confidential envelope (PROTOCOL.md part A) and this node's receipts (part B).
+"""The Atoma confidential envelope (PROTOCOL.md part A), this node's receipts (part B), and
+part C's hybrid ML-KEM-768 + X25519 key agreement and length hiding.
 
 Pure functions and small state objects over bytes and pydantic models, no I/O: the server,
 the client and the tests all call this module. Node side: `parse_request`, `open_request`,
-`ResponseSealer`. Client side: `seal_request`, `ResponseOpener`. Receipts: `build_receipt`,
-`verify_receipt`.
+`ResponseSealer`, `take_obfuscation`. Client side: `seal_request`, `ResponseOpener`. Receipts:
+`build_receipt`, `verify_receipt`. Length hiding: `pad_json`, `event_size`, `bucket_size`.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from pydantic import ValidationError
 
 from .crypto import (
     HASH_SIZE,
+    KEM_CIPHERTEXT_SIZE,
     NONCE_SIZE,
     SALT_SIZE,
     TAG_SIZE,
@@ -26,6 +28,9 @@ from .crypto import (
     b64e,
     blake2b_256,
     constant_time_equal,
+    derive_hybrid_key,
+    kem_encapsulate,
+    random_bytes,
     random_nonce,
     random_salt,
 )
@@ -36,10 +41,12 @@ from .errors import (
     HashMismatch,
     InvalidBase64,
     InvalidLength,
+    InvalidPlaintext,
     InvalidSignature,
     MalformedJson,
     MissingField,
     MissingReceipt,
+    PaddingMissing,
     ReceiptInvalid,
     ResponseDecryptionFailed,
     ResponseHashMismatch,
@@ -52,6 +59,18 @@ from .protocol import ConfidentialComputeRequest
 from .wire import canonical_json
 
 RECEIPT_VERSION = 1
+
+# Length hiding (part C): the padding is a JSON string field inside the plaintext.
+OBFUSCATION_FIELD = "obfuscation"
+EVENT_PAD_MULTIPLE = 256
+BUCKET_BASE = 512
+# Every pad starts with this many random bytes (as 24 base64 characters): the plaintext's hash
+# travels in clear (response_hash, plaintext_body_hash), and without them a short, predictable
+# plaintext (one token in a known chunk frame) could be confirmed by hashing guesses.
+PADDING_SECRET_SIZE = 18
+_PAD_OPEN = b'"' + OBFUSCATION_FIELD.encode() + b'":"'
+_PAD_CLOSE = b'"}'
+_PAD_FILL = b"x"
 
 
 def _field(value: str, size: int | None, minimum: int = 0) -> bytes:
@@ -81,7 +100,9 @@ def parse_request(body: bytes) -> ConfidentialComputeRequest:
 class DecodedRequest:
     """The binary fields of a request, decoded and length-checked."""
 
-    __slots__ = ("ciphertext", "client_public_key", "node_public_key", "nonce", "salt", "plaintext_body_hash")
+    __slots__ = (
+        "ciphertext", "client_public_key", "node_public_key", "nonce", "salt", "plaintext_body_hash", "kem_ciphertext",
+    )  # fmt: skip
 
     def __init__(self, request: ConfidentialComputeRequest) -> None:
         self.salt = _field(request.salt, SALT_SIZE)
@@ -90,9 +111,10 @@ class DecodedRequest:
         self.node_public_key = _field(request.node_dh_public_key, X25519_KEY_SIZE)
         self.plaintext_body_hash = _field(request.plaintext_body_hash, HASH_SIZE)
         self.ciphertext = _field(request.ciphertext, None, minimum=TAG_SIZE)
+        self.kem_ciphertext = None if request.kem_ciphertext is None else _field(request.kem_ciphertext, KEM_CIPHERTEXT_SIZE)
 
     def replay_identity(self) -> bytes:
-        return replay_identity(self.client_public_key, self.salt, self.nonce)
+        return replay_identity(self.client_public_key, self.salt, self.nonce, self.kem_ciphertext or b"")
 
 
 def decode_request(request: ConfidentialComputeRequest) -> DecodedRequest:
@@ -131,20 +153,36 @@ class OpenedRequest:
 
 
 def open_request(decoded: DecodedRequest, keyring: KeyRing, signer: Signer) -> OpenedRequest:
-    """Pick the live key, decrypt, compare the BLAKE2b-256 in constant time.
+    """Pick the live key, derive the request key (v1, or hybrid with a `kem_ciphertext`),
+    decrypt, compare the BLAKE2b-256 in constant time.
 
-    Raises StaleNodeKey (with the current key), DecryptionFailed or HashMismatch. The replay
+    Raises StaleNodeKey (with the current keys), DecryptionFailed or HashMismatch. The replay
     check is the caller's (`KeyRing.claim`), made only after this succeeds so that forged
     traffic cannot fill the cache with identities of requests still to come.
     """
     key = keyring.live_key(decoded.node_public_key)
     if key is None:
-        raise StaleNodeKey(keyring.current.public_key_b64, keyring.current.epoch)
+        current = keyring.current
+        raise StaleNodeKey(current.public_key_b64, current.epoch, current.kem_public_key_b64)
     try:
         shared_secret = key.exchange(decoded.client_public_key)
     except ValueError:  # low-order client key: the all-zero shared secret is refused
         raise DecryptionFailed() from None
-    aead = Aead.from_shared_secret(shared_secret, decoded.salt)
+    if decoded.kem_ciphertext is None:
+        aead = Aead.from_shared_secret(shared_secret, decoded.salt)
+    else:
+        # A wrong ciphertext decapsulates to an unrelated secret (implicit rejection): the
+        # decryption below fails, as it would for any other wrong key.
+        aead = Aead(
+            derive_hybrid_key(
+                key.decapsulate(decoded.kem_ciphertext),
+                shared_secret,
+                decoded.salt,
+                decoded.client_public_key,
+                decoded.node_public_key,
+                decoded.kem_ciphertext,
+            )
+        )
     plaintext = aead.decrypt(decoded.nonce, decoded.ciphertext)
     if plaintext is None:
         raise DecryptionFailed()
@@ -158,12 +196,14 @@ class ResponseSealer:
     """Seals a request's answer: one response, or a stream of events each with a fresh nonce.
 
     Keeps the running transcript (BLAKE2b-256 over every response_hash in order) for the
-    receipt attached to the response or to the final event.
+    receipt attached to the response or to the final event. With `padding` (part C's length
+    hiding, set by the caller from the request) every plaintext is padded before it is
+    encrypted, hashed and signed: events to `event_size`, the response to `bucket_size`.
     """
 
-    __slots__ = ("_aead", "_signer", "request_hash", "key_epoch", "_transcript", "events", "finished")
+    __slots__ = ("_aead", "_signer", "request_hash", "key_epoch", "_transcript", "events", "finished", "padding")
 
-    def __init__(self, aead: Aead, signer: Signer, request_hash: bytes, key_epoch: int) -> None:
+    def __init__(self, aead: Aead, signer: Signer, request_hash: bytes, key_epoch: int, padding: bool = False) -> None:
         self._aead = aead
         self._signer = signer
         self.request_hash = request_hash
@@ -171,11 +211,18 @@ class ResponseSealer:
         self._transcript = hashlib.blake2b(digest_size=HASH_SIZE)
         self.events = 0
         self.finished = False
+        self.padding = padding
 
-    def _seal(self, plaintext: bytes) -> dict[str, Any]:
+    def _seal(self, plaintext: bytes, padded_size: Callable[[int], int]) -> dict[str, Any]:
         if self.finished:
             raise RuntimeError("response already finished")
-        nonce = random_nonce()
+        if self.padding:
+            # One draw for the nonce and the pad's secret: each draw is a system call.
+            fresh = random_bytes(NONCE_SIZE + PADDING_SECRET_SIZE)
+            nonce = fresh[:NONCE_SIZE]
+            plaintext = pad_json(plaintext, fresh[NONCE_SIZE:], padded_size)
+        else:
+            nonce = random_nonce()
         ciphertext = self._aead.encrypt(nonce, plaintext)
         response_hash = blake2b_256(plaintext)
         self._transcript.update(response_hash)
@@ -189,7 +236,7 @@ class ResponseSealer:
 
     def seal_event(self, plaintext: bytes, usage: dict | None = None) -> dict[str, Any]:
         """One stream event; `usage` (seeds' Usage shape) travels in clear when given."""
-        event = self._seal(plaintext)
+        event = self._seal(plaintext, event_size)
         if usage is not None:
             event["usage"] = usage
         return event
@@ -202,7 +249,7 @@ class ResponseSealer:
 
     def seal_response(self, plaintext: bytes, model: str, usage: dict | None) -> dict[str, Any]:
         """The non-streaming response: ciphertext, nonce, response_hash, signature, usage, receipt."""
-        response = self._seal(plaintext)
+        response = self._seal(plaintext, bucket_size)
         response["usage"] = usage
         response["receipt"] = self._finish(model, usage)
         return response
@@ -221,6 +268,56 @@ class ResponseSealer:
 
     def __repr__(self) -> str:
         return f"ResponseSealer(epoch={self.key_epoch}, events={self.events})"
+
+
+# --- length hiding (part C) -------------------------------------------------------------------
+
+
+def event_size(length: int) -> int:
+    """A stream event's padded plaintext size: the next multiple of 256 bytes."""
+    return -(-length // EVENT_PAD_MULTIPLE) * EVENT_PAD_MULTIPLE
+
+
+def bucket_size(length: int) -> int:
+    """A whole request's or response's padded plaintext size: the next of 512 * 2^k bytes."""
+    return max(BUCKET_BASE, 1 << (length - 1).bit_length())
+
+
+def is_bucket_size(length: int) -> bool:
+    return length >= BUCKET_BASE and length & (length - 1) == 0
+
+
+def pad_json(document: bytes, secret: bytes, padded_size: Callable[[int], int]) -> bytes:
+    """`document` (a JSON object without an `obfuscation` key) with an `obfuscation` string
+    added so that its length is `padded_size` of the smallest padded form.
+
+    The pad is the base64 of `secret` then filler; the smallest form carries the secret and no
+    filler. Spliced in before the closing brace: the document is not parsed or re-serialised.
+    """
+    if document[:1] != b"{" or document[-1:] != b"}":
+        raise ValueError("only a JSON object can be padded")
+    head = document[:-1]
+    separator = b"" if head.rstrip().endswith(b"{") else b","
+    head = head + separator + _PAD_OPEN + b64e(secret).encode("ascii")
+    unpadded = len(head) + len(_PAD_CLOSE)
+    return head + _PAD_FILL * (padded_size(unpadded) - unpadded) + _PAD_CLOSE
+
+
+def take_obfuscation(payload: dict[str, Any]) -> bool:
+    """Remove part C's fields from a request plaintext before the engine sees it; return
+    whether the answer is padded (on unless `stream_options.include_obfuscation` is false).
+
+    Raises InvalidPlaintext when `include_obfuscation` is present and not a boolean.
+    """
+    payload.pop(OBFUSCATION_FIELD, None)
+    options = payload.get("stream_options")
+    if not isinstance(options, dict) or "include_obfuscation" not in options:
+        return True
+    include = options["include_obfuscation"]
+    if not isinstance(include, bool):
+        raise InvalidPlaintext()
+    payload["stream_options"] = {k: v for k, v in options.items() if k != "include_obfuscation"}
+    return include
 
 
 # --- receipts -----------------------------------------------------------------------------
@@ -303,15 +400,17 @@ class ResponseOpener:
 
     With `signing_key` (pinned from attestation) every signature must be by that key; without
     it the signature must still verify under the key it names, and receipts are checked
-    against that key.
+    against that key. With `padding` (the request asked for length hiding) every plaintext
+    must have a padded size (PaddingMissing otherwise): a node that leaks lengths is caught.
     """
 
-    __slots__ = ("_aead", "request_hash", "signing_key", "_transcript", "response_hashes", "receipt", "ended")
+    __slots__ = ("_aead", "request_hash", "signing_key", "padding", "_transcript", "response_hashes", "receipt", "ended")
 
-    def __init__(self, aead: Aead, request_hash: bytes, signing_key: bytes | None = None) -> None:
+    def __init__(self, aead: Aead, request_hash: bytes, signing_key: bytes | None = None, padding: bool = False) -> None:
         self._aead = aead
         self.request_hash = request_hash
         self.signing_key = signing_key
+        self.padding = padding
         self._transcript = hashlib.blake2b(digest_size=HASH_SIZE)
         self.response_hashes: list[bytes] = []
         self.receipt: dict[str, Any] | None = None
@@ -343,6 +442,8 @@ class ResponseOpener:
 
     def open_response(self, body: dict[str, Any], require_receipt: bool = True) -> bytes:
         plaintext = self._open(body)
+        if self.padding and not is_bucket_size(len(plaintext)):
+            raise PaddingMissing()
         self._check_receipt(body.get("receipt"), require_receipt)
         return plaintext
 
@@ -351,6 +452,8 @@ class ResponseOpener:
         if self.ended:
             raise EventAfterEnd()
         plaintext = self._open(event)
+        if self.padding and len(plaintext) % EVENT_PAD_MULTIPLE:
+            raise PaddingMissing()
         if event.get("receipt") is not None:
             self._check_receipt(event["receipt"], True)
         return plaintext
@@ -387,23 +490,38 @@ def seal_request(
     node_public_key: bytes,
     model_name: str,
     *,
+    kem_public_key: bytes | None = None,
+    padding: bool = False,
     stack_small_id: int = 0,
     stream: bool | None = None,
     num_compute_units: int | None = None,
     signing_key: bytes | None = None,
 ) -> tuple[dict[str, Any], ResponseOpener]:
-    """Encrypt an OpenAI request body to the node's key: the outer JSON and its opener."""
+    """Encrypt an OpenAI request body to the node's key: the outer JSON and its opener.
+
+    With `kem_public_key` (the node's attested ML-KEM-768 key) the key comes from part C's
+    hybrid derivation and the request carries `kem_ciphertext`. With `padding` the plaintext
+    (a JSON object) is padded to its bucket and the opener requires padded answers, which the
+    node sends unless the plaintext turned them off (`stream_options.include_obfuscation`).
+    """
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
     client_key = X25519PrivateKey.generate()
+    client_public_key = client_key.public_key().public_bytes_raw()
     shared_secret = client_key.exchange(X25519PublicKey.from_public_bytes(node_public_key))
     salt, nonce = random_salt(), random_nonce()
-    aead = Aead.from_shared_secret(shared_secret, salt)
+    kem_ciphertext = None
+    if kem_public_key is None:
+        aead = Aead.from_shared_secret(shared_secret, salt)
+    else:
+        kem_secret, kem_ciphertext = kem_encapsulate(kem_public_key)
+        aead = Aead(derive_hybrid_key(kem_secret, shared_secret, salt, client_public_key, node_public_key, kem_ciphertext))
+    if padding:
+        plaintext = pad_json(plaintext, random_bytes(PADDING_SECRET_SIZE), bucket_size)
     request_hash = blake2b_256(plaintext)
     outer: dict[str, Any] = {
         "ciphertext": b64e(aead.encrypt(nonce, plaintext)),
-        "client_dh_public_key": b64e(client_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)),
+        "client_dh_public_key": b64e(client_public_key),
         "model_name": model_name,
         "node_dh_public_key": b64e(node_public_key),
         "nonce": b64e(nonce),
@@ -413,4 +531,6 @@ def seal_request(
         "num_compute_units": num_compute_units,
         "stream": stream,
     }
-    return outer, ResponseOpener(aead, request_hash, signing_key)
+    if kem_ciphertext is not None:
+        outer["kem_ciphertext"] = b64e(kem_ciphertext)
+    return outer, ResponseOpener(aead, request_hash, signing_key, padding)

@@ -88,13 +88,18 @@ class ReplayedRequest(NodeError):
 class StaleNodeKey(NodeError):
     status, code, message = 422, "STALE_NODE_KEY", "node_dh_public_key is not a live key"
 
-    def __init__(self, current_public_key_b64: str, key_epoch: int) -> None:
+    def __init__(self, current_public_key_b64: str, key_epoch: int, kem_public_key_b64: str) -> None:
         super().__init__()
         self.current_public_key_b64 = current_public_key_b64
         self.key_epoch = key_epoch
+        self.kem_public_key_b64 = kem_public_key_b64
 
     def extra(self) -> dict:
-        return {"node_dh_public_key": self.current_public_key_b64, "key_epoch": self.key_epoch}
+        return {
+            "node_dh_public_key": self.current_public_key_b64,
+            "key_epoch": self.key_epoch,
+            "kem_public_key": self.kem_public_key_b64,
+        }
 
 
 class Overloaded(NodeError):
@@ -176,3 +181,7 @@ class MissingReceipt(ReceiptInvalid):
 
 class EventAfterEnd(ReceiptInvalid):
     message = "event received after the final event"
+
+
+class PaddingMissing(VerificationError):
+    message = "response is not padded to hide its length, though the request asked for it"

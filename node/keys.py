@@ -1,4 +1,4 @@
-"""The node's keys: an X25519 keyring with integer epochs and an Ed25519 signer (Sui format).
+"""The node's keys: a keyring of X25519 + ML-KEM-768 key epochs and an Ed25519 signer (Sui format).
 
 Key material never appears in a repr, a log line or an exception text; objects here show only
 public keys and epochs.
@@ -22,6 +22,7 @@ from .crypto import (
     SUI_ED25519_FLAG,
     SUI_SIGNATURE_SIZE,
     Base64Error,
+    KemKeyPair,
     b64d,
     b64e,
 )
@@ -97,9 +98,13 @@ def verify_sui_signature(
 
 
 class NodeKey:
-    """One X25519 key epoch and the replay identities accepted under it."""
+    """One key epoch: an X25519 key, its ML-KEM-768 twin (PROTOCOL.md part C) and the replay
+    identities accepted under them. Both private keys live in this object only."""
 
-    __slots__ = ("epoch", "public_key", "public_key_b64", "created_at", "_private", "_raw_private", "_seen", "_capacity")
+    __slots__ = (
+        "epoch", "public_key", "public_key_b64", "kem_public_key", "kem_public_key_b64", "created_at",
+        "_private", "_raw_private", "_kem", "_seen", "_capacity",
+    )  # fmt: skip
 
     def __init__(self, epoch: int, private_key: X25519PrivateKey, created_at: float, capacity: int) -> None:
         self.epoch = epoch
@@ -107,6 +112,9 @@ class NodeKey:
         self._raw_private = private_key.private_bytes_raw()
         self.public_key = _raw_public(private_key.public_key())
         self.public_key_b64 = b64e(self.public_key)
+        self._kem = KemKeyPair.generate()
+        self.kem_public_key = self._kem.public_key
+        self.kem_public_key_b64 = b64e(self.kem_public_key)
         self.created_at = created_at
         self._seen: set[bytes] = set()
         self._capacity = capacity
@@ -122,6 +130,10 @@ class NodeKey:
             return _sodium.crypto_scalarmult(self._raw_private, peer_public_key)
         except _sodium_errors.CryptoError:
             raise ValueError("invalid X25519 peer key") from None
+
+    def decapsulate(self, kem_ciphertext: bytes) -> bytes:
+        """The ML-KEM-768 shared secret of a 1088-byte ciphertext (ValueError for another length)."""
+        return self._kem.decapsulate(kem_ciphertext)
 
     @property
     def replay_entries(self) -> int:
@@ -150,16 +162,20 @@ def _canonical_x25519(public_key: bytes) -> bytes:
     return u.to_bytes(32, "little")
 
 
-def replay_identity(client_public_key: bytes, salt: bytes, nonce: bytes) -> bytes:
-    """A 16-byte digest of (client key, salt, nonce): what the replay cache stores per request.
+def replay_identity(client_public_key: bytes, salt: bytes, nonce: bytes, kem_ciphertext: bytes = b"") -> bytes:
+    """A 16-byte digest of (client key, salt, nonce, KEM ciphertext or nothing): what the replay
+    cache stores per request.
 
     The client key is canonicalised first, so every encoding of one X25519 key is one identity.
+    The fields before the ciphertext have fixed sizes, so the concatenation is unambiguous.
     """
-    return hashlib.blake2b(_canonical_x25519(client_public_key) + salt + nonce, digest_size=16).digest()
+    return hashlib.blake2b(
+        _canonical_x25519(client_public_key) + salt + nonce + kem_ciphertext, digest_size=16
+    ).digest()
 
 
 class KeyRing:
-    """The current X25519 key and, for `overlap` seconds after a rotation, the previous one.
+    """The current key epoch and, for `overlap` seconds after a rotation, the previous one.
 
     A key rotates every `rotation_interval` seconds, on demand, and early when its replay cache
     reaches `replay_capacity`: a full key takes no new requests (they get STALE_NODE_KEY and the

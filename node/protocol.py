@@ -41,6 +41,11 @@ class ConfidentialComputeRequest(_Wire):
     salt: str = Field(description="Salt value used in key derivation (base64 encoded)")
     stack_small_id: NonNegInt64 = Field(description="Unique identifier for the small stack being used")
     stream: bool | None = Field(default=None, description="Indicates whether this is a streaming request")
+    kem_ciphertext: str | None = Field(
+        default=None,
+        description="tee-node (PROTOCOL.md part C): ML-KEM-768 ciphertext to the node's kem_public_key "
+        "(base64, 1088 bytes); the key then comes from the hybrid ML-KEM-768 + X25519 derivation",
+    )
 
 
 class CompletionTokensDetails(_Wire):
@@ -138,6 +143,9 @@ class NodesCreateLockResponse(BaseModel):
     node_small_id: int
     stack_entry_digest: str | None = None
     stack_small_id: int
+    kem_public_key: str | None = Field(
+        default=None, description="tee-node (PROTOCOL.md part C): the ML-KEM-768 encapsulation key of the same epoch"
+    )
 
 
 # The decrypted plaintext: OpenAI request bodies. Only the fields the node acts on are typed;

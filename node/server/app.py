@@ -70,6 +70,7 @@ async def nodes_lock(request: web.Request) -> web.Response:
             "node_small_id": state.config.node_small_id,
             "stack_entry_digest": None,
             "stack_small_id": 0,
+            "kem_public_key": key.kem_public_key_b64,
         }
     )
 

@@ -164,6 +164,7 @@ async def attestation_document(request: web.Request) -> web.Response:
         signing_public_key=state.signer.public_key,
         key_epoch=key.epoch,
         measured_config=service.measured_config,
+        kem_public_key=key.kem_public_key,
         collateral=service.collateral(),
     )
     return web.Response(body=orjson.dumps(document), content_type="application/json")

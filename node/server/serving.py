@@ -145,6 +145,8 @@ async def serve_confidential(request: web.Request, endpoint: Endpoint) -> web.St
             state.metrics.refusals.labels("replay").inc()
             raise
         payload = parse_plaintext(opened.plaintext, endpoint)
+        # Part C's length hiding: the engine never sees the request's padding.
+        opened.sealer.padding = envelope.take_obfuscation(payload)
         model = payload["model"]
         if model != outer.model_name or state.model_card(model, endpoint.task) is None:
             raise ModelNotFound()
@@ -157,7 +159,10 @@ async def serve_confidential(request: web.Request, endpoint: Endpoint) -> web.St
             sealed = opened.sealer.seal_response(orjson.dumps(result), model, usage)
             return web.Response(body=orjson.dumps(sealed), content_type="application/json", headers={"X-Request-Id": ctx.request_id})
         sealer = opened.sealer
-        return await _stream(request, state, ctx, result, _SealedEncoder(state, sealer, model))
+        cadence_ms = state.config.limits.stream_cadence_ms
+        return await _stream(
+            request, state, ctx, result, _SealedEncoder(state, sealer, model), cadence_ms / 1000 if cadence_ms else None
+        )
 
 
 class _SealedEncoder:
@@ -189,14 +194,23 @@ class _SealedEncoder:
         return events
 
     def end(self) -> list[bytes]:
-        held = self._held
-        if held is None:
-            # The engine ended without a usage chunk last: a stream must still end with the
-            # receipt, so it goes on an empty final chunk (clients skip chunks without choices).
-            held = {k: self._last[k] for k in ("id", "object", "created", "model") if k in self._last}
-            held["choices"] = []
+        # The engine ended without a usage chunk last: a stream must still end with the
+        # receipt, so it goes on an empty final chunk.
+        held = self._held if self._held is not None else self._empty_chunk()
         _count_tokens(self._state, self._usage)
         return [_sse(self._sealer.seal_final_event(orjson.dumps(held), self._model, self._usage))]
+
+    def filler(self) -> list[bytes]:
+        """An event with no text, for a cadence tick with nothing ready (padded, it has the
+        size of a one-token event)."""
+        return [_sse(self._sealer.seal_event(orjson.dumps(self._empty_chunk()), self._usage))]
+
+    def _empty_chunk(self) -> dict[str, Any]:
+        """A chunk without choices, which clients skip (the shape of the usage chunk)."""
+        chunk = {k: self._last[k] for k in ("id", "object", "created", "model") if k in self._last}
+        chunk.setdefault("model", self._model)
+        chunk["choices"] = []
+        return chunk
 
 
 class _PlainEncoder:
@@ -268,51 +282,102 @@ def _drain(queue: asyncio.Queue) -> list[Any]:
     return items
 
 
+async def _as_ready(
+    queue: asyncio.Queue, encoder: _SealedEncoder | _PlainEncoder, keepalive: float, response: web.StreamResponse
+) -> AsyncIterator[list[bytes]]:
+    """The events of every chunk the engine has made when the writer comes back, coalesced
+    where that loses nothing (`coalesce`); a stream that keeps up is never delayed. An engine
+    failure is raised after the events of the chunks made before it."""
+    ended = False
+    while not ended:
+        batch = []
+        failure: Exception | None = None
+        for item in await _ready_items(queue, keepalive, response):
+            if item is _END:
+                ended = True
+            elif isinstance(item, _EngineFailed):
+                failure = item.error
+            else:
+                batch.append(item)
+        events = encoder.encode(coalesce(batch, encoder.coalesce_max))
+        if ended:
+            events += encoder.end()
+        if events:
+            yield events
+        if failure is not None:
+            raise failure
+
+
+async def _on_cadence(queue: asyncio.Queue, encoder: _SealedEncoder, period: float) -> AsyncIterator[list[bytes]]:
+    """Exactly one event per `period` (`limits.stream_cadence_ms`): all the text ready by then
+    merged into one chunk, or a filler when none is, so that event timing follows the clock
+    and not the tokens. Chunks that cannot be merged (a role or finish change, logprobs) go
+    out one per tick; at most a queue's depth of them is taken from the engine ahead, so a
+    fast engine waits on the bounded queue. The final event goes on the tick after the last
+    chunk; an engine failure is raised on the tick that sees it."""
+    loop = asyncio.get_running_loop()
+    pending: list[dict[str, Any]] = []
+    ended = False
+    tick = loop.time()
+    while True:
+        # A writer held up by a slow client resumes from now rather than bursting to catch up.
+        tick = max(tick + period, loop.time())
+        await asyncio.sleep(tick - loop.time())
+        failure: Exception | None = None
+        while not ended and len(pending) < STREAM_QUEUE_DEPTH and not queue.empty():
+            item = queue.get_nowait()
+            if item is _END:
+                ended = True
+            elif isinstance(item, _EngineFailed):
+                failure = item.error
+                break
+            else:
+                pending.append(item)
+        if failure is not None:
+            raise failure
+        pending = coalesce(pending, len(pending))
+        events: list[bytes] = []
+        while pending and not events:  # the usage chunk makes no event: it waits for the end
+            events = encoder.encode([pending.pop(0)])
+        if not events and ended:
+            yield encoder.end()
+            return
+        yield events or encoder.filler()
+
+
 async def _stream(
     request: web.Request,
     state: NodeState,
     ctx: RequestContext,
     chunks: AsyncIterator[dict[str, Any]],
     encoder: _SealedEncoder | _PlainEncoder,
+    cadence: float | None = None,
 ) -> web.StreamResponse:
-    """Send the engine's `chunks` as server-sent events made by `encoder`.
+    """Send the engine's `chunks` as server-sent events made by `encoder`: as they are ready
+    (`_as_ready`), or one per `cadence` seconds on confidential streams (`_on_cadence`).
 
-    Chunks already waiting when the writer comes back are coalesced where that loses nothing
-    (`coalesce`) and written at once; a stream that keeps up is never delayed. A client that
-    goes away, or an engine that fails, aborts the engine request; an engine failure ends the
-    stream with a content-free error event (the headers are already sent).
+    A client that goes away, or an engine that fails, aborts the engine request; an engine
+    failure ends the stream with a content-free error event (the headers are already sent).
     """
     response = web.StreamResponse(headers={**SSE_HEADERS, "X-Request-Id": ctx.request_id})
     await response.prepare(request)
-    limits = state.config.limits
     queue: asyncio.Queue = asyncio.Queue(STREAM_QUEUE_DEPTH)
     producer = asyncio.create_task(_produce(chunks, queue))
-    ended = completed = False
+    if cadence is not None:
+        batches = _on_cadence(queue, encoder, cadence)  # only confidential streams have a cadence
+    else:
+        batches = _as_ready(queue, encoder, state.config.limits.keepalive_interval, response)
+    completed = False
     try:
-        while not ended:
-            batch = []
-            failure: Exception | None = None
-            for item in await _ready_items(queue, limits.keepalive_interval, response):
-                if item is _END:
-                    ended = True
-                elif isinstance(item, _EngineFailed):
-                    failure = item.error
-                else:
-                    batch.append(item)
-            events = encoder.encode(coalesce(batch, encoder.coalesce_max))
-            if ended:
-                events += encoder.end()
-            if not events and failure is None:
-                continue
-            if events and ctx.first_event_at is None:
-                ctx.first_event_at = time.perf_counter()
-                state.metrics.ttft.labels(ctx.route).observe(ctx.first_event_at - ctx.started)
-            ctx.events += len(events)
-            data = b"".join(events)
-            ctx.response_bytes += len(data)
-            await response.write(data)
-            if failure is not None:
-                raise failure  # after the chunks the engine made before it failed
+        async with contextlib.aclosing(batches):
+            async for events in batches:
+                if ctx.first_event_at is None:
+                    ctx.first_event_at = time.perf_counter()
+                    state.metrics.ttft.labels(ctx.route).observe(ctx.first_event_at - ctx.started)
+                ctx.events += len(events)
+                data = b"".join(events)
+                ctx.response_bytes += len(data)
+                await response.write(data)
         completed = True
     except ConnectionResetError:
         raise  # the client went away: nobody to tell
