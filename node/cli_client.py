@@ -143,6 +143,8 @@ def run_chat(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | 
             for line in _identity_lines(identity):
                 err.write(line + "\n")
             err.write(f"  model:         {model}\n")
+            err.write(f"  key exchange:  {client.key_exchange}\n")
+            err.write("  length hiding: request and answer padded (PROTOCOL.md part C)\n")
             err.flush()
             if args.no_stream:
                 response = client.chat.completions.create(model=model, messages=messages, stream=False, **params)
@@ -218,6 +220,7 @@ def run_attest(args: argparse.Namespace, out: TextIO | None = None, err: TextIO 
         summary = identity.summary()
         out.write(f"  X25519 key:    {summary['dh_public_key']}\n")
         out.write(f"  signing key:   {summary['signing_public_key']}\n")
+        out.write(f"  ML-KEM-768:    {'attested encapsulation key (hybrid key agreement)' if identity.kem_public_key else 'none'}\n")
         gpus = identity.document.get("gpu_evidence") or []
         out.write(f"  GPU evidence:  {len(gpus)} device(s)\n")
         if identity.simulated:

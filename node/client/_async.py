@@ -16,7 +16,7 @@ from typing import Any, Generic, TypeVar
 import aiohttp
 from pydantic import BaseModel, ValidationError
 
-from ..envelope import ResponseOpener, seal_request
+from ..envelope import OBFUSCATION_FIELD, ResponseOpener, seal_request
 from ..errors import EventAfterEnd, ReceiptInvalid
 from ..protocol import Receipt
 from .errors import (
@@ -164,6 +164,7 @@ def _parse(plaintext: bytes, kind: type[T]) -> T:
         raise UnexpectedResponse("decrypted response is not a JSON object")
     data.pop("receipt", None)
     data.pop("attestation", None)
+    data.pop(OBFUSCATION_FIELD, None)
     try:
         return kind.model_validate(data)
     except ValidationError:
@@ -219,7 +220,7 @@ class AsyncStream(Generic[T]):
                         continue
                     if self._opener.ended:
                         held = chunk  # the receipt's event: released once nothing follows it
-                    else:
+                    elif not self._is_filler(chunk):
                         yield chunk
             if parser.pending and self._opener.ended:
                 raise ReceiptInvalid("data after the final event")
@@ -260,6 +261,12 @@ class AsyncStream(Generic[T]):
         if "usage" in event:
             clear_usages.append(event["usage"])
         return _parse(plaintext, self._kind)
+
+    @staticmethod
+    def _is_filler(chunk: BaseModel) -> bool:
+        """A verified chunk with neither choices nor usage: a timing-cover event
+        (`limits.stream_cadence_ms`) that only keeps the node's cadence."""
+        return not getattr(chunk, "choices", None) and getattr(chunk, "usage", None) is None
 
     @property
     def completed(self) -> bool:
@@ -343,6 +350,12 @@ class ConfidentialClient:
     seconds each); 422 STALE_NODE_KEY re-attests and retries once with a fresh envelope (the
     key in the 422 body is never used: only attested keys are). `reattest_after` (seconds)
     also re-attests a pin older than that before the next request.
+
+    PROTOCOL.md part C, both on by default: `post_quantum` seals every request with the hybrid
+    ML-KEM-768 + X25519 key agreement when the attested document offers an ML-KEM key
+    (`key_exchange` says which was used); `length_hiding` pads every request and requires the
+    node's answers and events to be padded (PaddingMissing otherwise); off, it asks the node
+    not to pad (`stream_options.include_obfuscation: false`).
     """
 
     def __init__(
@@ -359,6 +372,8 @@ class ConfidentialClient:
         max_retries: int = 2,
         max_retry_wait: float = 30.0,
         reattest_after: float | None = None,
+        post_quantum: bool = True,
+        length_hiding: bool = True,
         session: aiohttp.ClientSession | None = None,
     ) -> None:
         if max_retries < 0:
@@ -376,6 +391,8 @@ class ConfidentialClient:
         self.max_retries = max_retries
         self.max_retry_wait = max_retry_wait
         self.reattest_after = reattest_after
+        self.post_quantum = post_quantum
+        self.length_hiding = length_hiding
         self._session = session
         self._owns_session = session is None
         self._pinned: _Pinned | None = None
@@ -423,6 +440,19 @@ class ConfidentialClient:
     def attestation(self) -> NodeIdentity | None:
         """The identity verified by the last attestation (None before the first)."""
         return self._pinned.identity if self._pinned else None
+
+    @property
+    def key_exchange(self) -> str | None:
+        """The key agreement requests to the attested node use (None before the first attestation)."""
+        if self._pinned is None:
+            return None
+        if self._hybrid_key(self._pinned.identity) is not None:
+            return "hybrid ML-KEM-768 + X25519"
+        return "X25519 (the attested node offers no ML-KEM key)" if self.post_quantum else "X25519 (post_quantum off)"
+
+    def _hybrid_key(self, identity: NodeIdentity) -> bytes | None:
+        """The attested ML-KEM key when requests are to use it (never a key from a lock or 422 body)."""
+        return identity.kem_public_key if self.post_quantum else None
 
     async def attest(self) -> NodeIdentity:
         """Fetch and verify a fresh attestation now, and pin its keys."""
@@ -497,6 +527,7 @@ class ConfidentialClient:
             dh_public_key=bytes(verified.dh_public_key),
             signing_public_key=bytes(verified.signing_public_key),
             verified_at=datetime.now(timezone.utc),
+            kem_public_key=verified.kem_public_key,
             tcb_status=verified.tcb_status,
             gpu_devices=verified.gpu_devices,
             notes=(*verified.notes, *verified.warnings),
@@ -559,6 +590,10 @@ class ConfidentialClient:
         model = payload["model"]
         if not isinstance(model, str):
             raise TypeError("model must be a string")
+        payload = {k: v for k, v in payload.items() if k != OBFUSCATION_FIELD}  # the padding is ours to add
+        if not self.length_hiding:
+            options = payload.get("stream_options")
+            payload["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_obfuscation": False}
         plaintext = _compact(payload)
         reattested = False
         attempt = 0
@@ -569,6 +604,8 @@ class ConfidentialClient:
                 plaintext,
                 identity.dh_public_key,
                 model,
+                kem_public_key=self._hybrid_key(identity),
+                padding=self.length_hiding,
                 stream=stream or None,
                 signing_key=identity.signing_public_key,
             )

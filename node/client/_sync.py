@@ -171,6 +171,10 @@ class Client:
     def policy(self) -> Any:
         return self._async.policy
 
+    @property
+    def key_exchange(self) -> str | None:
+        return self._async.key_exchange
+
     def attest(self) -> NodeIdentity:
         return self._loop.run(self._async.attest())
 

@@ -21,7 +21,8 @@ unprinted, in `.server_message`.
     ├── APIConnectionError / APITimeoutError
     └── VerificationError (node.errors: ResponseDecryptionFailed, ResponseHashMismatch,
         BadSignature, MissingField, ReceiptInvalid > TranscriptMismatch, MissingReceipt,
-        EventAfterEnd; here: DuplicateEvent, MalformedEvent, UsageMismatch, UnexpectedResponse)
+        EventAfterEnd, PaddingMissing; here: DuplicateEvent, MalformedEvent, UsageMismatch,
+        UnexpectedResponse)
 
 Attestation failures are `attestation.errors.AttestationError` (re-exported by `node.client`).
 """

@@ -34,6 +34,7 @@ class NodeIdentity:
     dh_public_key: bytes = field(repr=False)
     signing_public_key: bytes = field(repr=False)
     verified_at: datetime
+    kem_public_key: bytes | None = field(default=None, repr=False)  # ML-KEM-768, when the node offers one
     tcb_status: str | None = None
     gpu_devices: int = 0
     notes: tuple[str, ...] = ()
@@ -51,6 +52,7 @@ class NodeIdentity:
             "config_digest": self.config_digest,
             "dh_public_key": base64.b64encode(self.dh_public_key).decode(),
             "signing_public_key": base64.b64encode(self.signing_public_key).decode(),
+            "kem_public_key": base64.b64encode(self.kem_public_key).decode() if self.kem_public_key else None,
             "verified_at": self.verified_at.isoformat(),
             "tcb_status": self.tcb_status,
             "gpu_devices": self.gpu_devices,
