@@ -115,10 +115,27 @@ class _Base:
     def signing_key(self) -> bytes:
         return self.state.signer.public_key
 
-    def seal(self, payload: dict | bytes, model_name: str = MODEL, node_key: bytes | None = None, stream=None):
+    def seal(
+        self,
+        payload: dict | bytes,
+        model_name: str = MODEL,
+        node_key: bytes | None = None,
+        stream=None,
+        hybrid: bool = False,
+        padding: bool = False,
+    ):
+        """Seal to the current key (`hybrid`: and its ML-KEM key; `padding`: pad the request and
+        require padded answers)."""
         plaintext = payload if isinstance(payload, bytes) else compact(payload)
+        kem_key = self.state.keyring.current.kem_public_key if hybrid else None
         return envelope.seal_request(
-            plaintext, node_key or self.node_key, model_name, stream=stream, signing_key=self.signing_key
+            plaintext,
+            node_key or self.node_key,
+            model_name,
+            kem_public_key=kem_key,
+            padding=padding,
+            stream=stream,
+            signing_key=self.signing_key,
         )
 
 
@@ -333,7 +350,7 @@ def error_of(raw: bytes) -> tuple[str, dict]:
     assert set(body) == {"error"}, body
     error = body["error"]
     assert isinstance(error.get("message"), str) and error["message"]
-    assert set(error) <= {"code", "message", "node_dh_public_key", "key_epoch"}, error
+    assert set(error) <= {"code", "message", "node_dh_public_key", "key_epoch", "kem_public_key"}, error
     return error["code"], error
 
 

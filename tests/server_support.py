@@ -182,8 +182,12 @@ class Node:
         model_name: str | None = None,
         node_key: bytes | None = None,
         stream: bool | None = None,
+        hybrid: bool = False,
+        padding: bool = False,
     ) -> tuple[dict[str, Any], envelope.ResponseOpener]:
-        """Seal against the app's current key; the opener pins the node's signing key."""
+        """Seal against the app's current key (`hybrid`: and its ML-KEM key, PROTOCOL.md part C;
+        `padding`: pad the request and require padded answers); the opener pins the node's
+        signing key."""
         plaintext = payload if isinstance(payload, bytes) else compact(payload)
         if model_name is None:
             model_name = payload.get("model", MODEL) if isinstance(payload, dict) else MODEL
@@ -193,6 +197,8 @@ class Node:
             plaintext,
             node_key or self.current_key,
             model_name,
+            kem_public_key=self.state.keyring.current.kem_public_key if hybrid else None,
+            padding=padding,
             stream=stream,
             signing_key=self.state.signer.public_key,
         )

@@ -110,6 +110,28 @@ def test_our_stream_events_open_with_sdk_decrypt(node):
     assert out["ok"] and base64.b64decode(out["plaintext_b64"]) == b'{"choices":[]}', out
 
 
+def test_our_padded_answers_open_with_sdk_decrypt(node):
+    """PROTOCOL.md part C's length hiding is inside the plaintext: the SDK decrypts and
+    hash-checks padded answers like any other, and an OpenAI-shaped parser ignores the field."""
+    keyring, signer = node
+    sealed = sdk_encrypt(keyring, kind="chat_stream")
+    sealer = open_sdk_request(sealed, keyring, signer).sealer
+    sealer.padding = True
+    chunk = b'{"object":"chat.completion.chunk","choices":[{"index":0,"delta":{"content":"x"}}]}'
+    out = sdk_decrypt(sealed, keyring, sealer.seal_event(chunk), stream_event=True)
+    assert out["ok"], out
+    padded = base64.b64decode(out["plaintext_b64"])
+    assert len(padded) == 256 and json.loads(padded)["choices"] == json.loads(chunk)["choices"]
+    sealed = sdk_encrypt(keyring)
+    sealer = open_sdk_request(sealed, keyring, signer).sealer
+    sealer.padding = True
+    plaintext = b'{"object":"chat.completion","choices":[{"message":{"content":"H\xc3\xa9"}}]}'
+    out = sdk_decrypt(sealed, keyring, sealer.seal_response(plaintext, MODEL, USAGE))
+    assert out["ok"], out
+    padded = base64.b64decode(out["plaintext_b64"])
+    assert len(padded) == 512 and json.loads(padded)["choices"] == json.loads(plaintext)["choices"]
+
+
 def test_sdk_refuses_tampered_hash_and_ciphertext(node):
     keyring, signer = node
     sealed = sdk_encrypt(keyring)

@@ -62,8 +62,8 @@ def send(node: ServerThread, body: bytes | dict, path: str = CHAT, headers: dict
     return node.post(path, body, headers)
 
 
-def sealed(node: ServerThread, payload: dict | bytes | None = None, model_name: str = MODEL) -> dict:
-    return node.seal(payload if payload is not None else chat("bad input corpus"), model_name)[0]
+def sealed(node: ServerThread, payload: dict | bytes | None = None, model_name: str = MODEL, hybrid: bool = False) -> dict:
+    return node.seal(payload if payload is not None else chat("bad input corpus"), model_name, hybrid=hybrid)[0]
 
 
 def with_fields(**fields: Any) -> Callable[[ServerThread], Answer]:
@@ -74,12 +74,16 @@ def without(name: str) -> Callable[[ServerThread], Answer]:
     return lambda node: send(node, {k: v for k, v in sealed(node).items() if k != name})
 
 
-def transform(name: str, fn: Callable[[str], Any]) -> Callable[[ServerThread], Answer]:
+def transform(name: str, fn: Callable[[str], Any], hybrid: bool = False) -> Callable[[ServerThread], Answer]:
     def case(node: ServerThread) -> Answer:
-        outer = sealed(node)
+        outer = sealed(node, hybrid=hybrid)
         return send(node, {**outer, name: fn(outer[name])})
 
     return case
+
+
+def hybrid_without_kem_ciphertext(node: ServerThread) -> Answer:
+    return send(node, {k: v for k, v in sealed(node, hybrid=True).items() if k != "kem_ciphertext"})
 
 
 def flip(index: int) -> Callable[[str], str]:
@@ -117,8 +121,8 @@ def stale_key(node: ServerThread) -> Answer:
     return answer
 
 
-def replay(node: ServerThread) -> Answer:
-    outer = sealed(node)
+def replay(node: ServerThread, hybrid: bool = False) -> Answer:
+    outer = sealed(node, hybrid=hybrid)
     assert send(node, outer)[0] == 200
     return send(node, outer)
 
@@ -301,12 +305,23 @@ CASES: list[tuple[str, str, Callable[[ServerThread], Answer], tuple[int, str]]] 
     ("hash-33-bytes", "plain", with_fields(plaintext_body_hash=b64e(bytes(33))), INVALID),
     ("ciphertext-shorter-than-tag", "plain", with_fields(ciphertext=b64e(bytes(15))), INVALID),
     ("ciphertext-empty", "plain", with_fields(ciphertext=""), INVALID),
+    # part C: the ML-KEM-768 ciphertext
+    ("kem-ciphertext-1087-bytes", "plain", transform("kem_ciphertext", lambda v: b64e(b64d(v)[:-1]), hybrid=True), INVALID),
+    ("kem-ciphertext-1089-bytes", "plain", transform("kem_ciphertext", lambda v: b64e(b64d(v) + b"\x00"), hybrid=True), INVALID),
+    ("kem-ciphertext-empty", "plain", with_fields(kem_ciphertext=""), INVALID),
+    ("kem-ciphertext-not-base64", "plain", transform("kem_ciphertext", lambda v: "!" + v[1:], hybrid=True), INVALID),
+    ("kem-ciphertext-number", "plain", with_fields(kem_ciphertext=1088), INVALID),
+    ("kem-ciphertext-object", "plain", with_fields(kem_ciphertext={"b64": "AAAA"}), INVALID),
     # tampering
     ("tampered-ciphertext", "plain", transform("ciphertext", flip(0)), DECRYPT),
     ("tampered-tag", "plain", transform("ciphertext", flip(-1)), DECRYPT),
     ("tampered-nonce", "plain", transform("nonce", flip(3)), DECRYPT),
     ("tampered-salt", "plain", transform("salt", flip(15)), DECRYPT),
     ("foreign-client-key", "plain", with_fields(client_dh_public_key=foreign_key()), DECRYPT),
+    ("tampered-kem-ciphertext", "plain", transform("kem_ciphertext", flip(100), hybrid=True), DECRYPT),
+    ("kem-ciphertext-of-zeros", "plain", transform("kem_ciphertext", lambda v: b64e(bytes(1088)), hybrid=True), DECRYPT),
+    ("kem-ciphertext-on-x25519-request", "plain", with_fields(kem_ciphertext=b64e(bytes(1088))), DECRYPT),
+    ("hybrid-request-without-kem-ciphertext", "plain", hybrid_without_kem_ciphertext, DECRYPT),
     ("low-order-client-key", "plain", with_fields(client_dh_public_key=b64e(bytes(32))), DECRYPT),
     ("wrong-hash", "plain", transform("plaintext_body_hash", flip(0)), (400, "HASH_MISMATCH")),
     ("hash-of-empty-plaintext", "plain", with_fields(plaintext_body_hash=b64e(hashlib.blake2b(b"", digest_size=32).digest())), (400, "HASH_MISMATCH")),
@@ -314,6 +329,7 @@ CASES: list[tuple[str, str, Callable[[ServerThread], Answer], tuple[int, str]]] 
     ("foreign-node-key", "plain", with_fields(node_dh_public_key=foreign_key()), (422, "STALE_NODE_KEY")),
     ("stale-node-key", "plain", stale_key, (422, "STALE_NODE_KEY")),
     ("replay", "plain", replay, (409, "REPLAYED_REQUEST")),
+    ("replay-hybrid", "plain", lambda node: replay(node, hybrid=True), (409, "REPLAYED_REQUEST")),
     ("replay-other-client-key-encoding", "plain", replay_other_encoding, (409, "REPLAYED_REQUEST")),
     # sizes and slow clients
     ("oversized-content-length", "plain", oversized_declared, (413, "BODY_TOO_LARGE")),
@@ -332,6 +348,8 @@ CASES: list[tuple[str, str, Callable[[ServerThread], Answer], tuple[int, str]]] 
     ("plaintext-max-tokens-2^40", "plain", plaintext(chat("hi", max_tokens=2**40)), INVALID),
     ("plaintext-n-negative", "plain", plaintext(chat("hi", n=-1)), INVALID),
     ("plaintext-stream-options-string", "plain", plaintext(chat("hi", stream=True, stream_options="x")), INVALID),
+    ("plaintext-include-obfuscation-string", "plain", plaintext(chat("hi", stream=True, stream_options={"include_obfuscation": "no"})), INVALID),
+    ("plaintext-include-obfuscation-null", "plain", plaintext(chat("hi", stream_options={"include_obfuscation": None})), INVALID),
     ("plaintext-completion-on-chat-route", "plain", plaintext({"model": MODEL, "prompt": "hi"}), INVALID),
     ("plaintext-chat-on-embeddings-route", "plain", plaintext(chat("hi"), path=EMBEDDINGS), INVALID),
     ("plaintext-deeply-nested", "plain", plaintext(b'{"model":"echo-model","messages":[{"role":"user","content":"a"}],"x":' + deep(5000) + b"}"), INVALID),

@@ -31,12 +31,14 @@ from node.client import (
     ModelNotFoundError,
     NodeAPIError,
     OverloadedError,
+    PaddingMissing,
     UnauthorizedError,
 )
 from node.client.errors import ERRORS_BY_CODE, error_from_body
 from node.config import NodeConfig, load_config, merge_settings
 from node.engine.base import ModelCard
 from node.engine.echo import EchoEngine
+from node import envelope
 from node.errors import NODE_ERRORS
 from node.server import create_app
 from node.server.state import NODE
@@ -245,6 +247,122 @@ def test_sync_client_all_endpoints(node):
         assert node.confidential_requests() == 5
 
 
+# --- PROTOCOL.md part C: hybrid key agreement and length hiding ------------------------------
+
+
+class Tap:
+    """Records what the node decoded and opened (the real envelope functions still do the work)."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.kem_ciphertexts: list[bytes | None] = []
+        self.plaintext_sizes: list[int] = []
+        self.paddings: list[bool] = []
+        decode, open_, take = envelope.decode_request, envelope.open_request, envelope.take_obfuscation
+
+        def decode_request(request):
+            decoded = decode(request)
+            self.kem_ciphertexts.append(decoded.kem_ciphertext)
+            return decoded
+
+        def open_request(decoded, keyring, signer):
+            opened = open_(decoded, keyring, signer)
+            self.plaintext_sizes.append(len(opened.plaintext))
+            return opened
+
+        def take_obfuscation(payload):
+            self.paddings.append(take(payload))
+            return self.paddings[-1]
+
+        monkeypatch.setattr(envelope, "decode_request", decode_request)
+        monkeypatch.setattr(envelope, "open_request", open_request)
+        monkeypatch.setattr(envelope, "take_obfuscation", take_obfuscation)
+
+
+async def test_client_uses_the_hybrid_and_pads_by_default(node, monkeypatch):
+    tap = Tap(monkeypatch)
+    async with ConfidentialClient(node.url, allow_simulated=True) as client:
+        assert client.key_exchange is None  # nothing attested yet
+        response = await client.chat.completions.create(model=MODEL, messages=chat_messages())
+        stream = await client.chat.completions.create(model=MODEL, messages=chat_messages("a b"), stream=True)
+        assert [c async for c in stream]
+        embeddings = await client.embeddings.create(model=MODEL, input="hello")
+        assert client.attestation.kem_public_key == node.state.keyring.current.kem_public_key
+        assert client.key_exchange == "hybrid ML-KEM-768 + X25519"
+    assert response.choices[0].message.content == PROMPT and len(embeddings.data) == 1
+    assert "obfuscation" not in response.model_dump()  # the padding is taken off before the caller sees it
+    assert len(tap.kem_ciphertexts) == 3 and all(ct is not None and len(ct) == 1088 for ct in tap.kem_ciphertexts)
+    assert all(size >= 512 and size & (size - 1) == 0 for size in tap.plaintext_sizes)  # padded requests
+    assert tap.paddings == [True, True, True]  # and padded answers, which the client checked
+
+
+async def test_client_takes_the_ml_kem_key_only_from_the_attestation(start_node, monkeypatch):
+    """A node whose attestation document offers no ML-KEM key gets X25519 requests, even though
+    its lock body (unattested) names one."""
+    import node.server.attestation as serving_attestation
+
+    build = serving_attestation.build_document
+    monkeypatch.setattr(serving_attestation, "build_document", lambda *a, **kw: build(*a, **{**kw, "kem_public_key": None}))
+    tap = Tap(monkeypatch)
+    node = start_node()
+    async with ConfidentialClient(node.url, allow_simulated=True) as client:
+        response = await client.chat.completions.create(model=MODEL, messages=chat_messages("classic"))
+        assert response.choices[0].message.content == "classic"
+        assert client.attestation.kem_public_key is None
+        assert client.key_exchange == "X25519 (the attested node offers no ML-KEM key)"
+    assert tap.kem_ciphertexts == [None]
+
+
+async def test_client_post_quantum_and_length_hiding_can_be_turned_off(node, monkeypatch):
+    tap = Tap(monkeypatch)
+    async with ConfidentialClient(node.url, allow_simulated=True, post_quantum=False, length_hiding=False) as client:
+        response = await client.chat.completions.create(model=MODEL, messages=chat_messages("plain sizes"))
+        stream = await client.chat.completions.create(model=MODEL, messages=chat_messages("x y"), stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in [c async for c in stream] if c.choices) == "x y"
+        assert client.key_exchange == "X25519 (post_quantum off)"
+    assert response.choices[0].message.content == "plain sizes"
+    assert tap.kem_ciphertexts == [None, None]
+    assert tap.paddings == [False, False]  # the client asked the node not to pad
+    assert not any(size & (size - 1) == 0 and size >= 512 for size in tap.plaintext_sizes)
+
+
+async def test_client_refuses_answers_that_are_not_padded(node, monkeypatch):
+    def leaky(payload):  # a node that does not pad: lengths go through, and the client notices
+        payload.pop("obfuscation", None)
+        return False
+
+    monkeypatch.setattr(envelope, "take_obfuscation", leaky)
+    async with ConfidentialClient(node.url, allow_simulated=True) as client:
+        with pytest.raises(PaddingMissing):
+            await client.chat.completions.create(model=MODEL, messages=chat_messages("leaky"))
+        stream = await client.chat.completions.create(model=MODEL, messages=chat_messages("leaky"), stream=True)
+        with pytest.raises(PaddingMissing):
+            [c async for c in stream]
+
+
+async def test_client_uses_the_new_attested_ml_kem_key_after_rotation(node, monkeypatch):
+    tap = Tap(monkeypatch)
+    async with ConfidentialClient(node.url, allow_simulated=True) as client:
+        await client.chat.completions.create(model=MODEL, messages=chat_messages("before"))
+        first = client.attestation.kem_public_key
+        node.rotate(), node.rotate()
+        response = await client.chat.completions.create(model=MODEL, messages=chat_messages("after"))
+        assert response.choices[0].message.content == "after"
+        assert client.attestation.kem_public_key == node.state.keyring.current.kem_public_key != first
+    # Three requests reached the node: the first, the one refused as stale, its re-sealed retry.
+    assert len(tap.kem_ciphertexts) == 3 and all(tap.kem_ciphertexts)
+
+
+async def test_client_skips_the_fillers_of_a_cadenced_stream(start_node):
+    # The first token comes 50 ms in; the cadence ticks every 10 ms: fillers go first.
+    node = start_node(EchoEngine([ModelCard(MODEL, TASKS)], token_delay=0.05), limits={"stream_cadence_ms": 10})
+    async with ConfidentialClient(node.url, allow_simulated=True) as client:
+        stream = await client.chat.completions.create(model=MODEL, messages=chat_messages("one two three"), stream=True)
+        chunks = [c async for c in stream]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "one two three"
+    assert all(c.choices or c.usage for c in chunks)  # no empty filler reached the caller
+    assert stream.receipt.events > len(chunks)  # but the node sent (and the client verified) them
+
+
 # --- re-attestation, backoff, refusal ---------------------------------------------------------
 
 
@@ -401,6 +519,8 @@ def test_cli_chat_streams_and_reports_verification(node, capsys):
     assert f"key epoch:     {node.state.keyring.current.epoch}" in err
     assert "receipt verified: events=4" in err
     assert f"model:         {MODEL}" in err  # the first model of GET /v1/models
+    assert "key exchange:  hybrid ML-KEM-768 + X25519" in err
+    assert "length hiding: request and answer padded" in err
 
 
 def test_cli_chat_no_stream_max_tokens(node, capsys):

@@ -23,16 +23,22 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import node.envelope as envelope
-from node.crypto import Aead, b64d, b64e, blake2b_256, derive_key
+from node.crypto import Aead, b64d, b64e, blake2b_256, derive_hybrid_key, derive_key
 from node.wire import canonical_json
 from node.envelope import (
+    PADDING_SECRET_SIZE,
     ResponseOpener,
+    bucket_size,
     build_receipt,
     decode_request,
+    event_size,
+    is_bucket_size,
     open_request,
+    pad_json,
     parse_request,
     receipt_digest,
     seal_request,
+    take_obfuscation,
     transcript_hash,
     verify_proxy_signature,
     verify_receipt,
@@ -44,10 +50,12 @@ from node.errors import (
     HashMismatch,
     InvalidBase64,
     InvalidLength,
+    InvalidPlaintext,
     InvalidSignature,
     MalformedJson,
     MissingField,
     MissingReceipt,
+    PaddingMissing,
     ReceiptInvalid,
     ReplayedRequest,
     ResponseDecryptionFailed,
@@ -360,7 +368,11 @@ def test_stale_key_carries_the_current_key(signer):
     now[0] = 11
     with pytest.raises(StaleNodeKey) as info:
         node_open(fixed_outer(), keyring, signer)
-    assert info.value.extra() == {"node_dh_public_key": keyring.current.public_key_b64, "key_epoch": 2}
+    assert info.value.extra() == {
+        "node_dh_public_key": keyring.current.public_key_b64,
+        "key_epoch": 2,
+        "kem_public_key": keyring.current.kem_public_key_b64,
+    }
     assert info.value.status == 422 and info.value.code == "STALE_NODE_KEY"
 
 
@@ -713,3 +725,135 @@ def test_property_b64d_matches_reference(fast, text):
             assert b64e(expected) == text
     finally:
         crypto._pybase64 = saved
+
+
+# --- part C: hybrid key agreement -----------------------------------------------------------
+
+HYBRID_INPUTS = {
+    "kem_shared_secret": bytes(range(32)),
+    "x25519_shared_secret": bytes(range(32, 64)),
+    "salt": bytes(range(16)),
+    "client_public_key": bytes(range(100, 132)),
+    "node_public_key": bytes(range(150, 182)),
+    "kem_ciphertext": bytes(i % 251 for i in range(1088)),
+}
+# PROTOCOL.md part C's derivation, computed once with cryptography + hashlib (below) and pinned.
+PINNED_HYBRID_KEY = "dc05588b581273c44f697345b635a8c68c26246777012c9da1899da27fdc1722"
+
+
+def test_hybrid_key_known_answer():
+    i = HYBRID_INPUTS
+    info = b"tee-node/hybrid/v1" + i["client_public_key"] + i["node_public_key"] + hashlib.sha256(i["kem_ciphertext"]).digest()
+    independent = HKDF(algorithm=hashes.SHA256(), length=32, salt=i["salt"], info=info).derive(
+        i["kem_shared_secret"] + i["x25519_shared_secret"]
+    )
+    assert independent.hex() == PINNED_HYBRID_KEY
+    assert derive_hybrid_key(*i.values()).hex() == PINNED_HYBRID_KEY
+
+
+def test_hybrid_round_trip_and_replay_identity(signer):
+    keyring = KeyRing()
+    key = keyring.current
+    outer, opener = seal_request(PLAINTEXT, key.public_key, "m/x", kem_public_key=key.kem_public_key, signing_key=signer.public_key)
+    decoded = decode_request(parse_request(json.dumps(outer).encode()))
+    assert len(decoded.kem_ciphertext) == 1088
+    opened = open_request(decoded, keyring, signer)
+    assert opened.plaintext == PLAINTEXT
+    opener.open_response(opened.sealer.seal_response(RESPONSE, "m/x", None))
+    # The replay identity carries the KEM ciphertext: not the v1 identity of the same fields.
+    v1 = envelope.replay_identity(decoded.client_public_key, decoded.salt, decoded.nonce)
+    assert opened.replay_identity != v1
+    assert opened.replay_identity == envelope.replay_identity(
+        decoded.client_public_key, decoded.salt, decoded.nonce, decoded.kem_ciphertext
+    )
+
+
+@pytest.mark.parametrize("size", [0, 1, 1087, 1089, 2176])
+def test_kem_ciphertext_length_is_checked(size):
+    outer = fixed_outer(kem_ciphertext=b64e(bytes(size)))
+    with pytest.raises(InvalidLength):
+        decode_request(parse_request(json.dumps(outer).encode()))
+
+
+def test_wrong_kem_ciphertext_fails_decryption(signer):
+    keyring = KeyRing()
+    key = keyring.current
+    outer, _ = seal_request(PLAINTEXT, key.public_key, "m/x", kem_public_key=key.kem_public_key)
+    outer["kem_ciphertext"] = _flip(outer["kem_ciphertext"], 7)
+    with pytest.raises(DecryptionFailed):
+        node_open(outer, keyring, signer)
+
+
+# --- part C: length hiding --------------------------------------------------------------------
+
+
+def test_padded_sizes():
+    assert [event_size(n) for n in (1, 255, 256, 257, 600)] == [256, 256, 256, 512, 768]
+    assert [bucket_size(n) for n in (1, 512, 513, 1024, 1025, 70_000)] == [512, 512, 1024, 1024, 2048, 131072]
+    assert [n for n in (256, 511, 512, 768, 1024, 4096, 6144) if is_bucket_size(n)] == [512, 1024, 4096]
+
+
+@pytest.mark.parametrize(
+    "document",
+    [b"{}", b'{"a":1}', b'{"a":{"b":"}"}}', b'{ "a" : 1 }', b"{ }", ('{"t":"' + "é" * 300 + '"}').encode()],
+    ids=["empty", "small", "nested-brace-in-string", "spaces", "empty-with-space", "long-utf8"],
+)
+def test_pad_json_adds_one_field_to_the_next_size(document):
+    secret = bytes(range(PADDING_SECRET_SIZE))
+    for size_of in (event_size, bucket_size):
+        padded = pad_json(document, secret, size_of)
+        parsed = json.loads(padded)
+        pad = parsed.pop("obfuscation")
+        assert parsed == json.loads(document)
+        assert pad.startswith(b64e(secret)) and set(pad[len(b64e(secret)):]) <= {"x"}
+        assert len(padded) == size_of(len(padded) - len(pad) + len(b64e(secret)))  # the smallest fit
+
+
+def test_pad_json_refuses_what_is_not_an_object():
+    for document in (b"[]", b'"x"', b"", b"{", b' {"a":1}'):
+        with pytest.raises(ValueError):
+            pad_json(document, bytes(PADDING_SECRET_SIZE), event_size)
+
+
+def test_take_obfuscation():
+    payload = {"model": "m", "obfuscation": "xxxx", "stream_options": {"include_usage": True, "include_obfuscation": False}}
+    assert take_obfuscation(payload) is False
+    assert payload == {"model": "m", "stream_options": {"include_usage": True}}
+    payload = {"model": "m", "obfuscation": 5, "stream_options": {"include_obfuscation": True}}
+    assert take_obfuscation(payload) is True and payload == {"model": "m", "stream_options": {}}
+    assert take_obfuscation({"model": "m"}) is True
+    assert take_obfuscation({"model": "m", "stream_options": None}) is True
+    for bad in ("false", 0, None, []):
+        with pytest.raises(InvalidPlaintext):
+            take_obfuscation({"model": "m", "stream_options": {"include_obfuscation": bad}})
+
+
+def test_sealer_pads_and_opener_requires_padding(signer):
+    keyring = fixed_keyring()
+    sealed_event = node_open(fixed_outer(), keyring, signer).sealer.seal_event(RESPONSE)
+    key = bytes.fromhex(PINNED["key"])
+    with pytest.raises(PaddingMissing):
+        ResponseOpener(Aead(key), bytes.fromhex(PINNED["hash"]), padding=True).open_event(sealed_event)
+    with pytest.raises(PaddingMissing):
+        response = node_open(fixed_outer(), fixed_keyring(), signer).sealer.seal_response(RESPONSE, "m/x", None)
+        ResponseOpener(Aead(key), bytes.fromhex(PINNED["hash"]), padding=True).open_response(response)
+    sealer = node_open(fixed_outer(), fixed_keyring(), signer).sealer
+    sealer.padding = True
+    opener = ResponseOpener(Aead(key), bytes.fromhex(PINNED["hash"]), padding=True)
+    for plaintext in (RESPONSE, b'{"t":"' + b"y" * 400 + b'"}'):
+        padded = opener.open_event(sealer.seal_event(plaintext))
+        assert len(padded) % 256 == 0 and json.loads(padded)["obfuscation"]
+    response = sealer.seal_final_event(RESPONSE, "m/x", None)
+    opener.open_event(response)
+    assert opener.finish()["events"] == 3
+
+
+@settings(PROPS, max_examples=100)
+@given(chunk=st.dictionaries(st.text(max_size=10).filter(lambda k: k != "obfuscation"), st.text(max_size=300) | st.integers(), max_size=5))
+def test_property_padded_event_is_the_chunk_plus_obfuscation(chunk):
+    document = json.dumps(chunk, separators=(",", ":"), ensure_ascii=False).encode()
+    padded = pad_json(document, bytes(PADDING_SECRET_SIZE), event_size)
+    assert len(padded) % 256 == 0 and len(padded) - len(document) < 256 + 60
+    parsed = json.loads(padded)
+    del parsed["obfuscation"]
+    assert parsed == chunk

@@ -34,7 +34,8 @@ LONG = settings(FUZZ, max_examples=10_000)
 
 STRING_FIELDS = ["ciphertext", "client_dh_public_key", "model_name", "node_dh_public_key", "nonce", "plaintext_body_hash", "salt"]
 BINARY_SIZES = {"salt": 16, "nonce": 12, "client_dh_public_key": 32, "node_dh_public_key": 32, "plaintext_body_hash": 32, "ciphertext": None}
-ALL_FIELDS = [*STRING_FIELDS, "stack_small_id", "num_compute_units", "stream", "extra_field"]
+KEM_CIPHERTEXT_SIZE = 1088  # PROTOCOL.md part C, optional: null or absent means the X25519-only derivation
+ALL_FIELDS = [*STRING_FIELDS, "kem_ciphertext", "stack_small_id", "num_compute_units", "stream", "extra_field"]
 INT64_MAX = 2**63 - 1
 P25519 = 2**255 - 19
 MISSING = object()
@@ -114,7 +115,7 @@ def mutations(draw) -> list[tuple]:
     for _ in range(draw(st.sampled_from([1, 1, 1, 2, 3]))):
         field = draw(st.sampled_from(ALL_FIELDS))
         kinds = ["delete", "set", "set_special"]
-        if field in BINARY_SIZES:
+        if field in BINARY_SIZES or field == "kem_ciphertext":
             kinds += ["flip", "flip", "flip", "noncanon", "b64len", "b64len"]
         if field == "model_name":
             kinds += ["model"] * 3
@@ -135,7 +136,7 @@ def mutations(draw) -> list[tuple]:
         elif kind == "model":
             out.append(("set", field, draw(st.sampled_from(["other", MODEL.upper(), MODEL + " ", MODEL + "\x00", "", MODEL]))))
         elif kind == "b64len":
-            size = BINARY_SIZES[field]
+            size = KEM_CIPHERTEXT_SIZE if field == "kem_ciphertext" else BINARY_SIZES[field]
             sizes = st.integers(0, 64) if size is None else st.sampled_from([0, 1, size - 1, size, size + 1, 2 * size])
             out.append(("set", field, draw(b64_of(sizes))))
         else:
@@ -227,10 +228,22 @@ def expected(outer: Any, original: dict[str, Any], node_key: bytes) -> tuple[int
         if data is None or (size is not None and len(data) != size) or (size is None and len(data) < 16):
             return invalid
         decoded[name] = data
+    kem = outer.get("kem_ciphertext")
+    if kem is not None:
+        data = _strict_b64(kem) if isinstance(kem, str) else None
+        if data is None or len(data) != KEM_CIPHERTEXT_SIZE:
+            return invalid
     if decoded["node_dh_public_key"] != node_key:
         return 422, "STALE_NODE_KEY"
+    # Another KEM ciphertext, or one added or taken away, derives another key (part C).
+    if kem != original.get("kem_ciphertext"):
+        return 400, "DECRYPTION_FAILED"
     original_client = base64.b64decode(original["client_dh_public_key"])
-    if _canonical_x25519(decoded["client_dh_public_key"]) != _canonical_x25519(original_client):
+    if kem is None:  # X25519 alone: every encoding of the same key gives the same secret
+        same_client = _canonical_x25519(decoded["client_dh_public_key"]) == _canonical_x25519(original_client)
+    else:  # the hybrid key's info carries the client key's bytes
+        same_client = decoded["client_dh_public_key"] == original_client
+    if not same_client:
         return 400, "DECRYPTION_FAILED"
     for name in ("salt", "nonce", "ciphertext"):
         if outer[name] != original[name]:
@@ -283,8 +296,8 @@ def record(seen: Counter, node: ServerThread, answer: tuple[int, str]) -> None:
 # --- envelope fields ----------------------------------------------------------------------------
 
 
-def _envelope_case(node: ServerThread, seen: Counter, muts: list[tuple], ascii_only: bool, stream: bool) -> None:
-    outer, opener = node.seal(chat("fuzz the envelope", stream=stream), stream=stream)
+def _envelope_case(node: ServerThread, seen: Counter, muts: list[tuple], ascii_only: bool, stream: bool, hybrid: bool) -> None:
+    outer, opener = node.seal(chat("fuzz the envelope", stream=stream), stream=stream, hybrid=hybrid, padding=True)
     mutated = apply(outer, muts)
     want = expected(mutated, outer, node.node_key)
     status, headers, raw = node.post(CHAT, serialize(mutated, ascii_only))
@@ -294,16 +307,16 @@ def _envelope_case(node: ServerThread, seen: Counter, muts: list[tuple], ascii_o
 
 
 @DEFAULT
-@given(muts=mutations(), ascii_only=st.booleans(), stream=st.booleans())
-def test_envelope_fields(node, seen, muts, ascii_only, stream):
-    _envelope_case(node, seen, muts, ascii_only, stream)
+@given(muts=mutations(), ascii_only=st.booleans(), stream=st.booleans(), hybrid=st.booleans())
+def test_envelope_fields(node, seen, muts, ascii_only, stream, hybrid):
+    _envelope_case(node, seen, muts, ascii_only, stream, hybrid)
 
 
 @pytest.mark.long
 @LONG
-@given(muts=mutations(), ascii_only=st.booleans(), stream=st.booleans())
-def test_envelope_fields_long(node, seen, muts, ascii_only, stream):
-    _envelope_case(node, seen, muts, ascii_only, stream)
+@given(muts=mutations(), ascii_only=st.booleans(), stream=st.booleans(), hybrid=st.booleans())
+def test_envelope_fields_long(node, seen, muts, ascii_only, stream, hybrid):
+    _envelope_case(node, seen, muts, ascii_only, stream, hybrid)
 
 
 # --- whole outer JSON ----------------------------------------------------------------------
@@ -383,7 +396,9 @@ _replacements = st.fixed_dictionaries(
         "max_completion_tokens": st.integers(-5, 2**40) | json_values,
         "n": st.integers(-1, 200) | json_values,
         "stream": st.booleans() | json_values,
-        "stream_options": json_values,
+        "stream_options": json_values
+        | st.fixed_dictionaries({}, optional={"include_obfuscation": st.booleans() | json_values, "include_usage": st.booleans()}),
+        "obfuscation": json_values,
         "temperature": json_values,
         "extra": json_values,
     },
@@ -404,7 +419,10 @@ def plaintext_expected(plaintext: bytes) -> tuple[int, str]:
         ChatCompletionRequest.model_validate(payload)
     except ValueError:
         return 400, "INVALID_BODY"
-    if not isinstance(payload.get("stream_options"), (dict, type(None))):
+    options = payload.get("stream_options")
+    if not isinstance(options, (dict, type(None))):
+        return 400, "INVALID_BODY"
+    if isinstance(options, dict) and not isinstance(options.get("include_obfuscation", False), bool):
         return 400, "INVALID_BODY"
     if payload["model"] != MODEL:
         return 404, "MODEL_NOT_FOUND"
@@ -421,6 +439,8 @@ def _plaintext_case(node: ServerThread, seen: Counter, value, raw_bytes) -> None
             plaintext = json.dumps(value).encode("ascii")
     outer, opener = node.seal(plaintext)
     want = plaintext_expected(plaintext)
+    if want[0] == 200:  # part C: answers are padded unless the request turned it off
+        opener.padding = (json.loads(plaintext).get("stream_options") or {}).get("include_obfuscation") is not False
     status, headers, raw = node.post(CHAT, outer)
     got = check_answer(node, status, headers, raw, opener if status == 200 else None)
     assert got == want, (plaintext[:300], got, want, raw[:200])

@@ -30,8 +30,8 @@ if not SEEDS.exists():  # the seeds also travel with the repo's docs in some che
     SEEDS = Path(__file__).resolve().parent.parent / "docs" / "seeds"
 pytestmark = pytest.mark.skipif(not SEEDS.exists(), reason="seeds not available")
 
-# Additions of this node (PROTOCOL.md part B) that the seeds do not have.
-ADDITIONS = {"ConfidentialComputeResponse": {"receipt"}}
+# Additions of this node (PROTOCOL.md parts B and C) that the seeds do not have.
+ADDITIONS = {"ConfidentialComputeResponse": {"receipt"}, "ConfidentialComputeRequest": {"kem_ciphertext"}}
 
 
 def _seed(prefix: str) -> str:
@@ -205,4 +205,6 @@ def test_lock_models():
     with pytest.raises(ValidationError):
         NodesCreateLockRequest.model_validate({"model": "m", "max_num_tokens": -1})
     lock = NodesCreateLockResponse(public_key="k", node_small_id=1, stack_small_id=2)
-    assert lock.model_dump() == {"public_key": "k", "node_small_id": 1, "stack_entry_digest": None, "stack_small_id": 2}
+    assert lock.model_dump() == {
+        "public_key": "k", "node_small_id": 1, "stack_entry_digest": None, "stack_small_id": 2, "kem_public_key": None,
+    }  # fmt: skip

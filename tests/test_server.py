@@ -78,7 +78,7 @@ async def test_openapi_components_match_seeds(node_client):
         "model_name",
     }
     props = request["properties"]
-    assert set(props) == set(request["required"]) | {"num_compute_units", "stream"}
+    assert set(props) == set(request["required"]) | {"num_compute_units", "stream", "kem_ciphertext"}
     for name in ("ciphertext", "client_dh_public_key", "model_name", "node_dh_public_key", "nonce", "plaintext_body_hash", "salt"):
         assert props[name]["type"] == "string", name
     assert props["stack_small_id"]["type"] == "integer"
@@ -131,8 +131,9 @@ async def test_nodes_lock_shape(node_client):
     response = await node_client.client.post("/v1/nodes/lock", json={"model": MODEL, "max_num_tokens": 16})
     assert response.status == 200
     body = await response.json()
-    assert set(body) == {"public_key", "node_small_id", "stack_entry_digest", "stack_small_id"}
+    assert set(body) == {"public_key", "node_small_id", "stack_entry_digest", "stack_small_id", "kem_public_key"}
     assert b64d(body["public_key"]) == node_client.current_key
+    assert b64d(body["kem_public_key"]) == node_client.state.keyring.current.kem_public_key
     assert body["node_small_id"] == node_client.state.config.node_small_id
     assert body["stack_entry_digest"] is None
     assert isinstance(body["stack_small_id"], int)

@@ -40,7 +40,7 @@ def error_of(body: dict[str, Any]) -> dict[str, Any]:
     assert set(body) == {"error"}, body
     error = body["error"]
     assert isinstance(error["message"], str) and error["message"]
-    assert set(error) <= {"code", "message", "node_dh_public_key", "key_epoch"}, error
+    assert set(error) <= {"code", "message", "node_dh_public_key", "key_epoch", "kem_public_key"}, error
     return error
 
 
@@ -122,6 +122,7 @@ async def test_outer_errors(node_client, mutate, status, code):
     if code == "STALE_NODE_KEY":
         assert b64d(error["node_dh_public_key"]) == node_client.current_key
         assert error["key_epoch"] == node_client.state.keyring.current.epoch
+        assert b64d(error["kem_public_key"]) == node_client.state.keyring.current.kem_public_key
     await node_client.chat_ok()
 
 

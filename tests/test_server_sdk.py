@@ -43,6 +43,25 @@ def test_sdk_confidential_chat_stream(echo_node, mode):
     assert chunks[-1]["chunk"]["choices"][0]["finish_reason"] == "stop"
 
 
+@pytest.mark.parametrize("mode", [[], ["--async"]], ids=["sync", "async"])
+def test_sdk_stream_with_timing_cover(mode):
+    """PROTOCOL.md part C's optional cadence: filler events (no choices) between tokens are
+    skipped by the SDK, as it skips the usage chunk; the padded events decrypt as any other."""
+    node = spawn_node(
+        model=SDK_MODEL, env={"TEE_NODE_LIMITS__STREAM_CADENCE_MS": "10", "TEE_NODE_ENGINE__ECHO_TOKEN_DELAY": "0.05"}
+    )
+    try:
+        *chunks, summary = chat(node.url, "--stream", *mode)
+        assert summary["ok"] and summary["done"], summary
+        assert summary["content"] == PROMPT
+        # One chunk per tick that had text (a late tick may carry two words), no empty ones.
+        assert summary["chunks"] == len(chunks) <= len(PROMPT.split())
+        assert all(c["chunk"]["choices"][0]["delta"]["content"] for c in chunks)
+    finally:
+        node.stop()
+        node.log_path.unlink(missing_ok=True)
+
+
 def test_sdk_max_tokens(echo_node):
     (out,) = chat(echo_node.url, "--max-tokens", "3")
     assert out["ok"], out
