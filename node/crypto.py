@@ -32,7 +32,6 @@ HKDF_INFO = b""
 # ML-KEM-768 (FIPS 203) sizes and the hybrid derivation's domain label (part C).
 KEM_PUBLIC_KEY_SIZE = 1184
 KEM_CIPHERTEXT_SIZE = 1088
-KEM_SHARED_SECRET_SIZE = 32
 HYBRID_INFO_LABEL = b"tee-node/hybrid/v1"
 
 __all__ = [
@@ -43,7 +42,6 @@ __all__ = [
     "HYBRID_INFO_LABEL",
     "KEM_CIPHERTEXT_SIZE",
     "KEM_PUBLIC_KEY_SIZE",
-    "KEM_SHARED_SECRET_SIZE",
     "KemKeyPair",
     "NONCE_SIZE",
     "SALT_SIZE",

@@ -9,6 +9,7 @@ the client and the tests all call this module. Node side: `parse_request`, `open
 
 from __future__ import annotations
 
+import binascii
 import hashlib
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -68,9 +69,12 @@ BUCKET_BASE = 512
 # travels in clear (response_hash, plaintext_body_hash), and without them a short, predictable
 # plaintext (one token in a known chunk frame) could be confirmed by hashing guesses.
 PADDING_SECRET_SIZE = 18
-_PAD_OPEN = b'"' + OBFUSCATION_FIELD.encode() + b'":"'
+_PAD_FIELD = b'"' + OBFUSCATION_FIELD.encode() + b'":"'
+_PAD_AFTER_MEMBER = b"," + _PAD_FIELD
 _PAD_CLOSE = b'"}'
 _PAD_FILL = b"x"
+_JSON_WHITESPACE = b" \t\r\n"
+_OPEN_BRACE = ord("{")
 
 
 def _field(value: str, size: int | None, minimum: int = 0) -> bytes:
@@ -196,14 +200,15 @@ class ResponseSealer:
     """Seals a request's answer: one response, or a stream of events each with a fresh nonce.
 
     Keeps the running transcript (BLAKE2b-256 over every response_hash in order) for the
-    receipt attached to the response or to the final event. With `padding` (part C's length
-    hiding, set by the caller from the request) every plaintext is padded before it is
-    encrypted, hashed and signed: events to `event_size`, the response to `bucket_size`.
+    receipt attached to the response or to the final event. With `padding` on (part C's
+    length hiding; the server sets it from the request, `take_obfuscation`) every plaintext is
+    padded before it is encrypted, hashed and signed: events to `event_size`, the response to
+    `bucket_size`.
     """
 
     __slots__ = ("_aead", "_signer", "request_hash", "key_epoch", "_transcript", "events", "finished", "padding")
 
-    def __init__(self, aead: Aead, signer: Signer, request_hash: bytes, key_epoch: int, padding: bool = False) -> None:
+    def __init__(self, aead: Aead, signer: Signer, request_hash: bytes, key_epoch: int) -> None:
         self._aead = aead
         self._signer = signer
         self.request_hash = request_hash
@@ -211,7 +216,7 @@ class ResponseSealer:
         self._transcript = hashlib.blake2b(digest_size=HASH_SIZE)
         self.events = 0
         self.finished = False
-        self.padding = padding
+        self.padding = False
 
     def _seal(self, plaintext: bytes, padded_size: Callable[[int], int]) -> dict[str, Any]:
         if self.finished:
@@ -292,15 +297,19 @@ def pad_json(document: bytes, secret: bytes, padded_size: Callable[[int], int]) 
     added so that its length is `padded_size` of the smallest padded form.
 
     The pad is the base64 of `secret` then filler; the smallest form carries the secret and no
-    filler. Spliced in before the closing brace: the document is not parsed or re-serialised.
+    filler. Spliced in before the closing brace: the document is not parsed or re-serialised
+    (this runs once per stream event).
     """
     if document[:1] != b"{" or document[-1:] != b"}":
         raise ValueError("only a JSON object can be padded")
-    head = document[:-1]
-    separator = b"" if head.rstrip().endswith(b"{") else b","
-    head = head + separator + _PAD_OPEN + b64e(secret).encode("ascii")
-    unpadded = len(head) + len(_PAD_CLOSE)
-    return head + _PAD_FILL * (padded_size(unpadded) - unpadded) + _PAD_CLOSE
+    last = document[-2]  # what precedes the closing brace: "{" only in an empty object
+    if last in _JSON_WHITESPACE:
+        last = document[:-1].rstrip()[-1]
+    field = _PAD_FIELD if last == _OPEN_BRACE else _PAD_AFTER_MEMBER
+    head = binascii.b2a_base64(secret, newline=False)  # text for the pad, not a wire field
+    smallest = len(document) - 1 + len(field) + len(head) + len(_PAD_CLOSE)
+    fill = _PAD_FILL * (padded_size(smallest) - smallest)
+    return b"".join((document[:-1], field, head, fill, _PAD_CLOSE))
 
 
 def take_obfuscation(payload: dict[str, Any]) -> bool:

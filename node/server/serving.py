@@ -194,8 +194,7 @@ class _SealedEncoder:
         return events
 
     def end(self) -> list[bytes]:
-        # The engine ended without a usage chunk last: a stream must still end with the
-        # receipt, so it goes on an empty final chunk.
+        # Without a usage chunk last from the engine, the receipt still needs a final event.
         held = self._held if self._held is not None else self._empty_chunk()
         _count_tokens(self._state, self._usage)
         return [_sse(self._sealer.seal_final_event(orjson.dumps(held), self._model, self._usage))]
