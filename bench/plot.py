@@ -95,6 +95,10 @@ def server_ratios(data: dict[str, Any]) -> list[Ratio]:
     events, goal = _num(per_chunk.get("confidential_events_per_s")), _num(per_chunk.get("confidential_events_goal"))
     if events is not None and goal is not None:
         out.append(Ratio("server", "sealed events/s, one event per chunk", events, goal, True, unit="events/s"))
+    # What length hiding costs (PROTOCOL.md part C), on the same one-event-per-chunk run.
+    padded, goal = _num(per_chunk.get("padded_events_ratio")), _num(per_chunk.get("padded_events_goal"))
+    if padded is not None and goal is not None:
+        out.append(Ratio("server", "sealed events/s padded / unpadded", padded, goal, True))
     return out
 
 
@@ -173,12 +177,16 @@ def markdown(ratios: list[Ratio]) -> str:
         req = summary.get("requests") or {}
         if req:
             lines.append(f"| requests/s, {server.get('request_connections', 64)} connections | {req.get('plain_per_s', 0):,.0f} | {req.get('confidential_per_s', 0):,.0f} | {req.get('ratio', 0):.0%} |")
+            if "confidential_unpadded_per_s" in req:
+                lines.append(f"| requests/s, padding off (confidential: padded / unpadded) | | {req['confidential_unpadded_per_s']:,.0f} | {req.get('padded_ratio', 0):.0%} |")
             cpu = req.get("node_cpu_us_per_request") or {}
             if cpu:
                 lines.append(f"| node CPU µs per request | {cpu.get('plain', 0):.0f} | {cpu.get('confidential', 0):.0f} | {req.get('cpu_ratio', 0):.0%} |")
         st = summary.get("streams") or {}
         if st:
             lines.append(f"| stream events/s, {server.get('streams', 256)} streams | {st.get('plain_events_per_s', 0):,.0f} | {st.get('confidential_events_per_s', 0):,.0f} | {st.get('ratio', 0):.0%} |")
+            if "confidential_unpadded_events_per_s" in st:
+                lines.append(f"| stream events/s, padding off (confidential: padded / unpadded) | | {st['confidential_unpadded_events_per_s']:,.0f} | {st.get('padded_events_ratio', 0):.0%} |")
             lines.append(f"| stream tokens/s, {server.get('streams', 256)} streams | {st.get('plain_tokens_per_s', 0):,.0f} | {st.get('confidential_tokens_per_s', 0):,.0f} | {st.get('tokens_ratio', 0):.0%} |")
             cpu = st.get("node_cpu_us_per_event") or {}
             if cpu:

@@ -2,7 +2,11 @@
 
 One `tee-node serve --engine echo` subprocess with the plain OpenAI routes enabled
 (TEE_NODE_ALLOW_PLAINTEXT=true), admission limits far above the load, logging at WARNING.
-The same load goes to both kinds of route:
+The same load goes to three routes: plain, confidential (as our client sends it: the request
+padded to its 512 * 2^k bucket, the answer and every event padded, PROTOCOL.md part C's
+length hiding), and confidential with padding off (unpadded request asking
+`stream_options.include_obfuscation: false`), so that what padding costs is measured in the
+same run:
 
   requests   non-streaming chat, 64 concurrent keep-alive connections: requests/s
   streams    streaming chat, 256 concurrent streams of a 200-word prompt (the echo engine
@@ -17,7 +21,8 @@ Fairness of the load generator:
     each carries a fresh client key, salt and nonce, so none is a replay.
   * a sample of responses (the first ones of each client connection) is kept raw and fully
     verified after the window: confidential ones with `ResponseOpener` (decrypt, hash,
-    signature, receipt, every event one `chat.completion.chunk`), plain ones parsed.
+    signature, receipt, padding where it was asked for, every event one
+    `chat.completion.chunk`), plain ones parsed.
   * on this 2-core machine the node and the generator share the CPUs. By default the node is
     pinned to CPU 0 and the generator to CPU 1 (taskset / sched_setaffinity), so each owns
     a core; `--no-pin` lets the kernel schedule. The CPU time of node and generator over each
@@ -27,7 +32,8 @@ Tokens/s counts the prompt words of streams finished in the window plus the even
 unfinished ones at the end (one token per event unless the node coalesced chunks).
 
 Goals: confidential >= 70% of plain requests/s, >= 60% of plain events/s, >= 15,000
-encrypted+signed events/s. Writes docs/benchmarks/server.json. Run:
+encrypted+signed events/s, padding costs at most 10% of sealed events/s. Writes
+docs/benchmarks/server.json. Run:
     .venv/bin/python bench/server.py [--quick] [--seconds S] [--no-pin] [--clients N]
 """
 
@@ -54,21 +60,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import REPO, print_table, write_results  # noqa: E402
 
-GOALS = {"requests_ratio": 0.70, "events_ratio": 0.60, "confidential_events_per_s": 15_000}
+GOALS = {"requests_ratio": 0.70, "events_ratio": 0.60, "confidential_events_per_s": 15_000, "padded_events_ratio": 0.90}
 REQUEST_CONNECTIONS = 64
 STREAMS = 256
 PROMPT_WORDS = 200
 TEE_NODE = Path(sys.executable).with_name("tee-node")
 CONFIDENTIAL_PATH = "/v1/confidential/chat/completions"
 PLAIN_PATH = "/v1/chat/completions"
+# Route -> whether its requests and answers are padded (PROTOCOL.md part C).
+ROUTES = {"plain": False, "confidential": True, "confidential_unpadded": False}
 
 
 def _prompt(words: int) -> str:
     return " ".join(f"w{i % 97}x" for i in range(words))
 
 
-def _plaintext(model: str, stream: bool, words: int) -> bytes:
-    body = {"messages": [{"content": _prompt(words), "role": "user"}], "model": model, "stream": stream}
+def _plaintext(model: str, stream: bool, words: int, route: str) -> bytes:
+    body: dict[str, Any] = {"messages": [{"content": _prompt(words), "role": "user"}], "model": model, "stream": stream}
+    if route == "confidential_unpadded":
+        body["stream_options"] = {"include_obfuscation": False}
     return json.dumps(body, separators=(",", ":")).encode()
 
 
@@ -184,12 +194,16 @@ class _Conn:
                 return status, events, clock() < deadline
 
 
-def _seal_pool(plaintext: bytes, count: int, node_key: bytes, model: str, stream: bool, signing_key: bytes | None):
+def _seal_pool(
+    plaintext: bytes, count: int, node_key: bytes, model: str, stream: bool, signing_key: bytes | None, padding: bool
+):
     from node import envelope
 
     pool = []
     for _ in range(count):
-        outer, opener = envelope.seal_request(plaintext, node_key, model, stream=stream, signing_key=signing_key)
+        outer, opener = envelope.seal_request(
+            plaintext, node_key, model, padding=padding, stream=stream, signing_key=signing_key
+        )
         pool.append((_http_request(CONFIDENTIAL_PATH, json.dumps(outer, separators=(",", ":")).encode()), opener))
     return pool
 
@@ -276,10 +290,11 @@ def _client_main(job: dict[str, Any], conn) -> None:
         pass
     job = dict(job)
     job["pool"] = []
-    if job["route"] == "confidential":
+    if job["route"] != "plain":
         job["pool"] = _seal_pool(
-            job["plaintext"], job["pool_size"], job["node_key"], job["model"], job["kind"] == "streams", job["signing_key"]
-        )
+            job["plaintext"], job["pool_size"], job["node_key"], job["model"], job["kind"] == "streams",
+            job["signing_key"], ROUTES[job["route"]],
+        )  # fmt: skip
     else:
         job["plain_request"] = _http_request(PLAIN_PATH, job["plaintext"])
     conn.send(("ready", None))
@@ -450,7 +465,7 @@ def main() -> int:
                 words = PROMPT_WORDS
                 connections = REQUEST_CONNECTIONS if kind == "requests" else STREAMS
                 for round_ in range(rounds):
-                    for route in ("plain", "confidential"):
+                    for route in ROUTES:
                         job = {
                             "port": port,
                             "kind": kind,
@@ -459,7 +474,7 @@ def main() -> int:
                             "connections": connections,
                             "words": words,
                             "model": model,
-                            "plaintext": _plaintext(model, kind == "streams", words),
+                            "plaintext": _plaintext(model, kind == "streams", words, route),
                             "node_key": node_key,
                             "signing_key": signing_key,
                             "pool_size": int(pool_rate[kind] * seconds * 1.3) + connections,
@@ -471,7 +486,7 @@ def main() -> int:
                             pool_rate[kind] = max(rate * 1.2, 50.0)
                         windows.append(window)
                         print(
-                            f"  {kind:8s} {route:12s} round {round_ + 1}: "
+                            f"  {kind:8s} {route:21s} round {round_ + 1}: "
                             f"{window['requests_per_s'] if kind == 'requests' else window['events_per_s']:9.0f}/s "
                             f"tokens/s {window['tokens_per_s']:8.0f} node cpu {window['node_cpu']:.2f} "
                             f"client cpu {window['client_cpu']:.2f} "
@@ -493,43 +508,61 @@ def main() -> int:
 
     summary: dict[str, Any] = {}
     rows = []
+    def by_route(kind: str, key: str, digits: int = 1) -> dict[str, float]:
+        return {route: round(med(kind, route, key), digits) for route in ROUTES}
+
     if "requests" in kinds:
         plain, conf = med("requests", "plain", "requests_per_s"), med("requests", "confidential", "requests_per_s")
+        unpadded = med("requests", "confidential_unpadded", "requests_per_s")
+        cpu = by_route("requests", "node_cpu_us_per_request")
+        cu_p, cu_c = cpu["plain"], cpu["confidential"]
         summary["requests"] = {
             "plain_per_s": round(plain, 1),
             "confidential_per_s": round(conf, 1),
+            "confidential_unpadded_per_s": round(unpadded, 1),
             "ratio": round(conf / plain, 3),
+            "padded_ratio": round(conf / unpadded, 3),
             "goal": GOALS["requests_ratio"],
-            "node_cpu_us_per_request": {"plain": round(cu_p := med("requests", "plain", "node_cpu_us_per_request"), 1), "confidential": round(cu_c := med("requests", "confidential", "node_cpu_us_per_request"), 1)},
+            "node_cpu_us_per_request": cpu,
             "cpu_ratio": round(cu_p / cu_c, 3),
-            "node_cpu": {"plain": round(med("requests", "plain", "node_cpu"), 2), "confidential": round(med("requests", "confidential", "node_cpu"), 2)},
-            "client_cpu": {"plain": round(med("requests", "plain", "client_cpu"), 2), "confidential": round(med("requests", "confidential", "client_cpu"), 2)},
+            "node_cpu": by_route("requests", "node_cpu", 2),
+            "client_cpu": by_route("requests", "client_cpu", 2),
         }
-        rows.append(["  node CPU µs/request", f"{cu_p:.0f}", f"{cu_c:.0f}", f"{cu_p / cu_c:.0%}", "", ""])
-        rows.insert(-1, [f"requests/s ({REQUEST_CONNECTIONS} conns)", f"{plain:.0f}", f"{conf:.0f}", f"{conf / plain:.0%}", f">= {GOALS['requests_ratio']:.0%}", "yes" if conf / plain >= GOALS["requests_ratio"] else "NO"])
+        rows.append([f"requests/s ({REQUEST_CONNECTIONS} conns)", f"{plain:.0f}", f"{conf:.0f}", f"{unpadded:.0f}", f"{conf / plain:.0%}", f">= {GOALS['requests_ratio']:.0%}", "yes" if conf / plain >= GOALS["requests_ratio"] else "NO"])
+        rows.append(["  node CPU µs/request", f"{cu_p:.0f}", f"{cu_c:.0f}", f"{cpu['confidential_unpadded']:.0f}", f"{cu_p / cu_c:.0%}", "", ""])
+        rows.append(["  padded / unpadded requests/s", "", "", "", f"{conf / unpadded:.0%}", "", ""])
     if "streams" in kinds:
         plain, conf = med("streams", "plain", "events_per_s"), med("streams", "confidential", "events_per_s")
+        unpadded = med("streams", "confidential_unpadded", "events_per_s")
         tplain, tconf = med("streams", "plain", "tokens_per_s"), med("streams", "confidential", "tokens_per_s")
+        tunpadded = med("streams", "confidential_unpadded", "tokens_per_s")
+        cpu = by_route("streams", "node_cpu_us_per_event")
+        eu_p, eu_c = cpu["plain"], cpu["confidential"]
         summary["streams"] = {
             "plain_events_per_s": round(plain, 1),
             "confidential_events_per_s": round(conf, 1),
+            "confidential_unpadded_events_per_s": round(unpadded, 1),
             "ratio": round(conf / plain, 3),
             "goal": GOALS["events_ratio"],
-            "node_cpu_us_per_event": {"plain": round(eu_p := med("streams", "plain", "node_cpu_us_per_event"), 1), "confidential": round(eu_c := med("streams", "confidential", "node_cpu_us_per_event"), 1)},
+            "padded_events_ratio": round(conf / unpadded, 3),
+            "padded_events_goal": GOALS["padded_events_ratio"],
+            "node_cpu_us_per_event": cpu,
             "cpu_ratio": round(eu_p / eu_c, 3),
             "plain_tokens_per_s": round(tplain, 1),
             "confidential_tokens_per_s": round(tconf, 1),
+            "confidential_unpadded_tokens_per_s": round(tunpadded, 1),
             "tokens_ratio": round(tconf / tplain, 3),
             "confidential_events_goal": GOALS["confidential_events_per_s"],
-            "node_cpu": {"plain": round(med("streams", "plain", "node_cpu"), 2), "confidential": round(med("streams", "confidential", "node_cpu"), 2)},
-            "client_cpu": {"plain": round(med("streams", "plain", "client_cpu"), 2), "confidential": round(med("streams", "confidential", "client_cpu"), 2)},
+            "node_cpu": by_route("streams", "node_cpu", 2),
+            "client_cpu": by_route("streams", "client_cpu", 2),
         }
-        rows.append([f"stream events/s ({STREAMS} streams)", f"{plain:.0f}", f"{conf:.0f}", f"{conf / plain:.0%}", f">= {GOALS['events_ratio']:.0%}", "yes" if conf / plain >= GOALS["events_ratio"] else "NO"])
-        rows.append(["  node CPU µs/event", f"{eu_p:.0f}", f"{eu_c:.0f}", f"{eu_p / eu_c:.0%}", "", ""])
-        rows.append(["stream tokens/s", f"{tplain:.0f}", f"{tconf:.0f}", f"{tconf / tplain:.0%}", "", ""])
-        rows.append(["sealed events/s (total)", "", f"{conf:.0f}", "", f">= {GOALS['confidential_events_per_s']:,}", "yes" if conf >= GOALS["confidential_events_per_s"] else "NO"])
+        rows.append([f"stream events/s ({STREAMS} streams)", f"{plain:.0f}", f"{conf:.0f}", f"{unpadded:.0f}", f"{conf / plain:.0%}", f">= {GOALS['events_ratio']:.0%}", "yes" if conf / plain >= GOALS["events_ratio"] else "NO"])
+        rows.append(["  node CPU µs/event", f"{eu_p:.0f}", f"{eu_c:.0f}", f"{cpu['confidential_unpadded']:.0f}", f"{eu_p / eu_c:.0%}", "", ""])
+        rows.append(["stream tokens/s", f"{tplain:.0f}", f"{tconf:.0f}", f"{tunpadded:.0f}", f"{tconf / tplain:.0%}", "", ""])
+        rows.append(["sealed events/s (total)", "", f"{conf:.0f}", f"{unpadded:.0f}", "", f">= {GOALS['confidential_events_per_s']:,}", "yes" if conf >= GOALS["confidential_events_per_s"] else "NO"])
+        rows.append(["  padded / unpadded sealed events/s", "", "", "", f"{conf / unpadded:.0%}", f">= {GOALS['padded_events_ratio']:.0%}", "yes" if conf / unpadded >= GOALS["padded_events_ratio"] else "NO"])
     print()
-    print_table(["", "plain", "confidential", "ratio", "goal", "met"], rows)
+    print_table(["", "plain", "confidential", "padding off", "ratio", "goal", "met"], rows)
     failures = sum(w["samples"]["failures"] for w in windows)
     errors = sum(w["errors"] for w in windows)
     exhausted = sum(w["pool_exhausted"] for w in windows)
@@ -552,7 +585,9 @@ def main() -> int:
                     "event per chunk, which is cheaper for them), so events per token differ by route and tokens/s "
                     "is the throughput to compare; each confidential event is AES-GCM "
                     "encrypted and Ed25519 signed (~18 us of libsodium alone). Run with "
-                    "TEE_NODE_LIMITS__STREAM_COALESCE_MAX=1 for one event per chunk."
+                    "TEE_NODE_LIMITS__STREAM_COALESCE_MAX=1 for one event per chunk. 'confidential' is "
+                    "length-hidden as our client asks by default (padded request, padded answers and events); "
+                    "'confidential_unpadded' turns padding off (PROTOCOL.md part C)."
                 ),
                 "seconds": seconds,
                 "rounds": rounds,
