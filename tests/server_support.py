@@ -45,7 +45,16 @@ from cryptography.hazmat.primitives.serialization import (
 
 from node import envelope
 from node.config import NodeConfig, load_config, merge_settings
-from node.crypto import Aead, b64e, blake2b_256, derive_key, random_nonce, random_salt
+from node.crypto import (
+    Aead,
+    b64e,
+    blake2b_256,
+    derive_hybrid_key,
+    derive_key,
+    kem_encapsulate,
+    random_nonce,
+    random_salt,
+)
 from node.engine.base import ModelCard
 from node.engine.echo import EchoEngine
 from node.server import create_app
@@ -95,19 +104,33 @@ class Sealed:
     client_private_key: bytes
     shared_secret: bytes
     aes_key: bytes
+    kem_shared_secret: bytes | None = None
 
 
-def seal_with_secrets(plaintext: bytes, node_public_key: bytes, model_name: str, stream: bool | None = None) -> Sealed:
-    """What `envelope.seal_request` does, keeping the client's secrets for inspection."""
+def seal_with_secrets(
+    plaintext: bytes,
+    node_public_key: bytes,
+    model_name: str,
+    stream: bool | None = None,
+    kem_public_key: bytes | None = None,
+) -> Sealed:
+    """What `envelope.seal_request` does, keeping the client's secrets for inspection; with
+    `kem_public_key`, part C's hybrid key agreement."""
     client = X25519PrivateKey.generate()
+    client_public = client.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
     shared = client.exchange(X25519PublicKey.from_public_bytes(node_public_key))
     salt, nonce = random_salt(), random_nonce()
-    aes_key = derive_key(shared, salt)
+    kem_secret = kem_ciphertext = None
+    if kem_public_key is None:
+        aes_key = derive_key(shared, salt)
+    else:
+        kem_secret, kem_ciphertext = kem_encapsulate(kem_public_key)
+        aes_key = derive_hybrid_key(kem_secret, shared, salt, client_public, node_public_key, kem_ciphertext)
     aead = Aead(aes_key)
     request_hash = blake2b_256(plaintext)
     outer = {
         "ciphertext": b64e(aead.encrypt(nonce, plaintext)),
-        "client_dh_public_key": b64e(client.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)),
+        "client_dh_public_key": b64e(client_public),
         "model_name": model_name,
         "node_dh_public_key": b64e(node_public_key),
         "nonce": b64e(nonce),
@@ -116,8 +139,10 @@ def seal_with_secrets(plaintext: bytes, node_public_key: bytes, model_name: str,
         "stack_small_id": 0,
         "stream": stream,
     }
+    if kem_ciphertext is not None:
+        outer["kem_ciphertext"] = b64e(kem_ciphertext)
     private = client.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
-    return Sealed(outer, envelope.ResponseOpener(aead, request_hash), plaintext, private, shared, aes_key)
+    return Sealed(outer, envelope.ResponseOpener(aead, request_hash), plaintext, private, shared, aes_key, kem_secret)
 
 
 @dataclass

@@ -68,6 +68,9 @@ class Secrets:
         self.add_bytes(sealed.shared_secret)
         self.add_bytes(sealed.aes_key)
         self.add_bytes(b64d(sealed.outer["ciphertext"]), prefixes=True)
+        if sealed.kem_shared_secret is not None:
+            self.add_bytes(sealed.kem_shared_secret)
+            self.add_bytes(b64d(sealed.outer["kem_ciphertext"]), prefixes=True)
 
     def add_answer(self, sealed: Sealed, message: dict) -> None:
         """A response or event: its ciphertext and the plaintext it decrypts to."""
@@ -95,10 +98,13 @@ class Driver:
         self.secrets = secrets
         self.statuses: list[int] = []
 
-    def seal(self, payload, model_name: str | None = None, node_key: bytes | None = None) -> Sealed:
+    def seal(self, payload, model_name: str | None = None, node_key: bytes | None = None, hybrid: bool = False) -> Sealed:
         plaintext = payload if isinstance(payload, bytes) else compact(payload)
         stream = payload.get("stream") if isinstance(payload, dict) else None
-        sealed = seal_with_secrets(plaintext, node_key or self.node.current_key, model_name or MODEL, stream=stream)
+        kem_key = self.node.state.keyring.current.kem_public_key if hybrid else None
+        sealed = seal_with_secrets(
+            plaintext, node_key or self.node.current_key, model_name or MODEL, stream=stream, kem_public_key=kem_key
+        )
         self.secrets.add_sealed(sealed)
         return sealed
 
@@ -187,6 +193,28 @@ async def test_full_cycles_and_every_error_path(make_node, all_logs, secrets):
     # the capture works: access lines of successes and refusals are there
     for status in (200, 400, 404, 409, 422, 499, 503):
         assert f"route={CONFIDENTIAL_CHAT} model=" in logs and f"status={status} " in logs, status
+    secrets.check(logs, "logs")
+
+
+async def test_hybrid_cycles_and_their_errors(make_node, all_logs, secrets):
+    """PROTOCOL.md part C: the ML-KEM secret and ciphertext join the secrets that never show."""
+    node = await make_node(GatedEcho())
+    d = Driver(node, secrets)
+    assert (await d.send(CONFIDENTIAL_CHAT, d.seal(chat_body(PROMPT), hybrid=True)))[0] == 200
+    assert (await d.send(CONFIDENTIAL_CHAT, d.seal(chat_body(PROMPT, stream=True), hybrid=True)))[0] == 200
+    sealed = d.seal(chat_body(PROMPT), hybrid=True)
+    o = sealed.outer
+    for outer in (
+        {**o, "kem_ciphertext": flip(o["kem_ciphertext"], 77)},  # DECRYPTION_FAILED
+        {**o, "kem_ciphertext": o["kem_ciphertext"][:-8]},  # INVALID_BODY (base64 of another length)
+        {k: v for k, v in o.items() if k != "kem_ciphertext"},  # DECRYPTION_FAILED
+        {**o, "kem_ciphertext": PROMPT},  # INVALID_BODY, the value is the secret
+    ):
+        assert (await d.send(CONFIDENTIAL_CHAT, outer))[0] == 400
+    assert (await d.send(CONFIDENTIAL_CHAT, sealed))[0] == 200
+    assert (await d.send(CONFIDENTIAL_CHAT, sealed))[0] == 409
+    logs = all_logs()
+    assert f"route={CONFIDENTIAL_CHAT} model=" in logs
     secrets.check(logs, "logs")
 
 

@@ -24,7 +24,7 @@ ERROR_STATUSES = {
     "404": "MODEL_NOT_FOUND",
     "409": "REPLAYED_REQUEST",
     "413": "BODY_TOO_LARGE",
-    "422": "STALE_NODE_KEY (the body carries the current key)",
+    "422": "STALE_NODE_KEY (the body carries the current X25519 and ML-KEM-768 keys)",
     "429": "OVERLOADED (with Retry-After)",
     "503": "NOT_READY",
     "500": "INTERNAL_ERROR",
