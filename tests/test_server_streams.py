@@ -238,10 +238,12 @@ async def test_client_disconnect_aborts_engine_request(make_node, handler_cancel
     response = await node.post(CONFIDENTIAL_CHAT, outer, {"X-Request-Id": "disconnecting-client"})
     assert response.status == 200
     opener.open_event(json.loads((await next_block(response))[len(b"data: ") :]))
-    await wait_for(lambda: engine.running == {"disconnecting-client"}, what="engine request running")
+    await wait_for(lambda: len(engine.running) == 1, what="engine request running")
+    (engine_id,) = engine.running
+    assert engine_id != "disconnecting-client"  # the node's own id, never the client's
     response.close()
     await wait_for(lambda: not engine.running, what="engine request aborted")
-    assert engine.aborted == ["disconnecting-client"]
+    assert engine.aborted == [engine_id]
     await wait_for(lambda: node.state.admission.in_flight == 0, what="slot released")
     metrics = await (await node.client.get("/metrics")).text()
     samples = {
@@ -404,8 +406,36 @@ async def test_client_gone_while_events_wait_to_be_written(make_node):
     connections = node.client.server.runner.server.connections
     await wait_for(lambda: all(h.transport is None for h in connections), what="server saw the disconnect")
     engine.gate_a.set()
-    await wait_for(lambda: engine.closed == ["gone-client"], what="engine request closed")
+    await wait_for(lambda: len(engine.closed) == 1, what="engine request closed")
     assert not engine.running
-    assert engine.aborted == ["gone-client"]
+    assert engine.aborted == engine.closed and engine.closed != ["gone-client"]
     await wait_for(lambda: node.state.admission.in_flight == 0, what="slot released")
     await node.chat_ok()
+
+
+async def test_same_request_id_streams_are_isolated(make_node):
+    """Two concurrent streams with the same X-Request-Id: each gets its own engine request, and
+    one client hanging up aborts only its own; the other ends with a verified receipt."""
+    engine = GatedEcho(token_delay=0.01)
+    node = await make_node(engine)
+    headers = {"X-Request-Id": "shared-id"}
+    words = " ".join(f"w{i}" for i in range(30))
+    outer_a, opener_a = node.seal(chat_body("a " + words, stream=True))
+    outer_b, opener_b = node.seal(chat_body("b " + words, stream=True))
+    response_a = await node.post(CONFIDENTIAL_CHAT, outer_a, headers)
+    response_b = await node.post(CONFIDENTIAL_CHAT, outer_b, headers)
+    assert response_a.headers["X-Request-Id"] == response_b.headers["X-Request-Id"] == "shared-id"
+    first_a = json.loads(opener_a.open_event(json.loads((await next_block(response_a))[len(b"data: ") :])))
+    first_b = json.loads(opener_b.open_event(json.loads((await next_block(response_b))[len(b"data: ") :])))
+    await wait_for(lambda: len(engine.running) == 2, what="both engine requests running")
+    assert "shared-id" not in engine.running
+    engine_id_a = first_a["id"].removeprefix("chatcmpl-")  # the echo engine names chunks by engine id
+    response_a.close()
+    await wait_for(lambda: engine.aborted == [engine_id_a], what="the hung-up stream aborted")
+    sse = SSE.parse(await response_b.read())
+    chunks = [first_b] + [json.loads(opener_b.open_event(event)) for event in sse.events]
+    receipt = opener_b.finish()
+    assert receipt["events"] == len(chunks)
+    assert "".join(c["choices"][0]["delta"]["content"] for c in chunks if c["choices"]) == "b " + words
+    assert engine.aborted == [engine_id_a]
+    await wait_for(lambda: node.state.admission.in_flight == 0, what="slots released")

@@ -4,6 +4,9 @@ Requests and responses are OpenAI-format dicts (the decrypted plaintext, parsed)
 call yields `chat.completion.chunk` / `text_completion` chunk dicts; the last chunk carries
 `usage` and empty `choices` (the node always asks for usage). Engines raise the node's error
 types: ModelNotFound, EngineBadRequest (parameters the engine refuses), NotReady, EngineError.
+
+`request_id` is the node's own id for the engine request, unique per request: never the
+client's X-Request-Id, so that clients cannot collide in (or abort) each other's requests.
 """
 
 from __future__ import annotations

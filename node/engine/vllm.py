@@ -5,7 +5,7 @@ Chat templates, sampling parameters, stop handling, usage and logprobs are all v
 node's plaintext dicts into vLLM's request models, maps errors to the node's types and parses
 the SSE strings vLLM produces back into chunk dicts.
 
-The node's `request_id` becomes the vLLM request id, so `abort(request_id)` finds the running
+The node's own engine request id becomes the vLLM request id, so `abort(request_id)` finds the running
 sequences (vLLM names them `chatcmpl-<id>`, `cmpl-<id>-<i>`, `embd-<id>-<i>`). No request
 logger is configured: prompts and outputs never reach vLLM's logs.
 """

@@ -13,7 +13,7 @@ import re
 import time
 import traceback
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import orjson
 from aiohttp import web
@@ -24,14 +24,18 @@ from .state import NODE
 log = logging.getLogger("tee_node.access")
 error_log = logging.getLogger("tee_node.errors")
 
+# A client's X-Request-Id is echoed and logged only: a bounded, log-safe alphabet.
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 @dataclass
 class RequestContext:
-    request_id: str
+    request_id: str  # echoed in X-Request-Id and logged: the client's when valid
     route: str
     started: float
+    # The engine's key for this request, always the node's own: two clients sending the same
+    # X-Request-Id must never share (or abort) each other's engine request.
+    engine_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     model: str | None = None
     request_bytes: int = 0
     response_bytes: int = 0

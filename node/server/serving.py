@@ -49,12 +49,12 @@ class Endpoint:
     schema: type[BaseModel]
     streamable: bool
 
-    def call(self, engine: Engine, payload: dict[str, Any], request_id: str):
+    def call(self, engine: Engine, payload: dict[str, Any], engine_id: str):
         if self.task == "chat":
-            return engine.chat(payload, request_id)
+            return engine.chat(payload, engine_id)
         if self.task == "completions":
-            return engine.complete(payload, request_id)
-        return engine.embed(payload, request_id)
+            return engine.complete(payload, engine_id)
+        return engine.embed(payload, engine_id)
 
 
 CHAT = Endpoint("chat", ChatCompletionRequest, True)
@@ -152,7 +152,7 @@ async def serve_confidential(request: web.Request, endpoint: Endpoint) -> web.St
             raise ModelNotFound()
         ctx.model = model
         stream = _prepare_payload(payload, endpoint)
-        result = await endpoint.call(state.engine, payload, ctx.request_id)
+        result = await endpoint.call(state.engine, payload, ctx.engine_id)
         if not stream:
             usage = usage_of(result)
             _count_tokens(state, usage)
@@ -390,7 +390,7 @@ async def _stream(
         with contextlib.suppress(asyncio.CancelledError):
             await producer
         if not completed:
-            await state.engine.abort(ctx.request_id)
+            await state.engine.abort(ctx.engine_id)
     with contextlib.suppress(ConnectionError):
         await response.write_eof()
     return response
@@ -412,7 +412,7 @@ async def serve_plain(request: web.Request, endpoint: Endpoint) -> web.StreamRes
             raise ModelNotFound()
         ctx.model = model
         stream = _prepare_payload(payload, endpoint)
-        result = await endpoint.call(state.engine, payload, ctx.request_id)
+        result = await endpoint.call(state.engine, payload, ctx.engine_id)
         if not stream:
             _count_tokens(state, usage_of(result))
             return web.Response(body=orjson.dumps(result), content_type="application/json", headers={"X-Request-Id": ctx.request_id})
