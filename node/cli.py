@@ -9,9 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from attestation import cli as attestation_cli
+from attestation.errors import AttestationError
 from attestation.nvidia import cli as gpu_cli
 
 from .config import NodeConfig, load_config, merge_settings
+
+EXIT_CANNOT_START = 2
 
 
 def config_from_args(args: argparse.Namespace) -> NodeConfig:
@@ -38,9 +41,13 @@ def _serve(args: argparse.Namespace) -> int:
 
     from .server import create_app
 
-    config = config_from_args(args)
-    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    app = create_app(config)
+    try:
+        config = config_from_args(args)
+        logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+        app = create_app(config)
+    except (ValueError, AttestationError) as exc:  # a refusal to start: its message says why and what to do
+        print(f"tee-node serve: cannot start: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_START
     # The config digest covers the models' weights: it is logged once they are loaded.
     logging.getLogger("tee_node").info(
         "tee-node on http://%s:%d, tee_mode=%s, engine=%s", config.host, config.port, config.tee_mode, config.engine.kind

@@ -6,8 +6,10 @@ whose subject says it is not a TEE; verifiers accept it only with allow_simulate
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -74,19 +76,74 @@ def _raw_point(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def load_or_create_seed(state_dir: str | Path) -> bytes:
-    """The simulated root of trust is one random seed, created once with mode 0600."""
-    path = Path(state_dir) / SEED_FILE
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    """The simulated root of trust: one random seed, created once, readable by its owner only.
+
+    Created atomically (temporary file, fsync, then a hard link to the final name), so a crash
+    never leaves a short seed behind and two nodes starting at once read the same seed. Opened
+    with O_NOFOLLOW and refused when others may read it: the seed signs simulated quotes.
+    """
+    state = Path(state_dir)
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = state / SEED_FILE
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        seed = path.read_bytes()
-        if len(seed) != SEED_SIZE:
-            raise AttestationUnavailable(f"simulated TEE seed file {path} is corrupt") from None
-        return seed
+        return _read_seed(path)
+    except FileNotFoundError:
+        pass
     seed = os.urandom(SEED_SIZE)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(seed)
+    temporary = state / f".{SEED_FILE}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(seed)
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            # A link, unlike rename, never replaces a seed another node created meanwhile.
+            os.link(temporary, path)
+        except FileExistsError:
+            return _read_seed(path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    directory = os.open(state, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)  # the new name survives a crash too
+    finally:
+        os.close(directory)
+    return seed
+
+
+def _read_seed(path: Path) -> bytes:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise AttestationUnavailable(
+                f"simulated TEE seed file {path} is a symbolic link, which is not followed: "
+                "replace it with the file itself or set attestation.state_dir to another directory"
+            ) from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise AttestationUnavailable(f"simulated TEE seed file {path} is not a regular file: remove it")
+        if info.st_uid != os.geteuid():
+            raise AttestationUnavailable(
+                f"simulated TEE seed file {path} belongs to uid {info.st_uid}, not to this user "
+                f"(uid {os.geteuid()}): run the node as its owner or set attestation.state_dir to a directory of yours"
+            )
+        if info.st_mode & 0o077:
+            raise AttestationUnavailable(
+                f"simulated TEE seed file {path} is accessible to group or others "
+                f"(mode {stat.S_IMODE(info.st_mode):04o}): run `chmod 600 {path}`"
+            )
+        seed = os.read(fd, SEED_SIZE + 1)
+    finally:
+        os.close(fd)
+    if len(seed) != SEED_SIZE:
+        raise AttestationUnavailable(
+            f"simulated TEE seed file {path} is damaged ({len(seed)} bytes, expected {SEED_SIZE}): delete it and "
+            "the node makes a new simulated root of trust at its next start"
+        )
     return seed
 
 
