@@ -39,7 +39,7 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
 def _serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
-    from .server import create_app
+    from .server import create_app, server_settings
 
     try:
         config = config_from_args(args)
@@ -59,6 +59,7 @@ def _serve(args: argparse.Namespace) -> int:
         shutdown_timeout=config.shutdown_grace,
         access_log=None,
         print=None,
+        **server_settings(config),
     )
     return 0
 

@@ -7,9 +7,11 @@ reports, so a client can pin the configuration a node runs.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Any, Literal, Mapping
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
@@ -29,6 +31,25 @@ REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = REPO_CONFIGS / "simulated.toml"
 EMBEDDED_CHAT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBEDDED_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+UNIX_SOCKET_PREFIX = "unix:"
+
+
+def is_local_upstream(url: str) -> bool:
+    """True for a unix socket (`unix:/path`) or an http(s) URL whose host is a loopback
+    address or `localhost` (resolved by the VM's own measured /etc/hosts)."""
+    if url.startswith(UNIX_SOCKET_PREFIX):
+        return url[len(UNIX_SOCKET_PREFIX):].startswith("/")
+    parsed = urlsplit(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        return False
+    if parsed.hostname == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(parsed.hostname).is_loopback
+    except ValueError:
+        return False
 
 
 def default_cache_dir() -> Path:
@@ -67,7 +88,8 @@ def _default_models() -> list[ModelConfig]:
 class EngineConfig(_Section):
     kind: EngineKind = "vllm"
     models: list[ModelConfig] = Field(default_factory=_default_models)
-    # UpstreamEngine: an OpenAI-compatible server inside the same confidential VM.
+    # UpstreamEngine: an OpenAI-compatible server inside the same confidential VM, by a
+    # loopback URL (http://127.0.0.1:8000) or a unix socket (unix:/run/vllm.sock).
     upstream_url: str | None = None
     upstream_api_key: str | None = Field(default=None, repr=False)
     upstream_timeout: float = Field(default=600.0, gt=0)
@@ -86,6 +108,8 @@ class AuthConfig(_Section):
     api_token_sha256: list[str] = Field(default_factory=list)
     # Ed25519 public keys (base64) of proxies whose X-Signature is required when any is set.
     trusted_proxy_keys: list[str] = Field(default_factory=list)
+    # /metrics without a token even when tokens are required (a scraper on a private network).
+    metrics_public: bool = False
 
     @field_validator("api_token_sha256")
     @classmethod
@@ -102,8 +126,11 @@ class LimitsConfig(_Section):
     max_queue: int = Field(default=256, ge=0)
     queue_timeout: float = Field(default=30.0, gt=0)
     retry_after: int = Field(default=1, ge=1)
-    # Seconds a client may take to send its headers and body; a slow client cannot hold a slot.
+    # Seconds a client may take to send its body; a slow client cannot hold a slot.
     read_timeout: float = Field(default=30.0, gt=0)
+    # Seconds a connection may stay idle or take to send a request's headers before the node
+    # closes it (slowloris): aiohttp's keep-alive timeout, which also runs while headers arrive.
+    header_timeout: float = Field(default=15.0, gt=0)
     keepalive_interval: float = Field(default=15.0, gt=0)
     # Engine chunks merged into one sealed event when a confidential stream falls behind
     # (1: one event per chunk). Plain routes always send one event per chunk.
@@ -111,7 +138,10 @@ class LimitsConfig(_Section):
     # Timing cover (off when None): a confidential stream sends one event every this many ms,
     # carrying the text ready by then or none, so event timing does not follow token timing.
     stream_cadence_ms: int | None = Field(default=None, ge=1, le=10_000)
+    # Attestation documents a minute: all clients together, and each client (an API token,
+    # else an address), so one client's burst leaves the rest for the others.
     attestation_per_minute: int = Field(default=120, ge=1)
+    attestation_per_client_per_minute: int = Field(default=30, ge=1)
 
 
 class KeysConfig(_Section):
@@ -170,6 +200,13 @@ class NodeConfig(BaseSettings):
                 raise ValueError("a TEE mode needs at least one api token: open access is simulated-only")
             if self.engine.kind == "echo":
                 raise ValueError("the echo engine cannot serve in a TEE mode")
+            if self.engine.kind == "upstream" and not is_local_upstream(self.engine.upstream_url or ""):
+                raise ValueError(
+                    f"engine.upstream_url {self.engine.upstream_url!r} is not a loopback address or a unix socket: "
+                    "in a TEE mode the node sends decrypted prompts to the upstream in clear, so it must run in "
+                    "the same confidential VM (http://127.0.0.1:PORT, http://[::1]:PORT, http://localhost:PORT or "
+                    "unix:/path/to/socket)"
+                )
         return self
 
     @classmethod

@@ -57,7 +57,7 @@ from node.crypto import (
 )
 from node.engine.base import ModelCard
 from node.engine.echo import EchoEngine
-from node.server import create_app
+from node.server import create_app, server_settings
 from node.server.state import NODE
 
 MODEL = "echo-model"
@@ -255,9 +255,9 @@ class Node:
 
 
 class NodeTestServer(TestServer):
-    """aiohttp's TestServer with `handler_cancellation` as `tee-node serve` runs it (False, the
-    `web.run_app` default: a client going away is noticed on the next write), not the
-    TestServer's True, unless asked for."""
+    """aiohttp's TestServer with the server settings of `tee-node serve` (`server_settings`) and
+    `handler_cancellation` as it runs it (False, the `web.run_app` default: a client going away
+    is noticed on the next write), not the TestServer's True, unless asked for."""
 
     def __init__(self, app, handler_cancellation: bool = False, **kwargs: Any) -> None:
         super().__init__(app, **kwargs)
@@ -265,7 +265,7 @@ class NodeTestServer(TestServer):
 
     async def _make_runner(self, **kwargs: Any) -> AppRunner:
         kwargs["handler_cancellation"] = self.handler_cancellation
-        return AppRunner(self.app, **kwargs)
+        return AppRunner(self.app, **{**kwargs, **server_settings(self.app[NODE].config)})
 
 
 @pytest.fixture

@@ -1,8 +1,10 @@
 """Forward decrypted requests to an OpenAI-compatible server inside the same confidential VM.
 
 `engine.upstream_url` is that server's base URL (e.g. `http://127.0.0.1:8000`, a trailing `/v1`
-is accepted): typically `python -m vllm.entrypoints.openai.api_server` on loopback. Plaintext
-crosses only the VM-internal loopback, never the host. Bodies are never logged.
+is accepted) or its unix socket (`unix:/run/vllm.sock`): typically
+`python -m vllm.entrypoints.openai.api_server` on loopback. Plaintext crosses only the
+VM-internal loopback, never the host (real TEE modes refuse any other address). Bodies are
+never logged.
 
 A background poller keeps `ready` and the model list current (`/health`, then `/v1/models`),
 so the node reports NOT_READY while the upstream loads or restarts.
@@ -18,7 +20,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from node.config import EngineConfig
+from node.config import UNIX_SOCKET_PREFIX, EngineConfig
 from node.engine.base import ALL_TASKS, TASKS_OF, Chunk, ModelCard, Task, raise_for_engine_status
 from node.errors import EngineError, ModelNotFound, NotReady
 
@@ -34,6 +36,10 @@ class UpstreamEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         url = (config.upstream_url or "").rstrip("/")
+        self._socket_path: str | None = None
+        if url.startswith(UNIX_SOCKET_PREFIX):
+            # HTTP over the socket: the host name in the URL only fills the Host header.
+            self._socket_path, url = url[len(UNIX_SOCKET_PREFIX):], "http://localhost"
         self.base_url = url[: -len("/v1")] if url.endswith("/v1") else url
         self._headers = {"Content-Type": "application/json"}
         if config.upstream_api_key:
@@ -49,7 +55,8 @@ class UpstreamEngine:
 
     async def start(self) -> None:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self.config.upstream_timeout)
-        self._session = aiohttp.ClientSession(timeout=timeout, headers=self._headers)
+        connector = aiohttp.UnixConnector(path=self._socket_path) if self._socket_path else None
+        self._session = aiohttp.ClientSession(timeout=timeout, headers=self._headers, connector=connector)
         await self.poll()
         self._poller = asyncio.create_task(self._poll_forever(), name="upstream-health")
 

@@ -1,5 +1,5 @@
 """The node's HTTP server (aiohttp)."""
 
-from .app import create_app
+from .app import create_app, server_settings
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "server_settings"]

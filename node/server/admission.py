@@ -1,9 +1,10 @@
-"""Admission control: at most `max_in_flight` requests hold a slot, at most `max_queue` wait."""
+"""Admission control: at most `max_in_flight` requests hold a slot, at most `max_queue` wait;
+rate limits per client under a global cap (`RateLimiter`)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections import deque
+from collections import OrderedDict, deque
 from contextlib import asynccontextmanager
 from collections.abc import AsyncIterator
 
@@ -59,3 +60,58 @@ class Admission:
             yield
         finally:
             self.release()
+
+
+class TokenBucket:
+    """`per_minute` requests a minute, bursts up to `per_minute`; the caller passes the time."""
+
+    __slots__ = ("capacity", "rate", "tokens", "updated")
+
+    def __init__(self, per_minute: int, now: float) -> None:
+        self.capacity = float(per_minute)
+        self.rate = per_minute / 60.0
+        self.tokens = self.capacity
+        self.updated = now
+
+    def refill(self, now: float) -> None:
+        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+
+    def wait(self) -> int:
+        """Whole seconds until one token is there (0: one is there now)."""
+        return 0 if self.tokens >= 1 else int((1 - self.tokens) / self.rate) + 1
+
+
+class RateLimiter:
+    """One bucket per client (an API token, else an address) under one global cap, so that one
+    client's burst takes at most its own share and cannot starve the others.
+
+    At most `max_clients` buckets are kept (least recently used go first): a client that comes
+    back after eviction starts with a full bucket, and the global cap still holds.
+    """
+
+    def __init__(self, per_minute: int, per_client_per_minute: int, max_clients: int = 10_000) -> None:
+        self.per_minute = per_minute
+        self.per_client_per_minute = per_client_per_minute
+        self.max_clients = max_clients
+        self._global: TokenBucket | None = None
+        self._clients: OrderedDict[str, TokenBucket] = OrderedDict()
+
+    def admit(self, client: str, now: float) -> None:
+        """Take one request for `client`, or raise Overloaded with the seconds to wait."""
+        if self._global is None:
+            self._global = TokenBucket(self.per_minute, now)
+        bucket = self._clients.get(client)
+        if bucket is None:
+            if len(self._clients) >= self.max_clients:
+                self._clients.popitem(last=False)
+            bucket = self._clients[client] = TokenBucket(self.per_client_per_minute, now)
+        else:
+            self._clients.move_to_end(client)
+        bucket.refill(now)
+        self._global.refill(now)
+        wait = bucket.wait() or self._global.wait()
+        if wait:
+            raise Overloaded(wait)
+        bucket.tokens -= 1
+        self._global.tokens -= 1

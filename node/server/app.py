@@ -7,6 +7,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -77,6 +78,7 @@ async def nodes_lock(request: web.Request) -> web.Response:
 
 async def list_models(request: web.Request) -> web.Response:
     state = request.app[NODE]
+    check_auth(state, request)
     created = int(state.started_at)
     return _json({"object": "list", "data": [card.to_openai(created) for card in state.engine.models()]})
 
@@ -94,6 +96,8 @@ async def ready(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     state = request.app[NODE]
+    if not state.config.auth.metrics_public:
+        check_auth(state, request)
     state.metrics.engine_ready.set(1 if state.engine.ready else 0)
     state.metrics.in_flight.set(state.admission.in_flight)
     state.metrics.queued.set(state.admission.queued)
@@ -147,6 +151,11 @@ async def _key_maintenance(app: web.Application) -> AsyncIterator[None]:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+def server_settings(config: NodeConfig) -> dict[str, Any]:
+    """Keyword arguments of aiohttp's server (`web.run_app`, `AppRunner`) for this config."""
+    return {"keepalive_timeout": config.limits.header_timeout}
 
 
 def create_app(config: NodeConfig, engine: Engine | None = None) -> web.Application:

@@ -36,7 +36,8 @@ from attestation.producers.tsm import TsmProvider
 from ..config import NodeConfig
 from ..errors import InvalidBody, NotReady, Overloaded
 from ..measurement import code_measurement
-from .state import NODE
+from .admission import RateLimiter
+from .state import NODE, NodeState, bearer_token
 
 log = logging.getLogger("tee_node.attestation")
 
@@ -44,7 +45,8 @@ _NONCE = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
 class AttestationService:
-    """The node's evidence providers, its measured config, collateral, and a token-bucket rate limit."""
+    """The node's evidence providers, its measured config, collateral, and its rate limit
+    (quotes are costly on hardware)."""
 
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
@@ -64,10 +66,8 @@ class AttestationService:
         self.measured_config: dict[str, Any] | None = None
         self.config_digest: bytes | None = None
         self.cpu_collateral = CollateralCache()
-        self._rate = config.limits.attestation_per_minute / 60.0
-        self._capacity = float(config.limits.attestation_per_minute)
-        self._tokens = self._capacity
-        self._refilled = time.monotonic()
+        limits = config.limits
+        self.rate_limit = RateLimiter(limits.attestation_per_minute, limits.attestation_per_client_per_minute)
 
     def attach_gpu(self, gpu: NvidiaGpuProvider, *, now: Callable[[], datetime] = trust.utc_now) -> None:
         """Serve this GPU provider's evidence, and its collateral (a simulated node gets a fake NVML here)."""
@@ -100,13 +100,6 @@ class AttestationService:
             )
         log.info("measured config fixed: config_digest=%s", self.config_digest.hex())
 
-    def admit(self) -> None:
-        now = time.monotonic()
-        self._tokens = min(self._capacity, self._tokens + (now - self._refilled) * self._rate)
-        self._refilled = now
-        if self._tokens < 1:
-            raise Overloaded(max(1, int((1 - self._tokens) / self._rate) + 1))
-        self._tokens -= 1
 
     async def keep_collateral(self) -> None:
         """Load the configured collateral directory, then (real TEEs) fetch and refresh forever."""
@@ -141,6 +134,15 @@ class AttestationService:
         return wait
 
 
+def _client_of(state: NodeState, request: web.Request) -> str:
+    """Whom a rate limit counts: a valid API token (many clients can share a proxy's address),
+    else the peer address. An invalid token counts as its address, so made-up tokens buy nothing."""
+    digest = state.token_digest(bearer_token(request))
+    if digest is not None:
+        return "token:" + digest.hex()
+    return "address:" + (request.remote or "")
+
+
 async def attestation_document(request: web.Request) -> web.Response:
     state = request.app[NODE]
     nonce = request.query.get("nonce", "")
@@ -149,7 +151,11 @@ async def attestation_document(request: web.Request) -> web.Response:
     service: AttestationService = state.attestation
     if not state.engine.ready:
         raise NotReady()  # the measured config names the weights, known only once they are loaded
-    service.admit()
+    try:
+        service.rate_limit.admit(_client_of(state, request), time.monotonic())
+    except Overloaded:
+        state.metrics.refusals.labels("attestation_rate").inc()
+        raise
     if service.measured_config is None:
         service.measure(state.engine.weights_sha256())
     assert service.cpu is not None and service.measured_config is not None

@@ -32,7 +32,7 @@ from ..errors import (
 from ..protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, Usage
 from .coalesce import coalesce
 from .middleware import CONTEXT, RequestContext
-from .state import NODE, NodeState
+from .state import NODE, NodeState, bearer_token
 
 log = logging.getLogger("tee_node.serving")
 
@@ -63,9 +63,7 @@ EMBEDDINGS = Endpoint("embeddings", EmbeddingRequest, False)
 
 
 def check_auth(state: NodeState, request: web.Request) -> None:
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if not state.token_allowed(token.strip() if scheme.lower() == "bearer" else None):
+    if not state.token_allowed(bearer_token(request)):
         raise Unauthorized()
 
 

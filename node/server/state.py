@@ -56,14 +56,17 @@ class NodeState:
 
     def token_allowed(self, token: str | None) -> bool:
         """Open when no tokens are configured (simulated only); else a constant-time match."""
-        if not self.token_digests:
-            return True
-        if not token:
-            return False
+        return not self.token_digests or self.token_digest(token) is not None
+
+    def token_digest(self, token: str | None) -> bytes | None:
+        """The configured digest `token` matches, compared in constant time; None when none does."""
+        if not token or not self.token_digests:
+            return None
         digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
-        matched = False
+        matched = None
         for allowed in self.token_digests:  # no early exit: timing does not tell which entry matched
-            matched |= hmac.compare_digest(digest, allowed)
+            if hmac.compare_digest(digest, allowed):
+                matched = allowed
         return matched
 
     def model_card(self, name: str, task: Task) -> ModelCard | None:
@@ -71,6 +74,12 @@ class NodeState:
             if card.id == name and task in card.tasks:
                 return card
         return None
+
+
+def bearer_token(request: web.BaseRequest) -> str | None:
+    """The token of an `Authorization: Bearer` header, or None."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
 
 
 NODE: web.AppKey[NodeState] = web.AppKey("node", NodeState)

@@ -104,18 +104,25 @@ class Scripted:
         return response
 
 
-@pytest.fixture
-async def scripted(aiohttp_server):
+@pytest.fixture(params=["tcp", "unix"])
+async def scripted(request, aiohttp_server, tmp_path):
+    """(script, engine, stop_upstream): the scripted upstream on loopback TCP or on a unix
+    socket (`unix:/path`)."""
     script = Scripted()
-    server = await aiohttp_server(script.app())
-    config = load_config(
-        None,
-        engine={"kind": "upstream", "upstream_url": f"http://127.0.0.1:{server.port}/v1", "models": [{"name": "m", "source": "-"}]},
-    )
+    if request.param == "tcp":
+        server = await aiohttp_server(script.app())
+        url, stop_upstream = f"http://127.0.0.1:{server.port}/v1", server.close
+    else:
+        runner = web.AppRunner(script.app())
+        await runner.setup()
+        await web.UnixSite(runner, str(tmp_path / "upstream.sock")).start()
+        url, stop_upstream = f"unix:{tmp_path / 'upstream.sock'}", runner.cleanup
+    config = load_config(None, engine={"kind": "upstream", "upstream_url": url, "models": [{"name": "m", "source": "-"}]})
     engine = UpstreamEngine(config.engine)
     await engine.start()
-    yield script, engine, server
+    yield script, engine, stop_upstream
     await engine.stop()
+    await stop_upstream()
 
 
 async def test_scripted_unary_stream_and_models(scripted) -> None:
@@ -162,7 +169,7 @@ async def test_scripted_abort_closes_the_upstream_stream(scripted) -> None:
 
 
 async def test_scripted_ready_follows_the_upstream(scripted) -> None:
-    _, engine, server = scripted
+    _, engine, stop_upstream = scripted
     assert await engine.poll()
-    await server.close()
+    await stop_upstream()
     assert not await engine.poll() and not engine.ready
