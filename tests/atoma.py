@@ -5,6 +5,8 @@
     lines = run_driver_lines(["chat", "--url", url, "--stream"])
 
 `TEE_NODE_ATOMA_PYTHON` overrides the interpreter (default `<repo>/.venv-atoma/bin/python`).
+Tests that drive the SDK use the `atoma_sdk` fixture: without that venv they fail, never skip
+(`make setup` rebuilds it).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import os
 import subprocess
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 DRIVER = Path(__file__).resolve().parent / "atoma_driver.py"
@@ -26,6 +30,14 @@ class AtomaDriverError(RuntimeError):
 
 def atoma_available() -> bool:
     return Path(ATOMA_PYTHON).exists()
+
+
+@pytest.fixture(scope="session")
+def atoma_sdk() -> str:
+    """The interpreter of the real atoma-sdk's venv; its absence fails the test that needs it."""
+    if not atoma_available():
+        pytest.fail(f"the atoma-sdk venv is missing ({ATOMA_PYTHON}): run `make setup`, which rebuilds it", pytrace=False)
+    return ATOMA_PYTHON
 
 
 def _run(args: list[str], stdin: dict | None, timeout: float) -> list[dict[str, Any]]:

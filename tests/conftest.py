@@ -4,4 +4,5 @@ Import helpers with `from server_support import ...`, not `from conftest import 
 another conftest.py in tests/integration, and in a whole-suite run either can be `conftest`.
 """
 
-from server_support import all_logs, echo_node, make_node, node_client  # noqa: F401  (pytest fixtures)
+from atoma import atoma_sdk  # noqa: F401  (pytest fixtures)
+from server_support import all_logs, echo_node, make_node, node_client  # noqa: F401

@@ -15,13 +15,13 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from atoma import atoma_available, run_driver, run_driver_lines
+from atoma import run_driver, run_driver_lines
 
 from node.envelope import decode_request, open_request, parse_request
 from node.keys import KeyRing, Signer
 from node.protocol import Usage
 
-pytestmark = pytest.mark.skipif(not atoma_available(), reason="atoma-sdk venv (.venv-atoma) is missing")
+pytestmark = pytest.mark.usefixtures("atoma_sdk")
 
 MODEL = "m/x"
 USAGE = Usage.from_openai({"prompt_tokens": 7, "completion_tokens": 3}).model_dump()

@@ -1,19 +1,18 @@
-"""node.protocol's wire models against the seeds (the Atoma API documents in /work/shared/seeds).
+"""node.protocol's wire models against the Atoma API documents (PROTOCOL.md's seeds).
 
-The OpenAPI excerpt (seed 004) is parsed and every schema property is checked by behaviour:
-the model must accept a valid value, refuse the wrong type, honour required/optional,
-null, `minimum: 0` and the int32/int64 range. The markdown seeds' field tables are checked too.
+The facts checked are written here, taken from the seeds once: the OpenAPI excerpt's schemas
+(seed 004: types, formats, `minimum`, required and nullable properties), the markdown field
+tables of seeds 000 (response) and 002 (request), and seed 003's example response. Every
+schema property is checked by behaviour: the model must accept a valid value, refuse the wrong
+type, honour required/optional, null, `minimum: 0` and the int32/int64 range.
 """
 
 from __future__ import annotations
 
 import copy
-import re
-from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from pydantic import BaseModel, ValidationError
 
 from node import protocol
@@ -25,27 +24,96 @@ from node.protocol import (
     Usage,
 )
 
-SEEDS = Path("/work/shared/seeds")
-if not SEEDS.exists():  # the seeds also travel with the repo's docs in some checkouts
-    SEEDS = Path(__file__).resolve().parent.parent / "docs" / "seeds"
-pytestmark = pytest.mark.skipif(not SEEDS.exists(), reason="seeds not available")
-
 # Additions of this node (PROTOCOL.md parts B and C) that the seeds do not have.
 ADDITIONS = {"ConfidentialComputeResponse": {"receipt"}, "ConfidentialComputeRequest": {"kem_ciphertext"}}
 
+_COUNT32 = {"type": "integer", "format": "int32", "minimum": 0}
+_TEXT = {"type": "string"}
 
-def _seed(prefix: str) -> str:
-    return next(SEEDS.glob(f"{prefix}_*.txt")).read_text()
-
-
-def openapi_schemas() -> dict[str, Any]:
-    text = _seed("004")
-    block = re.search(r"````yaml[^\n]*\n(.*?)````", text, re.S).group(1)
-    return yaml.safe_load(block)["components"]["schemas"]
-
-
-SCHEMAS = openapi_schemas() if SEEDS.exists() else {}
+# Seed 004 (the OpenAPI excerpt), components.schemas without descriptions and examples.
+SCHEMAS: dict[str, dict[str, Any]] = {
+    "ConfidentialComputeRequest": {
+        "required": ["ciphertext", "stack_small_id", "nonce", "salt", "client_dh_public_key",
+                     "node_dh_public_key", "plaintext_body_hash", "model_name"],
+        "properties": {
+            "ciphertext": _TEXT,
+            "client_dh_public_key": _TEXT,
+            "model_name": _TEXT,
+            "node_dh_public_key": _TEXT,
+            "nonce": _TEXT,
+            "num_compute_units": {"type": ["integer", "null"], "format": "int64", "minimum": 0},
+            "plaintext_body_hash": _TEXT,
+            "salt": _TEXT,
+            "stack_small_id": {"type": "integer", "format": "int64", "minimum": 0},
+            "stream": {"type": ["boolean", "null"]},
+        },
+    },
+    "ConfidentialComputeResponse": {
+        "required": ["ciphertext", "nonce"],
+        "properties": {
+            "ciphertext": _TEXT,
+            "nonce": _TEXT,
+            "response_hash": {"type": ["string", "null"]},
+            "signature": {"type": ["string", "null"]},
+            "usage": {"oneOf": [{"type": "null"}, {"$ref": "#/components/schemas/Usage"}]},
+        },
+    },
+    "Usage": {
+        "required": ["prompt_tokens", "completion_tokens", "total_tokens", "completion_tokens_details",
+                     "prompt_tokens_details"],
+        "properties": {
+            "completion_tokens": _COUNT32,
+            "completion_tokens_details": {"$ref": "#/components/schemas/CompletionTokensDetails"},
+            "prompt_tokens": _COUNT32,
+            "prompt_tokens_details": {"$ref": "#/components/schemas/PromptTokensDetails"},
+            "total_tokens": _COUNT32,
+        },
+    },
+    "CompletionTokensDetails": {
+        "required": ["accepted_prediction_tokens", "audio_tokens", "reasoning_tokens", "rejected_prediction_tokens"],
+        "properties": {
+            "accepted_prediction_tokens": _COUNT32,
+            "audio_tokens": _COUNT32,
+            "reasoning_tokens": _COUNT32,
+            "rejected_prediction_tokens": _COUNT32,
+        },
+    },
+    "PromptTokensDetails": {
+        "required": ["audio_tokens", "cached_tokens"],
+        "properties": {"audio_tokens": _COUNT32, "cached_tokens": _COUNT32},
+    },
+}
 MODELS: dict[str, type[BaseModel]] = {name: getattr(protocol, name) for name in SCHEMAS}
+
+# The markdown field tables (camelCase names in snake_case): name -> required.
+RESPONSE_TABLE = {"ciphertext": True, "nonce": True, "response_hash": False, "signature": False, "usage": False}  # seed 000
+REQUEST_TABLE = {  # seed 002
+    "ciphertext": True, "client_dh_public_key": True, "model_name": True, "node_dh_public_key": True, "nonce": True,
+    "num_compute_units": False, "plaintext_body_hash": True, "salt": True, "stack_small_id": True, "stream": False,
+}
+
+# Seed 003's example response body, exactly.
+EXAMPLE_RESPONSE = """{
+  "ciphertext": "<string>",
+  "nonce": "<string>",
+  "response_hash": "<string>",
+  "signature": "<string>",
+  "usage": {
+    "completion_tokens": 10,
+    "completion_tokens_details": {
+      "accepted_prediction_tokens": 10,
+      "audio_tokens": 0,
+      "reasoning_tokens": 10,
+      "rejected_prediction_tokens": 0
+    },
+    "prompt_tokens": 10,
+    "prompt_tokens_details": {
+      "audio_tokens": 0,
+      "cached_tokens": 10
+    },
+    "total_tokens": 20
+  }
+}"""
 
 
 def _ref(schema: dict) -> str | None:
@@ -139,29 +207,15 @@ def test_extra_fields_ignored():
     assert "unknown" not in ConfidentialComputeRequest.model_validate(data).model_dump()
 
 
-def _markdown_fields(prefix: str) -> dict[str, bool]:
-    """`name -> required` from a seed's markdown field table (camelCase turned to snake_case)."""
-    out = {}
-    for line in _seed(prefix).splitlines():
-        m = re.match(r"\|\s*`(\w+)`\s*\|[^|]*\|\s*(:heavy_check_mark:|:heavy_minus_sign:)", line)
-        if m:
-            out[re.sub(r"(?<!^)([A-Z])", r"_\1", m.group(1)).lower()] = m.group(2) == ":heavy_check_mark:"
-    return out
-
-
-@pytest.mark.parametrize(("prefix", "model"), [("000", ConfidentialComputeResponse), ("002", ConfidentialComputeRequest)])
-def test_markdown_seed_tables(prefix, model):
-    fields = _markdown_fields(prefix)
-    assert fields, "no field table found"
-    for name, required in fields.items():
+@pytest.mark.parametrize(("table", "model"), [(RESPONSE_TABLE, ConfidentialComputeResponse), (REQUEST_TABLE, ConfidentialComputeRequest)])
+def test_markdown_seed_tables(table, model):
+    assert set(model.model_fields) == set(table) | ADDITIONS.get(model.__name__, set())
+    for name, required in table.items():
         assert model.model_fields[name].is_required() is required, name
 
 
 def test_seed_example_response_parses():
-    text = _seed("003")
-    example = re.search(r"\n\{\n.*?\n\}\n", text, re.S).group(0)
-
-    response = ConfidentialComputeResponse.model_validate_json(example)
+    response = ConfidentialComputeResponse.model_validate_json(EXAMPLE_RESPONSE)
     assert response.usage.total_tokens == 20
     assert response.usage.completion_tokens_details.reasoning_tokens == 10
     assert response.receipt is None

@@ -9,10 +9,10 @@ import hashlib
 import json
 
 import pytest
-from atoma import atoma_available, run_driver, run_driver_lines
+from atoma import run_driver, run_driver_lines
 from server_support import SDK_MODEL, spawn_node
 
-pytestmark = pytest.mark.skipif(not atoma_available(), reason="atoma-sdk venv (.venv-atoma) is missing")
+pytestmark = pytest.mark.usefixtures("atoma_sdk")
 
 PROMPT = "Confidential llamas graze quietly on Héllo hills"
 

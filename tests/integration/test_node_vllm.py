@@ -17,11 +17,11 @@ import pytest
 from integration_support import CHAT_MODEL, EMBED_MODEL, QUESTION  # type: ignore[import-not-found]
 from node.crypto import b64d
 from node.envelope import seal_request
-from tests.atoma import atoma_available, run_driver, run_driver_lines
+from tests.atoma import run_driver, run_driver_lines
 
 pytestmark = pytest.mark.integration
 
-needs_sdk = pytest.mark.skipif(not atoma_available(), reason="atoma-sdk venv missing (make setup)")
+needs_sdk = pytest.mark.usefixtures("atoma_sdk")  # fails, never skips, without .venv-atoma
 
 
 def sdk_chat(url: str, *flags: str) -> dict | list[dict]:

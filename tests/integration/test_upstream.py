@@ -15,7 +15,7 @@ from integration_support import BIN, CHAT_MODEL, QUESTION, Proc, clean_env, free
 from node.config import load_config
 from node.engine.upstream import UpstreamEngine
 from node.errors import EngineBadRequest, EngineError, ModelNotFound
-from tests.atoma import atoma_available, run_driver, run_driver_lines
+from tests.atoma import run_driver, run_driver_lines
 
 pytestmark = pytest.mark.integration
 
@@ -52,7 +52,7 @@ def test_models_come_from_the_upstream(upstream_node: str) -> None:
         assert [m["id"] for m in json.loads(response.read())["data"]] == [CHAT_MODEL]
 
 
-@pytest.mark.skipif(not atoma_available(), reason="atoma-sdk venv missing (make setup)")
+@pytest.mark.usefixtures("atoma_sdk")
 @pytest.mark.parametrize("flags", [[], ["--stream"], ["--stream", "--async"]], ids=["unary", "stream", "stream-async"])
 def test_sdk_chat_through_the_upstream(upstream_node: str, flags: list[str]) -> None:
     args = ["chat", "--url", upstream_node, "--model", CHAT_MODEL, "--prompt", QUESTION, "--max-tokens", "24", "--temperature", "0", *flags]
