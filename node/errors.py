@@ -1,11 +1,15 @@
-"""Exception types of the node, one per row of PROTOCOL.md's error table, and the client's.
+"""Exception types of the node, one per row of the error table (`node.wire.ERROR_TABLE`), and
+the client's verification errors.
 
 Messages are fixed, safe texts: they never carry plaintext, key material or ciphertext, so
-an exception can be logged or sent back as is. The server's error middleware maps
-`NodeError.status`/`code` to the wire.
+an exception can be logged or sent back as is. A class declared with `code=` takes its status,
+code and message from its table row; subclasses refine the message. The server's error
+middleware maps `NodeError.status`/`code` to the wire.
 """
 
 from __future__ import annotations
+
+from .wire import ERRORS, ErrorKind, declared_by_code
 
 
 class TeeNodeError(Exception):
@@ -21,20 +25,31 @@ class TeeNodeError(Exception):
         return str(self)
 
 
+_DECLARED: dict[str, type[NodeError]] = {}
+
+
 class NodeError(TeeNodeError):
     """An error answered to a client with a status and a code from the error table."""
 
-    status = 500
-    code = "INTERNAL_ERROR"
-    message = "internal error"
+    kind: ErrorKind = ERRORS["INTERNAL_ERROR"]
+    status = kind.status
+    code = kind.code
+    message = kind.message
+
+    def __init_subclass__(cls, code: str | None = None, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if code is not None:
+            cls.kind = ERRORS[code]
+            cls.status, cls.code, cls.message = cls.kind.status, cls.kind.code, cls.kind.message
+            _DECLARED[code] = cls
 
     def extra(self) -> dict:
         """Additional fields for the error object (only public values)."""
         return {}
 
 
-class InvalidBody(NodeError):
-    status, code, message = 400, "INVALID_BODY", "invalid request body"
+class InvalidBody(NodeError, code="INVALID_BODY"):
+    pass
 
 
 class MalformedJson(InvalidBody):
@@ -57,37 +72,35 @@ class InvalidPlaintext(InvalidBody):
     message = "decrypted body is not a valid request for this endpoint"
 
 
-class Unauthorized(NodeError):
-    status, code, message = 401, "UNAUTHORIZED", "missing or unknown bearer token"
+class Unauthorized(NodeError, code="UNAUTHORIZED"):
+    pass
 
 
-class InvalidSignature(NodeError):
-    status, code, message = 401, "INVALID_SIGNATURE", "missing or invalid X-Signature"
+class InvalidSignature(NodeError, code="INVALID_SIGNATURE"):
+    pass
 
 
-class DecryptionFailed(NodeError):
-    status, code, message = 400, "DECRYPTION_FAILED", "decryption failed"
+class DecryptionFailed(NodeError, code="DECRYPTION_FAILED"):
+    pass
 
 
-class HashMismatch(NodeError):
-    status, code, message = 400, "HASH_MISMATCH", "plaintext_body_hash does not match"
+class HashMismatch(NodeError, code="HASH_MISMATCH"):
+    pass
 
 
-class ModelNotFound(NodeError):
-    status, code, message = 404, "MODEL_NOT_FOUND", "model not found"
+class ModelNotFound(NodeError, code="MODEL_NOT_FOUND"):
+    pass
 
 
-class BodyTooLarge(NodeError):
-    status, code, message = 413, "BODY_TOO_LARGE", "request body too large"
+class BodyTooLarge(NodeError, code="BODY_TOO_LARGE"):
+    pass
 
 
-class ReplayedRequest(NodeError):
-    status, code, message = 409, "REPLAYED_REQUEST", "request was already seen"
+class ReplayedRequest(NodeError, code="REPLAYED_REQUEST"):
+    pass
 
 
-class StaleNodeKey(NodeError):
-    status, code, message = 422, "STALE_NODE_KEY", "node_dh_public_key is not a live key"
-
+class StaleNodeKey(NodeError, code="STALE_NODE_KEY"):
     def __init__(self, current_public_key_b64: str, key_epoch: int, kem_public_key_b64: str) -> None:
         super().__init__()
         self.current_public_key_b64 = current_public_key_b64
@@ -102,23 +115,29 @@ class StaleNodeKey(NodeError):
         }
 
 
-class Overloaded(NodeError):
-    status, code, message = 429, "OVERLOADED", "too many requests in flight"
-
+class Overloaded(NodeError, code="OVERLOADED"):
     def __init__(self, retry_after: int = 1) -> None:
         super().__init__()
         self.retry_after = retry_after
 
 
-class NotReady(NodeError):
-    status, code, message = 503, "NOT_READY", "engine not ready"
+class NotReady(NodeError, code="NOT_READY"):
+    pass
 
 
-class InternalError(NodeError):
-    status, code, message = 500, "INTERNAL_ERROR", "internal error"
+class InternalError(NodeError, code="INTERNAL_ERROR"):
+    pass
 
 
-class EngineError(NodeError):
+class NotFound(NodeError, code="NOT_FOUND"):
+    pass
+
+
+class MethodNotAllowed(NodeError, code="METHOD_NOT_ALLOWED"):
+    pass
+
+
+class EngineError(InternalError):
     """The engine failed while serving a request; answered as INTERNAL_ERROR with no detail."""
 
 
@@ -128,20 +147,8 @@ class EngineBadRequest(InvalidBody):
     message = "request parameters were refused by the engine"
 
 
-NODE_ERRORS: tuple[type[NodeError], ...] = (
-    InvalidBody,
-    Unauthorized,
-    InvalidSignature,
-    DecryptionFailed,
-    HashMismatch,
-    ModelNotFound,
-    BodyTooLarge,
-    ReplayedRequest,
-    StaleNodeKey,
-    Overloaded,
-    NotReady,
-    InternalError,
-)
+# One class per row of the error table, in its order (importing fails while a row has none).
+NODE_ERRORS: tuple[type[NodeError], ...] = tuple(declared_by_code(_DECLARED, "node").values())
 
 
 # Client side: what a client finds wrong with a node's answer.

@@ -1,15 +1,163 @@
-"""Wire encodings shared by the node, the client and the attestation verifier.
+"""Wire encodings shared by the node, the client, the engines and the attestation verifier.
 
-PROTOCOL.md's canonical JSON lives here once: receipts, the report_data binding of GPU
-evidence and the config digest all hash it.
+Each lives here once:
+- canonical JSON (PROTOCOL.md part B): receipts, the report_data binding of GPU evidence and
+  the config digest all hash it;
+- server-sent events: `sse_event` writes one, `SSEDecoder` reads them (the client reading the
+  node, the engines reading vLLM and an upstream server);
+- the error table (`ERROR_TABLE`): every error code the node answers, from which the node's
+  exceptions (`node.errors`), the client's (`node.client.errors`) and the OpenAPI error
+  responses (`node.server.openapi`) are made.
+
+Adding an error code: add an `ErrorKind` row to `ERROR_TABLE`, then declare its exception on
+both sides with the code, `class NewThing(NodeError, code="NEW_THING")` in node/errors.py and
+`class NewThingError(NodeAPIError, code="NEW_THING")` in node/client/errors.py (importing
+either module fails while a row lacks its class); the OpenAPI document lists it by itself.
+A code of PROTOCOL.md's table keeps its status there.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 
 def canonical_json(obj: Any) -> bytes:
     """Sorted keys, no spaces, raw UTF-8 (PROTOCOL.md part B, "Canonical JSON")."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+# --- server-sent events --------------------------------------------------------------------------
+
+SSE_KEEPALIVE = b": keep-alive\n\n"
+SSE_DONE = b"[DONE]"  # the OpenAI end marker (plain routes and engines; never on confidential routes)
+MAX_EVENT_BYTES = 16 * 1024 * 1024
+
+
+def sse_event(data: bytes) -> bytes:
+    """One event carrying `data` (a single line: compact JSON has no line breaks)."""
+    return b"data: " + data + b"\n\n"
+
+
+class EventTooLarge(ValueError):
+    """An event grew past the decoder's limit without ending."""
+
+
+class SSEDecoder:
+    """Server-sent events from byte chunks, as the event-stream format defines them: lines end
+    in LF, CRLF or CR (also when split across chunks), a blank line ends an event, an event's
+    `data` lines are joined with LF, comments and other fields are skipped. Nothing but the
+    data is kept, and an unfinished event larger than `limit` raises EventTooLarge."""
+
+    __slots__ = ("_after_cr", "_buffer", "_limit", "_scanned")
+
+    def __init__(self, limit: int = MAX_EVENT_BYTES) -> None:
+        self._buffer = bytearray()
+        self._after_cr = False  # the last chunk ended in CR: an LF starting the next one ends no line
+        self._limit = limit
+        self._scanned = 0  # where the search for the next blank line resumes
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """The data of every event that `data` completes, in order."""
+        if self._after_cr and data.startswith(b"\n"):
+            data = data[1:]
+        self._after_cr = data.endswith(b"\r")
+        if b"\r" in data:
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        buffer = self._buffer
+        buffer += data
+        events = []
+        start = 0
+        while True:
+            end = buffer.find(b"\n\n", max(start, self._scanned - 1))
+            if end < 0:
+                break
+            self._scanned = 0
+            event = self._data_of(bytes(buffer[start:end]))
+            if event is not None:
+                events.append(event)
+            start = end + 2
+        if start:
+            del buffer[:start]
+        self._scanned = len(buffer)
+        if len(buffer) > self._limit:
+            raise EventTooLarge(f"a server-sent event exceeds {self._limit} bytes")
+        return events
+
+    @staticmethod
+    def _data_of(block: bytes) -> bytes | None:
+        if block.startswith(b"data: ") and b"\n" not in block:  # the usual event: one data line
+            return block[6:]
+        lines = [line for line in block.split(b"\n") if line == b"data" or line.startswith(b"data:")]
+        if not lines:
+            return None  # comments only, or other fields
+        return b"\n".join(line[5:].removeprefix(b" ") for line in lines)
+
+    @property
+    def pending(self) -> bool:
+        """Bytes of an unfinished event are left (the stream was cut mid-event)."""
+        return bool(bytes(self._buffer).strip())
+
+
+# --- the error table -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ErrorKind:
+    """One error the node answers: `{"error": {"code": code, "message": ...}}` with `status`."""
+
+    code: str
+    status: int
+    when: str  # when the node answers it (PROTOCOL.md's "case"; the OpenAPI descriptions)
+    message: str  # the node's message: a fixed text, so no input can ever reach it
+    client_message: str  # what the client's exception says
+    retry_after: bool = False  # the answer carries Retry-After
+    routing: bool = False  # answered by the router (no such path or method), not by an operation
+
+
+ERROR_TABLE: tuple[ErrorKind, ...] = (
+    ErrorKind(
+        "INVALID_BODY", 400,
+        "outer JSON malformed, a field missing or of the wrong type, bad base64, a wrong decoded length; "
+        "or the decrypted plaintext is not a valid request for the endpoint",
+        "invalid request body", "the node refused the request body",
+    ),
+    ErrorKind("UNAUTHORIZED", 401, "missing or unknown bearer token",
+              "missing or unknown bearer token", "missing or unknown API key"),
+    ErrorKind("INVALID_SIGNATURE", 401, "X-Signature required and missing or invalid",
+              "missing or invalid X-Signature", "missing or invalid X-Signature"),
+    ErrorKind("DECRYPTION_FAILED", 400, "decryption fails (tampered ciphertext, tag, nonce, salt or client key)",
+              "decryption failed", "the node could not decrypt the request"),
+    ErrorKind("HASH_MISMATCH", 400, "BLAKE2b of the plaintext differs from plaintext_body_hash",
+              "plaintext_body_hash does not match", "the node found another plaintext hash"),
+    ErrorKind("MODEL_NOT_FOUND", 404, "model unknown, or model_name differs from the plaintext's model",
+              "model not found", "model not found"),
+    ErrorKind("BODY_TOO_LARGE", 413, "request body over the size limit",
+              "request body too large", "request body too large"),
+    ErrorKind("REPLAYED_REQUEST", 409, "the same (client key, salt, nonce) seen before under a live key",
+              "request was already seen", "the node saw this request before"),
+    ErrorKind(
+        "STALE_NODE_KEY", 422,
+        "node_dh_public_key is not a live key (rotated away or never ours); the body also carries the current "
+        "X25519 and ML-KEM-768 keys",
+        "node_dh_public_key is not a live key", "the node's key was rotated",
+    ),
+    ErrorKind("OVERLOADED", 429, "admission or rate limit reached; Retry-After says when to come back",
+              "too many requests: come back after Retry-After seconds", "the node is overloaded",
+              retry_after=True),
+    ErrorKind("NOT_READY", 503, "engine not ready", "engine not ready", "the node's engine is not ready"),
+    ErrorKind("INTERNAL_ERROR", 500, "anything else (no detail)", "internal error", "the node failed"),
+    ErrorKind("NOT_FOUND", 404, "no such path", "not found", "the node has no such path", routing=True),
+    ErrorKind("METHOD_NOT_ALLOWED", 405, "the path does not take this method",
+              "method not allowed", "the path does not take this method", routing=True),
+)
+ERRORS: dict[str, ErrorKind] = {kind.code: kind for kind in ERROR_TABLE}
+
+
+def declared_by_code(declared: dict[str, type], side: str) -> dict[str, type]:
+    """`declared` (code -> exception class) in table order, once every row has its class."""
+    missing = [kind.code for kind in ERROR_TABLE if kind.code not in declared]
+    if missing:
+        raise TypeError(f"error table rows without {side} exception: {', '.join(missing)}")
+    return {kind.code: declared[kind.code] for kind in ERROR_TABLE}

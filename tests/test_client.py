@@ -602,35 +602,3 @@ async def test_attestation_rate_limit_backoff_is_bounded(start_node):
         assert waits == [min(info.value.retry_after, 5)]
         assert client.attestation is None
     assert node.confidential_requests() == 0
-
-
-# --- SSE framing ---------------------------------------------------------------------------------
-
-
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from node.client._async import _SSEParser  # noqa: E402
-
-
-@settings(max_examples=100, deadline=None)
-@given(
-    events=st.lists(
-        # SSE data is UTF-8 text: no lone surrogates, no line breaks inside one data line.
-        st.text(alphabet=st.characters(blacklist_characters="\r\n", blacklist_categories=("Cs",)), max_size=40),
-        min_size=1,
-        max_size=6,
-    ),
-    cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=8),
-    crlf=st.booleans(),
-)
-def test_sse_parser_is_independent_of_read_boundaries(events, cuts, crlf):
-    newline = b"\r\n" if crlf else b"\n"
-    raw = b"".join(b": keep-alive" + newline * 2 + b"data: " + e.encode() + newline * 2 for e in events)
-    parser = _SSEParser()
-    got: list[str] = []
-    start = 0
-    for cut in sorted(c for c in cuts if c < len(raw)) + [len(raw)]:
-        got += parser.feed(raw[start:cut])
-        start = cut
-    assert got == events and not parser.pending

@@ -1,4 +1,5 @@
-"""The client's exceptions: one class per node error code, and what the client itself refuses.
+"""The client's exceptions: one class per row of the error table (`node.wire.ERROR_TABLE`,
+status, code and message from the row), and what the client itself refuses.
 
 Every message is a fixed text plus public values (HTTP status, error code, request id): never
 plaintext, key material or ciphertext. The node's own message text is kept, shortened and
@@ -17,7 +18,9 @@ unprinted, in `.server_message`.
     │   ├── StaleNodeKeyError         422 STALE_NODE_KEY (.key_epoch)
     │   ├── OverloadedError           429 OVERLOADED (.retry_after)
     │   ├── NotReadyError             503 NOT_READY
-    │   └── InternalServerError       500 INTERNAL_ERROR
+    │   ├── InternalServerError       500 INTERNAL_ERROR
+    │   ├── NotFoundError             404 NOT_FOUND (no such path: not a tee-node?)
+    │   └── MethodNotAllowedError     405 METHOD_NOT_ALLOWED
     ├── APIConnectionError / APITimeoutError
     └── VerificationError (node.errors: ResponseDecryptionFailed, ResponseHashMismatch,
         BadSignature, MissingField, ReceiptInvalid > TranscriptMismatch, MissingReceipt,
@@ -33,9 +36,13 @@ import re
 from typing import Any
 
 from ..errors import ReceiptInvalid, TeeNodeError, TranscriptMismatch, VerificationError
+from ..wire import ERRORS, declared_by_code
 
 _CODE = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+_DECLARED: dict[str, type[NodeAPIError]] = {}
 
 
 class NodeAPIError(TeeNodeError):
@@ -44,6 +51,13 @@ class NodeAPIError(TeeNodeError):
     status = 0
     code = "UNKNOWN"
     message = "node error"
+
+    def __init_subclass__(cls, code: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if code is not None:
+            kind = ERRORS[code]
+            cls.status, cls.code, cls.message = kind.status, kind.code, kind.client_message
+            _DECLARED[code] = cls
 
     def __init__(
         self,
@@ -67,84 +81,75 @@ class NodeAPIError(TeeNodeError):
         super().__init__(text)
 
 
-class InvalidBodyError(NodeAPIError):
-    status, code, message = 400, "INVALID_BODY", "the node refused the request body"
+class InvalidBodyError(NodeAPIError, code="INVALID_BODY"):
+    pass
 
 
-class UnauthorizedError(NodeAPIError):
-    status, code, message = 401, "UNAUTHORIZED", "missing or unknown API key"
+class UnauthorizedError(NodeAPIError, code="UNAUTHORIZED"):
+    pass
 
 
-class InvalidSignatureError(NodeAPIError):
-    status, code, message = 401, "INVALID_SIGNATURE", "missing or invalid X-Signature"
+class InvalidSignatureError(NodeAPIError, code="INVALID_SIGNATURE"):
+    pass
 
 
-class DecryptionFailedError(NodeAPIError):
-    status, code, message = 400, "DECRYPTION_FAILED", "the node could not decrypt the request"
+class DecryptionFailedError(NodeAPIError, code="DECRYPTION_FAILED"):
+    pass
 
 
-class HashMismatchError(NodeAPIError):
-    status, code, message = 400, "HASH_MISMATCH", "the node found another plaintext hash"
+class HashMismatchError(NodeAPIError, code="HASH_MISMATCH"):
+    pass
 
 
-class ModelNotFoundError(NodeAPIError):
-    status, code, message = 404, "MODEL_NOT_FOUND", "model not found"
+class ModelNotFoundError(NodeAPIError, code="MODEL_NOT_FOUND"):
+    pass
 
 
-class BodyTooLargeError(NodeAPIError):
-    status, code, message = 413, "BODY_TOO_LARGE", "request body too large"
+class BodyTooLargeError(NodeAPIError, code="BODY_TOO_LARGE"):
+    pass
 
 
-class ReplayedRequestError(NodeAPIError):
-    status, code, message = 409, "REPLAYED_REQUEST", "the node saw this request before"
+class ReplayedRequestError(NodeAPIError, code="REPLAYED_REQUEST"):
+    pass
 
 
-class StaleNodeKeyError(NodeAPIError):
-    status, code, message = 422, "STALE_NODE_KEY", "the node's key was rotated"
-
+class StaleNodeKeyError(NodeAPIError, code="STALE_NODE_KEY"):
     @property
     def key_epoch(self) -> int | None:
         epoch = self.body.get("key_epoch")
         return epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None
 
 
-class OverloadedError(NodeAPIError):
-    status, code, message = 429, "OVERLOADED", "the node is overloaded"
+class _Retryable(NodeAPIError):
+    """An error the client retries after Retry-After (when the node sent one)."""
 
     def __init__(self, *, retry_after: float | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.retry_after = retry_after
 
 
-class NotReadyError(NodeAPIError):
-    status, code, message = 503, "NOT_READY", "the node's engine is not ready"
-
-    def __init__(self, *, retry_after: float | None = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.retry_after = retry_after
+class OverloadedError(_Retryable, code="OVERLOADED"):
+    pass
 
 
-class InternalServerError(NodeAPIError):
-    status, code, message = 500, "INTERNAL_ERROR", "the node failed"
+class NotReadyError(_Retryable, code="NOT_READY"):
+    pass
 
 
-ERRORS_BY_CODE: dict[str, type[NodeAPIError]] = {
-    cls.code: cls
-    for cls in (
-        InvalidBodyError,
-        UnauthorizedError,
-        InvalidSignatureError,
-        DecryptionFailedError,
-        HashMismatchError,
-        ModelNotFoundError,
-        BodyTooLargeError,
-        ReplayedRequestError,
-        StaleNodeKeyError,
-        OverloadedError,
-        NotReadyError,
-        InternalServerError,
-    )
-}
+class InternalServerError(NodeAPIError, code="INTERNAL_ERROR"):
+    pass
+
+
+class NotFoundError(NodeAPIError, code="NOT_FOUND"):
+    pass
+
+
+class MethodNotAllowedError(NodeAPIError, code="METHOD_NOT_ALLOWED"):
+    pass
+
+
+# One class per row of the error table (importing fails while a row has none).
+ERRORS_BY_CODE: dict[str, type[NodeAPIError]] = declared_by_code(_DECLARED, "client")
 
 
 def error_from_body(
@@ -168,7 +173,7 @@ def error_from_body(
         kwargs["status"] = status
     if cls is NodeAPIError:
         kwargs["code"] = code or "UNKNOWN"
-    if cls in (OverloadedError, NotReadyError):
+    if issubclass(cls, _Retryable):
         kwargs["retry_after"] = retry_after
     return cls(**kwargs)
 
@@ -209,8 +214,10 @@ __all__ = [
     "InvalidBodyError",
     "InvalidSignatureError",
     "MalformedEvent",
+    "MethodNotAllowedError",
     "ModelNotFoundError",
     "NodeAPIError",
+    "NotFoundError",
     "NotReadyError",
     "OverloadedError",
     "ReplayedRequestError",

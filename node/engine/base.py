@@ -38,6 +38,13 @@ def raise_for_engine_status(status: int) -> None:
     raise EngineError()
 
 
+def raise_for_engine_error(event: dict[str, Any]) -> None:
+    """An OpenAI error event inside a stream (`{"error": {"code": <status>, ...}}`) as the node's error."""
+    error = event["error"]
+    code = error.get("code") if isinstance(error, dict) else None
+    raise_for_engine_status(code if isinstance(code, int) else 500)
+
+
 @dataclass(frozen=True)
 class ModelCard:
     """One served model, as listed by GET /v1/models."""

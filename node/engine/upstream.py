@@ -21,8 +21,9 @@ import aiohttp
 import orjson
 
 from node.config import UNIX_SOCKET_PREFIX, EngineConfig
-from node.engine.base import ALL_TASKS, TASKS_OF, Chunk, ModelCard, Task, raise_for_engine_status
+from node.engine.base import ALL_TASKS, TASKS_OF, Chunk, ModelCard, Task, raise_for_engine_error, raise_for_engine_status
 from node.errors import EngineError, ModelNotFound, NotReady
+from node.wire import SSE_DONE, EventTooLarge, SSEDecoder
 
 log = logging.getLogger(__name__)
 
@@ -172,22 +173,19 @@ class UpstreamEngine:
         return self._stream(response, request_id)
 
     async def _stream(self, response: aiohttp.ClientResponse, request_id: str) -> AsyncIterator[Chunk]:
-        """SSE `data:` lines as chunk dicts; leaving early closes the upstream connection, which
-        makes the upstream abort the request."""
+        """The upstream's server-sent events as chunk dicts; leaving early closes the upstream
+        connection, which makes the upstream abort the request."""
+        decoder = SSEDecoder()
         try:
-            async for raw in response.content:
-                line = raw.strip()
-                if not line.startswith(b"data:"):
-                    continue
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    return
-                chunk = orjson.loads(data)
-                if "error" in chunk and "choices" not in chunk:
-                    code = chunk["error"].get("code") if isinstance(chunk["error"], dict) else None
-                    raise_for_engine_status(code if isinstance(code, int) else 500)
-                yield chunk
-        except (aiohttp.ClientError, asyncio.TimeoutError, orjson.JSONDecodeError):
+            async for raw in response.content.iter_any():
+                for data in decoder.feed(raw):
+                    if data == SSE_DONE:
+                        return
+                    chunk = orjson.loads(data)
+                    if "error" in chunk and "choices" not in chunk:
+                        raise_for_engine_error(chunk)
+                    yield chunk
+        except (aiohttp.ClientError, asyncio.TimeoutError, orjson.JSONDecodeError, EventTooLarge):
             if request_id in self._aborted:
                 return  # abort() closed the connection: the stream just ends
             raise EngineError() from None

@@ -26,9 +26,10 @@ import orjson
 from pydantic import ValidationError
 
 from node.config import EngineConfig, ModelConfig
-from node.engine.base import TASKS_OF, Chunk, ModelCard, Task, raise_for_engine_status
+from node.engine.base import TASKS_OF, Chunk, ModelCard, Task, raise_for_engine_error, raise_for_engine_status
 from node.errors import EngineBadRequest, EngineError, ModelNotFound, NotReady
 from node.models import prepare_model, weights_sha256
+from node.wire import SSE_DONE, SSEDecoder
 
 log = logging.getLogger(__name__)
 
@@ -313,19 +314,16 @@ class VllmEngine:
     async def _stream(self, served: _Served, sse: Any, request_id: str) -> AsyncIterator[Chunk]:
         """vLLM's SSE strings as chunk dicts. Leaving early (client gone, aclose()) frees the slot."""
         finished = False
+        decoder = SSEDecoder()
         try:
             async for text in sse:
-                for line in text.splitlines():
-                    if not line.startswith("data: "):
-                        continue
-                    data = line[6:]
-                    if data.strip() == "[DONE]":
+                for data in decoder.feed(text.encode()):
+                    if data == SSE_DONE:
                         finished = True
                         continue
                     chunk = orjson.loads(data)
                     if "error" in chunk and "choices" not in chunk:
-                        code = chunk["error"].get("code") if isinstance(chunk["error"], dict) else None
-                        raise_for_engine_status(code if isinstance(code, int) else 500)
+                        raise_for_engine_error(chunk)
                     yield chunk
         finally:
             running = self._running.pop(request_id, None)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import orjson
 from aiohttp import web
 
-from ..errors import BodyTooLarge, InternalError, NodeError, Overloaded
+from ..errors import NODE_ERRORS, BodyTooLarge, InternalError, InvalidBody, NodeError, Overloaded
 from .state import NODE
 
 log = logging.getLogger("tee_node.access")
@@ -54,12 +54,12 @@ def error_response(exc: NodeError, request_id: str) -> web.Response:
     return web.Response(status=exc.status, body=orjson.dumps(body), content_type="application/json", headers=headers)
 
 
+# aiohttp's own refusals (no such route, method or a broken request line) by status.
+_HTTP_ERRORS = {cls.status: cls for cls in NODE_ERRORS if cls.kind.routing}
+
+
 def _http_error(exc: web.HTTPException, request_id: str) -> web.Response:
-    code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(exc.status, "INVALID_BODY")
-    body = {"error": {"code": code, "message": exc.reason}}
-    return web.Response(
-        status=exc.status, body=orjson.dumps(body), content_type="application/json", headers={"X-Request-Id": request_id}
-    )
+    return error_response(_HTTP_ERRORS.get(exc.status, InvalidBody)(), request_id)
 
 
 def _where(exc: BaseException) -> str:

@@ -16,30 +16,33 @@ from ..protocol import (
     NodesCreateLockRequest,
     NodesCreateLockResponse,
 )
+from ..wire import ERROR_TABLE, ErrorKind
 
 REF = "#/components/schemas/{model}"
-ERROR_STATUSES = {
-    "400": "INVALID_BODY, DECRYPTION_FAILED or HASH_MISMATCH",
-    "401": "UNAUTHORIZED or INVALID_SIGNATURE",
-    "404": "MODEL_NOT_FOUND",
-    "409": "REPLAYED_REQUEST",
-    "413": "BODY_TOO_LARGE",
-    "422": "STALE_NODE_KEY (the body carries the current X25519 and ML-KEM-768 keys)",
-    "429": "OVERLOADED (with Retry-After)",
-    "503": "NOT_READY",
-    "500": "INTERNAL_ERROR",
-}
+BEARER = [{"bearerAuth": []}]
 
 
 def _ref(name: str) -> dict[str, str]:
     return {"$ref": REF.format(model=name)}
 
 
-def _errors() -> dict[str, Any]:
-    return {
-        status: {"description": text, "content": {"application/json": {"schema": _ref("ErrorBody")}}}
-        for status, text in ERROR_STATUSES.items()
-    }
+def _errors(codes: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """The error table's responses (every error an operation can answer, or those of `codes`),
+    one per status, its description naming each code and when it is answered."""
+    by_status: dict[int, list[ErrorKind]] = {}
+    for kind in ERROR_TABLE:
+        if not kind.routing and (codes is None or kind.code in codes):
+            by_status.setdefault(kind.status, []).append(kind)
+    responses: dict[str, Any] = {}
+    for status, kinds in sorted(by_status.items()):
+        response: dict[str, Any] = {
+            "description": "; ".join(f"{kind.code}: {kind.when}" for kind in kinds),
+            "content": {"application/json": {"schema": _ref("ErrorBody")}},
+        }
+        if any(kind.retry_after for kind in kinds):
+            response["headers"] = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}}
+        responses[str(status)] = response
+    return responses
 
 
 def _confidential_operation(summary: str, streamable: bool) -> dict[str, Any]:
@@ -54,15 +57,17 @@ def _confidential_operation(summary: str, streamable: bool) -> dict[str, Any]:
                 "content": {"application/json": {"schema": _ref("ConfidentialComputeRequest")}},
             },
             "responses": {"200": {"description": summary, "content": content}, **_errors()},
-            "security": [{"bearerAuth": []}],
+            "security": BEARER,
         }
     }
 
 
-def _get(summary: str, content_type: str = "application/json", errors: tuple[str, ...] = ()) -> dict[str, Any]:
-    responses = {"200": {"description": summary, "content": {content_type: {}}}}
-    responses.update({status: _errors()[status] for status in errors})
-    return {"get": {"summary": summary, "responses": responses}}
+def _get(summary: str, content_type: str = "application/json", errors: tuple[str, ...] = (), token: bool = False) -> dict[str, Any]:
+    """A GET operation; with `token`, one that needs a bearer token when tokens are configured."""
+    if token:
+        errors += ("UNAUTHORIZED",)
+    responses = {"200": {"description": summary, "content": {content_type: {}}}, **_errors(errors)}
+    return {"get": {"summary": summary, "responses": responses, **({"security": BEARER} if token else {})}}
 
 
 def openapi_document(config: NodeConfig) -> dict[str, Any]:
@@ -95,13 +100,13 @@ def openapi_document(config: NodeConfig) -> dict[str, Any]:
                     },
                     **_errors(),
                 },
-                "security": [{"bearerAuth": []}],
+                "security": BEARER,
             }
         },
-        "/v1/models": _get("Models served"),
+        "/v1/models": _get("Models served", token=True),
         "/health": _get("Liveness"),
-        "/ready": _get("Readiness: 200 once the engine can serve, else 503", errors=("503",)),
-        "/metrics": _get("Prometheus metrics", "text/plain"),
+        "/ready": _get("Readiness: 200 once the engine can serve, else 503", errors=("NOT_READY",)),
+        "/metrics": _get("Prometheus metrics", "text/plain", token=not config.auth.metrics_public),
         "/v1/attestation": {
             "get": {
                 "summary": "TEE evidence bound to the node's keys, measured config and the caller's nonce (503 NOT_READY until the models are loaded)",

@@ -21,6 +21,7 @@ from .. import envelope
 from ..engine.base import Engine, Task
 from ..errors import (
     BodyTooLarge,
+    InternalError,
     InvalidBody,
     InvalidPlaintext,
     ModelNotFound,
@@ -30,6 +31,7 @@ from ..errors import (
     Unauthorized,
 )
 from ..protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, Usage
+from ..wire import SSE_DONE, SSE_KEEPALIVE, sse_event
 from .coalesce import coalesce
 from .middleware import CONTEXT, RequestContext
 from .state import NODE, NodeState, bearer_token
@@ -37,10 +39,9 @@ from .state import NODE, NodeState, bearer_token
 log = logging.getLogger("tee_node.serving")
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-KEEPALIVE = b": keep-alive\n\n"
 # Engine chunks buffered between the engine and a slow client (then the engine waits).
 STREAM_QUEUE_DEPTH = 64
-ENGINE_FAILED_EVENT = b'data: {"error":{"code":"INTERNAL_ERROR","message":"engine failed"}}\n\n'
+ENGINE_FAILED_EVENT = sse_event(orjson.dumps({"error": {"code": InternalError.code, "message": "engine failed"}}))
 
 
 @dataclass(frozen=True)
@@ -224,11 +225,11 @@ class _PlainEncoder:
         return [_sse(chunk) for chunk in chunks]
 
     def end(self) -> list[bytes]:
-        return [b"data: [DONE]\n\n"]
+        return [sse_event(SSE_DONE)]
 
 
 def _sse(event: dict[str, Any]) -> bytes:
-    return b"data: " + orjson.dumps(event) + b"\n\n"
+    return sse_event(orjson.dumps(event))
 
 
 class _EngineFailed:
@@ -266,7 +267,7 @@ async def _ready_items(queue: asyncio.Queue, keepalive: float, response: web.Str
         try:
             first = await asyncio.wait_for(queue.get(), keepalive)
         except asyncio.TimeoutError:
-            await response.write(KEEPALIVE)
+            await response.write(SSE_KEEPALIVE)
             continue
         return [first, *_drain(queue)]
     return _drain(queue)

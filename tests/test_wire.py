@@ -1,0 +1,120 @@
+"""node.wire: the SSE codec every reader and writer of events uses, and the error table from
+which the node's errors, the client's errors and the OpenAPI error responses are made."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from node.client.errors import ERRORS_BY_CODE, error_from_body
+from node.config import load_config
+from node.errors import NODE_ERRORS, EngineBadRequest, EngineError, MalformedJson
+from node.server.openapi import openapi_document
+from node.wire import ERROR_TABLE, ERRORS, SSE_KEEPALIVE, EventTooLarge, SSEDecoder, sse_event
+
+# PROTOCOL.md's error table, code -> status: these must never change.
+PROTOCOL_ERRORS = {
+    "INVALID_BODY": 400, "UNAUTHORIZED": 401, "INVALID_SIGNATURE": 401, "DECRYPTION_FAILED": 400,
+    "HASH_MISMATCH": 400, "MODEL_NOT_FOUND": 404, "BODY_TOO_LARGE": 413, "REPLAYED_REQUEST": 409,
+    "STALE_NODE_KEY": 422, "OVERLOADED": 429, "NOT_READY": 503, "INTERNAL_ERROR": 500,
+}
+
+
+# --- SSE ----------------------------------------------------------------------------------------
+
+LINE_ENDS = [b"\n", b"\r\n", b"\r"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    events=st.lists(
+        # SSE data is UTF-8 text: no lone surrogates, no line breaks inside one data line.
+        st.text(alphabet=st.characters(blacklist_characters="\r\n", blacklist_categories=("Cs",)), max_size=40),
+        min_size=1,
+        max_size=6,
+    ),
+    cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=8),
+    newline=st.sampled_from(LINE_ENDS),
+)
+def test_decoder_is_independent_of_read_boundaries_and_line_ends(events, cuts, newline):
+    raw = b"".join(b": keep-alive" + newline * 2 + b"data: " + e.encode() + newline * 2 for e in events)
+    decoder = SSEDecoder()
+    got: list[bytes] = []
+    start = 0
+    for cut in sorted(c for c in cuts if c < len(raw)) + [len(raw)]:
+        got += decoder.feed(raw[start:cut])
+        start = cut
+    assert got == [e.encode() for e in events] and not decoder.pending
+
+
+@pytest.mark.parametrize("newline", LINE_ENDS, ids=["LF", "CRLF", "CR"])
+def test_decoder_fields(newline):
+    n = newline
+    raw = (b"data: a" + n + b"data:b" + n + b"data" + n + b"id: 7" + n + n  # three data lines, an id
+           + b"event: x" + n + b": comment" + n + n  # no data: no event
+           + b"data:  two spaces" + n + n)
+    assert SSEDecoder().feed(raw) == [b"a\nb\n", b" two spaces"]
+
+
+def test_decoder_byte_by_byte_crlf_split_and_pending():
+    decoder = SSEDecoder()
+    got = []
+    for byte in b"data: 1\r\n\r\ndata: 2\r":
+        got += decoder.feed(bytes([byte]))
+    assert got == [b"1"] and decoder.pending
+    assert decoder.feed(b"\n\r\n") == [b"2"] and not decoder.pending
+
+
+def test_decoder_limit():
+    decoder = SSEDecoder(limit=64)
+    assert decoder.feed(b"data: " + b"x" * 50 + b"\n\n") == [b"x" * 50]
+    with pytest.raises(EventTooLarge):
+        for _ in range(10):
+            decoder.feed(b"data: " + b"y" * 20)
+
+
+def test_encoder_round_trips():
+    payload = b'{"a":"\xc3\xa9","b":[1,2]}'
+    assert sse_event(payload) == b"data: " + payload + b"\n\n"
+    assert SSEDecoder().feed(SSE_KEEPALIVE + sse_event(payload) + SSE_KEEPALIVE) == [payload]
+
+
+# --- the error table ----------------------------------------------------------------------------
+
+
+def test_protocol_codes_keep_their_status():
+    assert {k.code: k.status for k in ERROR_TABLE if not k.routing} == PROTOCOL_ERRORS
+    assert {k.code: k.status for k in ERROR_TABLE if k.routing} == {"NOT_FOUND": 404, "METHOD_NOT_ALLOWED": 405}
+
+
+def test_both_sides_have_one_class_per_row():
+    assert [cls.code for cls in NODE_ERRORS] == [kind.code for kind in ERROR_TABLE] == list(ERRORS_BY_CODE)
+    for kind, server, client in zip(ERROR_TABLE, NODE_ERRORS, ERRORS_BY_CODE.values()):
+        assert (server.status, server.code, server.message) == (kind.status, kind.code, kind.message)
+        assert (client.status, client.code, client.message) == (kind.status, kind.code, kind.client_message)
+        # What the node answers is what the client turns back into its exception.
+        error = error_from_body(kind.status, {"error": {"code": kind.code, "message": kind.message}})
+        assert type(error) is client and error.server_message == kind.message
+
+
+def test_refinements_keep_their_row():
+    assert (MalformedJson.status, MalformedJson.code) == (400, "INVALID_BODY") and MalformedJson.message != ERRORS["INVALID_BODY"].message
+    assert (EngineBadRequest.status, EngineBadRequest.code) == (400, "INVALID_BODY")
+    assert (EngineError.status, EngineError.code, EngineError().safe_message) == (500, "INTERNAL_ERROR", "internal error")
+
+
+def test_openapi_error_responses_come_from_the_table():
+    doc = openapi_document(load_config(None))
+    responses = doc["paths"]["/v1/confidential/chat/completions"]["post"]["responses"]
+    for kind in ERROR_TABLE:
+        if kind.routing:
+            continue
+        description = responses[str(kind.status)]["description"]
+        assert f"{kind.code}: {kind.when}" in description
+    assert "Retry-After" in responses["429"]["headers"]
+    assert set(responses) == {"200"} | {str(s) for s in PROTOCOL_ERRORS.values()}
+    models = doc["paths"]["/v1/models"]["get"]
+    assert models["security"] == [{"bearerAuth": []}] and set(models["responses"]) == {"200", "401"}
+    public = openapi_document(load_config(None, auth={"metrics_public": True}))["paths"]["/metrics"]["get"]
+    assert "security" not in public and set(public["responses"]) == {"200"}
