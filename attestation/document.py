@@ -13,7 +13,15 @@ from . import binding, sevsnp, tdx
 from .appraisal import Policy, appraise
 from .claims import Claims, GpuClaims
 from .collateral import AmdCollateral
-from .errors import DocumentInvalid, GpuEvidenceInvalid, NonceMismatch, ParseError, PolicyRefused, ReportDataMismatch
+from .errors import (
+    DocumentInvalid,
+    GpuEvidenceInvalid,
+    NonceMismatch,
+    ParseError,
+    PolicyRefused,
+    ReportDataMismatch,
+    TlsCertificateMismatch,
+)
 from .evidence import FORMAT_NVIDIA, FORMAT_SNP, FORMAT_TDX, GpuProvider, TeeProvider
 from .intel import IntelCollateral
 from .nvidia.verify import verify_gpu_report
@@ -211,9 +219,13 @@ def verify_evidence(
     at: datetime | None = None,
     trusted_roots: tuple | None = None,
     gpu_device_roots: tuple | None = None,
+    tls_cert_sha256: bytes | None = None,
 ) -> VerifiedAttestation:
     """Check that the document is authentic: well-formed, bound to our nonce and its keys, evidence
     signed up to a pinned root (or the simulated one), bundled collateral signed and current at `at`.
+
+    `tls_cert_sha256` is the SHA-256 of the certificate the TLS connection that fetched the
+    document presented (None over plain HTTP): the document must bind exactly that one.
 
     Returns the document's contents with its claims (`verify_document` then appraises them).
     """
@@ -235,7 +247,13 @@ def verify_evidence(
     if not hmac.compare_digest(binding.config_digest(measured_config), config_digest):
         raise DocumentInvalid("document measured_config does not hash to its config_digest")
     kem_public_key = _optional(doc, "kem_public_key", lambda d, n: _unb64(d, n, binding.KEM_PUBLIC_KEY_SIZE))
-    tls_cert_sha256 = _optional(doc, "tls_cert_sha256", lambda d, n: _hex(d, n, binding.DIGEST_SIZE))
+    attested_tls = _optional(doc, "tls_cert_sha256", lambda d, n: _hex(d, n, binding.DIGEST_SIZE))
+    if tls_cert_sha256 is not None and not (attested_tls and hmac.compare_digest(attested_tls, tls_cert_sha256)):
+        raise TlsCertificateMismatch(
+            f"the connection presented TLS certificate sha256 {tls_cert_sha256.hex()}, but the attestation "
+            f"binds {attested_tls.hex() if attested_tls else 'no certificate'}: a man-in-the-middle or a TLS "
+            "endpoint outside the TEE answered; nothing was sent to it"
+        )
     collateral = _collateral(doc)
     gpu_entries = _field(doc, "gpu_evidence", list)
     try:
@@ -247,7 +265,7 @@ def verify_evidence(
             config_digest=config_digest,
             gpu_evidence=gpu_entries,
             kem_public_key=kem_public_key,
-            tls_cert_sha256=tls_cert_sha256,
+            tls_cert_sha256=attested_tls,
         )
     except (ValueError, TypeError):
         raise DocumentInvalid("document fields cannot be bound into report_data") from None
@@ -292,7 +310,7 @@ def verify_evidence(
         config_digest=config_digest,
         measured_config=measured_config,
         kem_public_key=kem_public_key,
-        tls_cert_sha256=tls_cert_sha256,
+        tls_cert_sha256=attested_tls,
         collateral=collateral,
         claims=claims,
         gpu_devices=len(gpus),
@@ -309,11 +327,17 @@ def verify_document(
     at: datetime | None = None,
     trusted_roots: tuple | None = None,
     gpu_device_roots: tuple | None = None,
+    tls_cert_sha256: bytes | None = None,
 ) -> VerifiedAttestation:
     """Trust the document's keys only if its evidence is authentic (`verify_evidence`) and the
     policy accepts its claims (`appraise`); raises PolicyRefused naming every failing claim."""
     verified = verify_evidence(
-        doc, expected_nonce=expected_nonce, at=at, trusted_roots=trusted_roots, gpu_device_roots=gpu_device_roots
+        doc,
+        expected_nonce=expected_nonce,
+        at=at,
+        trusted_roots=trusted_roots,
+        gpu_device_roots=gpu_device_roots,
+        tls_cert_sha256=tls_cert_sha256,
     )
     verdict = appraise(verified.claims, policy)
     if not verdict.accepted:

@@ -51,3 +51,7 @@ class GpuEvidenceInvalid(AttestationError):
 
 class AttestationUnavailable(AttestationError):
     """The TEE or GPU attestation device is missing or refused to produce evidence."""
+
+
+class TlsCertificateMismatch(AttestationError):
+    """The TLS certificate the connection presented is not the one the attestation binds."""

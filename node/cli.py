@@ -31,6 +31,8 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         flags.setdefault("engine", {})["models"] = [{"name": args.model, "source": args.model}]
     if getattr(args, "upstream_url", None):
         flags.setdefault("engine", {})["upstream_url"] = args.upstream_url
+    if getattr(args, "tls", False):
+        flags["tls"] = {"enabled": True}
     if not flags:
         return config
     return NodeConfig(**merge_settings(config.model_dump(), flags))
@@ -40,6 +42,7 @@ def _serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from .server import create_app, server_settings
+    from .server.state import NODE
 
     try:
         config = config_from_args(args)
@@ -49,8 +52,15 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"tee-node serve: cannot start: {exc}", file=sys.stderr)
         return EXIT_CANNOT_START
     # The config digest covers the models' weights: it is logged once they are loaded.
+    tls = app[NODE].tls
     logging.getLogger("tee_node").info(
-        "tee-node on http://%s:%d, tee_mode=%s, engine=%s", config.host, config.port, config.tee_mode, config.engine.kind
+        "tee-node on %s://%s:%d, tee_mode=%s, engine=%s%s",
+        "https" if tls else "http",
+        config.host,
+        config.port,
+        config.tee_mode,
+        config.engine.kind,
+        f", tls_cert_sha256={tls.sha256.hex()} (attested)" if tls else "",
     )
     web.run_app(
         app,
@@ -59,6 +69,7 @@ def _serve(args: argparse.Namespace) -> int:
         shutdown_timeout=config.shutdown_grace,
         access_log=None,
         print=None,
+        ssl_context=tls.context if tls else None,
         **server_settings(config),
     )
     return 0
@@ -118,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--engine", choices=["vllm", "upstream", "echo"])
     serve.add_argument("--model", help="a model directory or name to serve instead of the configured ones")
     serve.add_argument("--upstream-url", help="OpenAI-compatible server for --engine upstream")
+    serve.add_argument(
+        "--tls", action="store_true", help="serve attested HTTPS (the default in the real TEE modes; tls.enabled)"
+    )
     serve.set_defaults(func=_serve)
 
     models = commands.add_parser("models", help="model cache").add_subparsers(dest="models_command", required=True)

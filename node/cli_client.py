@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import ssl
 import sys
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, TextIO
 
 EXIT_OK = 0
@@ -20,7 +22,9 @@ EXIT_FAILED = 1
 def _add_common(parser: argparse.ArgumentParser) -> None:
     from attestation.cli import add_policy_arguments
 
-    parser.add_argument("url", help="the node's base URL, e.g. http://127.0.0.1:8080")
+    parser.add_argument(
+        "url", help="the node's base URL: https://HOST:PORT (attested TLS) or http://127.0.0.1:8080 (loopback)"
+    )
     add_policy_arguments(parser)
     parser.add_argument(
         "--measurement",
@@ -66,6 +70,8 @@ def _identity_lines(identity: Any) -> list[str]:
     ]
     if identity.tcb_status:
         lines.append(f"  TCB status:    {identity.tcb_status}")
+    if identity.tls_cert_sha256:
+        lines.append(f"  TLS cert:      sha256 {identity.tls_cert_sha256.hex()} (attested, pinned)")
     lines.extend(f"  note:          {note}" for note in identity.notes)
     return lines
 
@@ -132,6 +138,7 @@ def run_chat(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | 
     partial = False
     try:
         with Client(args.url, **client_kwargs) as client:
+            identity = client.attest()  # first: nothing else is sent to a node not yet verified
             model = args.model
             if not model:
                 models = client.models.list().data
@@ -139,7 +146,6 @@ def run_chat(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | 
                     err.write("error: the node serves no model\n")
                     return EXIT_FAILED
                 model = models[0].id
-            identity = client.attest()
             for line in _identity_lines(identity):
                 err.write(line + "\n")
             err.write(f"  model:         {model}\n")
@@ -185,6 +191,12 @@ def add_attest_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     _add_common(parser)
     parser.add_argument("--json", action="store_true", help="print the result (and the document) as JSON")
+    parser.add_argument(
+        "--tls-cert-out",
+        metavar="FILE",
+        help="write the attested TLS certificate (PEM) to FILE, for clients that trust a given "
+        "certificate instead of pinning its hash (curl --cacert, httpx verify=...)",
+    )
     parser.set_defaults(func=run_attest)
     return parser
 
@@ -212,6 +224,11 @@ def run_attest(args: argparse.Namespace, out: TextIO | None = None, err: TextIO 
             out.write(json.dumps({**result, "policy_errors": list(exc.errors) if refused else []}) + "\n")
             return EXIT_FAILED
         return _fail(err, exc)
+    if args.tls_cert_out:
+        if identity.tls_certificate is None:
+            err.write("error: the node was reached over plain HTTP: there is no attested TLS certificate to write\n")
+            return EXIT_FAILED
+        Path(args.tls_cert_out).write_text(ssl.DER_cert_to_PEM_cert(identity.tls_certificate))
     if args.json:
         out.write(json.dumps({"url": args.url, "valid": True, "accepted": True, **identity.summary(), "document": identity.document}) + "\n")
     else:

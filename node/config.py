@@ -37,17 +37,21 @@ UNIX_SOCKET_PREFIX = "unix:"
 
 
 def is_local_upstream(url: str) -> bool:
-    """True for a unix socket (`unix:/path`) or an http(s) URL whose host is a loopback
-    address or `localhost` (resolved by the VM's own measured /etc/hosts)."""
+    """True for a unix socket (`unix:/path`) or an http(s) URL to a loopback host."""
     if url.startswith(UNIX_SOCKET_PREFIX):
         return url[len(UNIX_SOCKET_PREFIX):].startswith("/")
     parsed = urlsplit(url)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         return False
-    if parsed.hostname == "localhost":
+    return _is_loopback_host(parsed.hostname)
+
+
+def _is_loopback_host(host: str) -> bool:
+    """A loopback address, or `localhost` (resolved by the VM's own measured /etc/hosts)."""
+    if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(parsed.hostname).is_loopback
+        return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
 
@@ -150,6 +154,15 @@ class KeysConfig(_Section):
     replay_capacity: int = Field(default=500_000, ge=1)
 
 
+class TlsConfig(_Section):
+    # HTTPS with a key made at start (memory only) in a self-signed certificate that the
+    # attestation binds. None: on in the real TEE modes, off in simulated (`serve --tls`).
+    enabled: bool | None = None
+    # Names (DNS names or IPs) in the certificate, for clients that check the name against a
+    # trusted copy of it (curl --cacert, httpx verify=...); tee-node clients pin its hash.
+    names: list[str] = Field(default_factory=lambda: ["localhost", "127.0.0.1", "::1"])
+
+
 class AttestationConfig(_Section):
     # Simulated mode keeps its software root of trust here (0600), unless a seed is set.
     state_dir: Path = Field(default_factory=lambda: default_cache_dir() / "state")
@@ -191,7 +204,12 @@ class NodeConfig(BaseSettings):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     keys: KeysConfig = Field(default_factory=KeysConfig)
+    tls: TlsConfig = Field(default_factory=TlsConfig)
     attestation: AttestationConfig = Field(default_factory=AttestationConfig)
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls.enabled if self.tls.enabled is not None else self.tee_mode != "simulated"
 
     @model_validator(mode="after")
     def _tee_rules(self) -> NodeConfig:
@@ -200,6 +218,12 @@ class NodeConfig(BaseSettings):
                 raise ValueError("a TEE mode needs at least one api token: open access is simulated-only")
             if self.engine.kind == "echo":
                 raise ValueError("the echo engine cannot serve in a TEE mode")
+            if not self.tls_enabled and not _is_loopback_host(self.host):
+                raise ValueError(
+                    f"tls.enabled = false with host {self.host!r}: in a TEE mode plain HTTP is only for a "
+                    "TLS-terminating proxy inside the same TEE, so listen on loopback (host = \"127.0.0.1\") "
+                    "or leave TLS on (attested TLS: the node's certificate is bound into its attestation)"
+                )
             if self.engine.kind == "upstream" and not is_local_upstream(self.engine.upstream_url or ""):
                 raise ValueError(
                     f"engine.upstream_url {self.engine.upstream_url!r} is not a loopback address or a unix socket: "

@@ -40,7 +40,7 @@ def atoma_sdk() -> str:
     return ATOMA_PYTHON
 
 
-def _run(args: list[str], stdin: dict | None, timeout: float) -> list[dict[str, Any]]:
+def _run(args: list[str], stdin: dict | None, timeout: float, env: dict[str, str] | None = None) -> list[dict[str, Any]]:
     cmd = [ATOMA_PYTHON, str(DRIVER), *map(str, args)]
     try:
         proc = subprocess.run(
@@ -50,7 +50,7 @@ def _run(args: list[str], stdin: dict | None, timeout: float) -> list[dict[str, 
             text=True,
             timeout=timeout,
             # The driver must see only the SDK's venv, never this one's packages.
-            env={k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")},
+            env={**{k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}, **(env or {})},
         )
     except subprocess.TimeoutExpired as exc:
         raise AtomaDriverError(f"atoma driver {args[:1]} timed out after {timeout}s; stderr:\n{exc.stderr}") from None
@@ -73,6 +73,9 @@ def run_driver(args: list[str], stdin: dict | None = None, timeout: float = 60.0
     return lines[0] if len(lines) == 1 else lines
 
 
-def run_driver_lines(args: list[str], stdin: dict | None = None, timeout: float = 60.0) -> list[dict]:
-    """Run the driver and always return its JSON lines (for streams: chunks then the summary)."""
-    return _run(args, stdin, timeout)
+def run_driver_lines(
+    args: list[str], stdin: dict | None = None, timeout: float = 60.0, env: dict[str, str] | None = None
+) -> list[dict]:
+    """Run the driver and always return its JSON lines (for streams: chunks then the summary);
+    `env` adds variables to the driver's environment."""
+    return _run(args, stdin, timeout, env)

@@ -37,6 +37,7 @@ decrypt      stdin {"client_private_key": hex, "node_public_key": b64, "salt": b
 
 chat         --url URL [--token T] [--model M] [--prompt P] [--max-tokens N] [--temperature F]
              [--seed N] [--stream] [--async] [--timeout-ms N] [--header NAME=VALUE ...]
+             [--ca-file PEM]
              Real SDK client: `AtomaSDK(bearer_auth=T, server_url=URL)` then
              `confidential_chat.create` / `create_stream` / `create_async` /
              `create_stream_async`. The SDK first calls POST URL/v1/nodes/lock for the key.
@@ -47,6 +48,8 @@ chat         --url URL [--token T] [--model M] [--prompt P] [--max-tokens N] [--
              {"ok": true, "done": true, "chunks": n, "content": concatenated deltas}.
              On failure the last (or only) line is {"ok": false, "error_type": str,
              "error": str, "status_code": int | null, "body": str | null}.
+             --ca-file (every client command): an https:// node whose certificate is in that
+             PEM file, given to the SDK as httpx clients with `verify=` that certificate.
 
 embeddings   --url URL [--token T] [--model M] [--input TEXT ...] [--async] [--timeout-ms N]
              [--header NAME=VALUE ...]
@@ -67,6 +70,7 @@ import argparse
 import asyncio
 import base64
 import json
+import ssl
 import sys
 import traceback
 from typing import Any
@@ -191,6 +195,20 @@ def cmd_decrypt(spec: dict[str, Any]) -> dict[str, Any]:
 # --- chat / embeddings / lock: the real client against a node URL ----------------------------
 
 
+def _sdk(args: argparse.Namespace) -> AtomaSDK:
+    """The SDK as a user builds it; with --ca-file its httpx clients trust that certificate
+    (the SDK takes ready-made clients: nothing in it changes)."""
+    if not args.ca_file:
+        return AtomaSDK(bearer_auth=args.token or None, server_url=args.url)
+    trusted = ssl.create_default_context(cafile=args.ca_file)
+    return AtomaSDK(
+        bearer_auth=args.token or None,
+        server_url=args.url,
+        client=httpx.Client(verify=trusted),
+        async_client=httpx.AsyncClient(verify=trusted),
+    )
+
+
 def _headers(pairs: list[str] | None) -> dict[str, str] | None:
     if not pairs:
         return None
@@ -252,7 +270,7 @@ async def _chat_async(client: AtomaSDK, args: argparse.Namespace) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    with AtomaSDK(bearer_auth=args.token or None, server_url=args.url) as client:
+    with _sdk(args) as client:
         count, text = 0, []
         try:
             if args.use_async:
@@ -280,7 +298,7 @@ def cmd_embeddings(args: argparse.Namespace) -> None:
     kwargs: dict[str, Any] = {"model": args.model, "input": inputs, "http_headers": _headers(args.header)}
     if args.timeout_ms is not None:
         kwargs["timeout_ms"] = args.timeout_ms
-    with AtomaSDK(bearer_auth=args.token or None, server_url=args.url) as client:
+    with _sdk(args) as client:
         try:
             if args.use_async:
                 result = asyncio.run(client.confidential_embeddings.create_async(**kwargs))
@@ -296,7 +314,7 @@ def cmd_embeddings(args: argparse.Namespace) -> None:
 
 
 def cmd_lock(args: argparse.Namespace) -> None:
-    with AtomaSDK(bearer_auth=args.token or None, server_url=args.url) as client:
+    with _sdk(args) as client:
         try:
             _emit({"ok": True, "response": _dump(client.nodes.nodes_create_lock(model=args.model))})
         except Exception as exc:
@@ -317,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--timeout-ms", type=int, default=None)
         p.add_argument("--header", action="append", help="extra request header NAME=VALUE (repeatable)")
         p.add_argument("--async", dest="use_async", action="store_true", help="use the SDK's async methods")
+        p.add_argument("--ca-file", help="trust this PEM certificate for https:// URLs (httpx verify=)")
         return p
 
     chat = client_parser("chat", "confidential chat completion through the real SDK client")

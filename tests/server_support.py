@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -263,6 +264,10 @@ class NodeTestServer(TestServer):
         super().__init__(app, **kwargs)
         self.handler_cancellation = handler_cancellation
 
+    async def start_server(self, **kwargs: Any) -> None:
+        tls = self.app[NODE].tls  # an attested-TLS node serves HTTPS, as `tee-node serve` does
+        await super().start_server(**({"ssl": tls.context} if tls else {}), **kwargs)
+
     async def _make_runner(self, **kwargs: Any) -> AppRunner:
         kwargs["handler_cancellation"] = self.handler_cancellation
         return AppRunner(self.app, **{**kwargs, **server_settings(self.app[NODE].config)})
@@ -332,18 +337,20 @@ def free_port() -> int:
 
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    """GET `url`; an https:// node's certificate is not checked (readiness polls only)."""
+    unverified = ssl._create_unverified_context() if url.startswith("https:") else None
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with urllib.request.urlopen(url, timeout=timeout, context=unverified) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
 
 
 class NodeProcess:
-    def __init__(self, proc: subprocess.Popen, port: int, log_path: Path) -> None:
+    def __init__(self, proc: subprocess.Popen, port: int, log_path: Path, scheme: str = "http") -> None:
         self.proc = proc
         self.port = port
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"{scheme}://127.0.0.1:{port}"
         self.log_path = log_path
 
     def log(self) -> str:
@@ -360,7 +367,8 @@ class NodeProcess:
 
 
 def spawn_node(model: str = MODEL, env: dict[str, str] | None = None, extra_args: list[str] | None = None) -> NodeProcess:
-    """`tee-node serve --engine echo --port P --model M` on a free port, once /ready answers 200."""
+    """`tee-node serve --engine echo --port P --model M` on a free port, once /ready answers 200
+    (https:// with `--tls` among `extra_args`)."""
     port = free_port()
     log_file = tempfile.NamedTemporaryFile(prefix="tee-node-", suffix=".log", delete=False)
     log_path = Path(log_file.name)
@@ -374,7 +382,7 @@ def spawn_node(model: str = MODEL, env: dict[str, str] | None = None, extra_args
         env=proc_env,
     )
     log_file.close()
-    node = NodeProcess(proc, port, log_path)
+    node = NodeProcess(proc, port, log_path, "https" if "--tls" in (extra_args or []) else "http")
     deadline = time.monotonic() + 30
     while True:
         if proc.poll() is not None:

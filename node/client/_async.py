@@ -3,22 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
+import hashlib
 import json
 import logging
 import os
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any, Generic, TypeVar
+from urllib.parse import urlsplit
 
 import aiohttp
 from pydantic import BaseModel, ValidationError
 
+from attestation.errors import TlsCertificateMismatch
+
 from ..envelope import OBFUSCATION_FIELD, ResponseOpener, seal_request
 from ..errors import EventAfterEnd, ReceiptInvalid
 from ..protocol import Receipt
+from ..wire import SSE_DONE, EventTooLarge, SSEDecoder
 from .errors import (
     APIConnectionError,
     APITimeoutError,
@@ -46,7 +53,6 @@ log = logging.getLogger("tee_node.client")
 
 ATTESTATION_NONCE_SIZE = 32
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
-MAX_EVENT_BYTES = 16 * 1024 * 1024
 USER_AGENT = "tee-node-client/0.1"
 
 
@@ -98,46 +104,24 @@ def _retry_after(value: str | None) -> float | None:
     return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
 
 
-class _SSEParser:
-    """Server-sent events from byte chunks: yields each event's data; comments are skipped."""
-
-    def __init__(self, limit: int = MAX_EVENT_BYTES) -> None:
-        self._buffer = bytearray()
-        self._limit = limit
-
-    def feed(self, data: bytes) -> list[str]:
-        self._buffer += data
-        if b"\r" in self._buffer:  # CRLF line ends, also when split across reads
-            self._buffer = bytearray(self._buffer.replace(b"\r\n", b"\n"))
-        events = []
-        while True:
-            end = self._buffer.find(b"\n\n")
-            if end < 0:
-                break
-            block = bytes(self._buffer[:end])
-            del self._buffer[: end + 2]
-            lines = [line for line in block.split(b"\n") if line and not line.startswith(b":")]
-            payload = [line[5:].removeprefix(b" ") for line in lines if line.startswith(b"data:")]
-            if payload:
-                events.append(b"\n".join(payload).decode("utf-8", "replace"))
-        if len(self._buffer) > self._limit:
-            raise UnexpectedResponse("stream event too large")
-        return events
-
-    @property
-    def pending(self) -> bool:
-        """Bytes of an unterminated event are left (the stream was cut mid-event)."""
-        return bool(bytes(self._buffer).strip())
-
-
 class _Pinned:
-    """Keys pinned from one verified attestation document."""
+    """Keys (and, over HTTPS, the TLS certificate) pinned from one verified attestation document."""
 
-    __slots__ = ("identity", "pinned_at")
+    __slots__ = ("identity", "pin", "pinned_at")
 
     def __init__(self, identity: NodeIdentity) -> None:
         self.identity = identity
         self.pinned_at = time.monotonic()
+        # Every connection after the attestation must present the attested certificate.
+        certificate = identity.tls_cert_sha256
+        self.pin: aiohttp.Fingerprint | None = aiohttp.Fingerprint(certificate) if certificate else None
+
+
+def _certificate_mismatch(exc: aiohttp.ServerFingerprintMismatch) -> TlsCertificateMismatch:
+    return TlsCertificateMismatch(
+        f"the node presented TLS certificate sha256 {exc.got.hex()}, not the attested {exc.expected.hex()}: "
+        "a man-in-the-middle, or a node that restarted and must be attested again"
+    )
 
 
 def _check_receipt(receipt: dict[str, Any], identity: NodeIdentity, model: str, clear_usages: list[Any]) -> Receipt:
@@ -208,21 +192,25 @@ class AsyncStream(Generic[T]):
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[T]:
-        parser = _SSEParser()
+        decoder = SSEDecoder()
         seen_nonces: set[str] = set()
         clear_usages: list[Any] = []
         held: T | None = None
         try:
             async for data in self._response.content.iter_any():
-                for text in parser.feed(data):
-                    chunk = self._open(text, seen_nonces, clear_usages)
+                try:
+                    events = decoder.feed(data)
+                except EventTooLarge:
+                    raise UnexpectedResponse("stream event too large") from None
+                for event_data in events:
+                    chunk = self._open(event_data, seen_nonces, clear_usages)
                     if chunk is None:
                         continue
                     if self._opener.ended:
                         held = chunk  # the receipt's event: released once nothing follows it
                     elif not self._is_filler(chunk):
                         yield chunk
-            if parser.pending and self._opener.ended:
+            if decoder.pending and self._opener.ended:
                 raise ReceiptInvalid("data after the final event")
             raw_receipt = self._opener.finish()  # MissingReceipt when the stream was cut
             self.receipt = _check_receipt(raw_receipt, self.attestation, self._model, clear_usages)
@@ -238,12 +226,12 @@ class AsyncStream(Generic[T]):
         finally:
             self._response.release()
 
-    def _open(self, text: str, seen_nonces: set[str], clear_usages: list[Any]) -> T | None:
-        if text.strip() == "[DONE]":
+    def _open(self, data: bytes, seen_nonces: set[str], clear_usages: list[Any]) -> T | None:
+        if data.strip() == SSE_DONE:
             return None
         try:
-            event = json.loads(text)
-        except ValueError:
+            event = json.loads(data)
+        except ValueError:  # UnicodeDecodeError included
             raise MalformedEvent() from None
         if not isinstance(event, dict):
             raise MalformedEvent()
@@ -345,7 +333,13 @@ class ConfidentialClient:
     Policy: `policy=attestation.appraisal.Policy(...)` or the path of a TOML policy file
     (docs/policy.md), or the shortcuts `allow_simulated`, `expected_measurements` (hex MRTD /
     MEASUREMENT values), `allowed_tee` ("tdx", "sev-snp"; simulated needs `allow_simulated`),
-    `require_gpu`. The default policy refuses every node (default-deny, docs/policy.md). Retries: 429 OVERLOADED and
+    `require_gpu`. The default policy refuses every node (default-deny, docs/policy.md).
+
+    Attested TLS: with an `https://` URL the attestation is fetched without CA validation and
+    without the API key; the document must bind the certificate that connection presented
+    (`tls_cert_sha256`), and every later connection must present that same certificate
+    (pinned by its SHA-256), else `TlsCertificateMismatch` (an AttestationError). A node that
+    presents another certificate is attested again once (a restarted node has a new one). Retries: 429 OVERLOADED and
     503 NOT_READY up to `max_retries` times, waiting Retry-After (at most `max_retry_wait`
     seconds each); 422 STALE_NODE_KEY re-attests and retries once with a fresh envelope (the
     key in the 422 body is never used: only attested keys are). `reattest_after` (seconds)
@@ -378,6 +372,10 @@ class ConfidentialClient:
     ) -> None:
         if max_retries < 0:
             raise ValueError("max_retries must be >= 0")
+        scheme = urlsplit(base_url).scheme
+        if scheme not in ("http", "https"):
+            raise ValueError(f"the node's URL must be http:// or https://, not {scheme or 'schemeless'}")
+        self.tls = scheme == "https"
         self.base_url = base_url.rstrip("/")
         self._api_key = api_key
         self.policy = make_policy(
@@ -496,7 +494,14 @@ class ConfidentialClient:
         attempt = 0
         while True:
             nonce = os.urandom(ATTESTATION_NONCE_SIZE)  # fresh for every fetch, retries included
-            status, headers, body = await self._send("GET", f"/v1/attestation?nonce={nonce.hex()}", None)
+            # Over HTTPS: the certificate the node presents, taken without CA validation; the
+            # document is fetched on a connection presenting that same certificate, without the
+            # API key, and must bind it.
+            certificate = await self._server_certificate() if self.tls else None
+            pin = aiohttp.Fingerprint(hashlib.sha256(certificate).digest()) if certificate else None
+            status, headers, body = await self._send(
+                "GET", f"/v1/attestation?nonce={nonce.hex()}", None, pin=pin, authorize=not self.tls
+            )
             if status == 200:
                 break
             error = self._error(status, headers, body)
@@ -511,7 +516,8 @@ class ConfidentialClient:
             raise ParseError("attestation document is not JSON") from None
         if not isinstance(document, dict):
             raise ParseError("attestation document is not a JSON object")
-        verified = verify_document(document, expected_nonce=nonce, policy=self.policy)
+        certificate_sha256 = hashlib.sha256(certificate).digest() if certificate is not None else None
+        verified = verify_document(document, expected_nonce=nonce, policy=self.policy, tls_cert_sha256=certificate_sha256)
         if len(verified.dh_public_key) != 32 or len(verified.signing_public_key) != 32:
             raise ParseError("attested keys have the wrong length")
         config_digest = verified.config_digest
@@ -532,20 +538,54 @@ class ConfidentialClient:
             gpu_devices=verified.gpu_devices,
             notes=(*verified.notes, *verified.warnings),
             claims=verified.claims.as_json(),
+            tls_cert_sha256=certificate_sha256,
+            tls_certificate=certificate,
             document=document,
         )
 
     # --- HTTP ---------------------------------------------------------------------------
 
-    async def _send(self, method: str, path: str, body: dict[str, Any] | None) -> tuple[int, Any, bytes]:
-        """A whole (non-streaming) exchange: status, headers, body."""
+    async def _server_certificate(self) -> bytes:
+        """The DER certificate the node presents, read from a TLS handshake without CA validation
+        (what makes it trusted is the attestation that must bind it)."""
+        url = urlsplit(self.base_url)
+        unverified = ssl.create_default_context()
+        unverified.check_hostname = False
+        unverified.verify_mode = ssl.CERT_NONE
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(url.hostname, url.port or 443, ssl=unverified), self.timeout
+            )
+        except asyncio.TimeoutError:
+            raise APITimeoutError() from None
+        except (OSError, ssl.SSLError):
+            raise APIConnectionError() from None
+        try:
+            certificate = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError, ssl.SSLError):
+                await writer.wait_closed()
+        if not certificate:
+            raise APIConnectionError("the node presented no TLS certificate")
+        return certificate
+
+    async def _send(
+        self, method: str, path: str, body: dict[str, Any] | None, *, pin: aiohttp.Fingerprint | None, authorize: bool = True
+    ) -> tuple[int, Any, bytes]:
+        """A whole (non-streaming) exchange: status, headers, body; over HTTPS only with a
+        connection presenting the `pin`ned certificate."""
+        headers = self._headers() if authorize else {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
         try:
             async with self._http().request(
                 method,
                 self.base_url + path,
                 data=_compact(body) if body is not None else None,
-                headers={**self._headers(), **({"Content-Type": "application/json"} if body is not None else {})},
+                headers=headers,
                 timeout=aiohttp.ClientTimeout(total=self.timeout),
+                ssl=pin or True,
             ) as response:
                 if response.content_length is not None and response.content_length > MAX_RESPONSE_BYTES:
                     raise UnexpectedResponse("response too large")
@@ -555,11 +595,24 @@ class ConfidentialClient:
                 return response.status, response.headers, data
         except asyncio.TimeoutError:
             raise APITimeoutError() from None
+        except aiohttp.ServerFingerprintMismatch as exc:
+            raise _certificate_mismatch(exc) from None
         except aiohttp.ClientError:
             raise APIConnectionError() from None
 
     async def _get_json(self, path: str) -> Any:
-        status, headers, body = await self._send("GET", path, None)
+        """GET `path`; over HTTPS only on a connection to the attested certificate."""
+        repinned = False
+        while True:
+            pinned = await self._ensure_attested() if self.tls else None
+            try:
+                status, headers, body = await self._send("GET", path, None, pin=pinned.pin if pinned else None)
+                break
+            except TlsCertificateMismatch:
+                if repinned or pinned is None:
+                    raise
+                repinned = True
+                await self._reattest(pinned)
         if status != 200:
             raise self._error(status, headers, body)
         try:
@@ -595,7 +648,7 @@ class ConfidentialClient:
             options = payload.get("stream_options")
             payload["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_obfuscation": False}
         plaintext = _compact(payload)
-        reattested = False
+        reattested = repinned = False
         attempt = 0
         while True:
             pinned = await self._ensure_attested()
@@ -609,7 +662,14 @@ class ConfidentialClient:
                 stream=stream or None,
                 signing_key=identity.signing_public_key,
             )
-            response = await self._post(path, outer, stream)
+            try:
+                response = await self._post(path, outer, stream, pinned.pin)
+            except TlsCertificateMismatch:
+                if repinned:
+                    raise
+                repinned = True  # a restarted node has a new certificate: attest it once more
+                await self._reattest(pinned)
+                continue
             if response.status == 200:
                 break
             try:
@@ -657,7 +717,9 @@ class ConfidentialClient:
         result.attestation = identity  # type: ignore[attr-defined]
         return result
 
-    async def _post(self, path: str, outer: dict[str, Any], stream: bool) -> aiohttp.ClientResponse:
+    async def _post(
+        self, path: str, outer: dict[str, Any], stream: bool, pin: aiohttp.Fingerprint | None
+    ) -> aiohttp.ClientResponse:
         timeout = (
             aiohttp.ClientTimeout(total=None, sock_connect=self.timeout, sock_read=self.timeout)
             if stream
@@ -667,9 +729,13 @@ class ConfidentialClient:
         if stream:
             headers["Accept"] = "text/event-stream"
         try:
-            return await self._http().post(self.base_url + path, data=_compact(outer), headers=headers, timeout=timeout)
+            return await self._http().post(
+                self.base_url + path, data=_compact(outer), headers=headers, timeout=timeout, ssl=pin or True
+            )
         except asyncio.TimeoutError:
             raise APITimeoutError() from None
+        except aiohttp.ServerFingerprintMismatch as exc:
+            raise _certificate_mismatch(exc) from None
         except aiohttp.ClientError:
             raise APIConnectionError() from None
 

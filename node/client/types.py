@@ -39,6 +39,10 @@ class NodeIdentity:
     gpu_devices: int = 0
     notes: tuple[str, ...] = ()
     claims: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)  # every appraised claim, hex
+    # Attested TLS: the certificate (DER) the node presented and the attestation binds, pinned
+    # for every later connection; None over plain HTTP.
+    tls_cert_sha256: bytes | None = field(default=None, repr=False)
+    tls_certificate: bytes | None = field(default=None, repr=False, compare=False)
     document: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
@@ -58,6 +62,7 @@ class NodeIdentity:
             "gpu_devices": self.gpu_devices,
             "notes": list(self.notes),
             "claims": self.claims,
+            "tls_cert_sha256": self.tls_cert_sha256.hex() if self.tls_cert_sha256 else None,
         }
 
 

@@ -22,6 +22,7 @@ from .middleware import CONTEXT, error_middleware
 from .openapi import openapi_document
 from .serving import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint, check_auth, read_body, serve_confidential, serve_plain
 from .state import NODE, NodeState
+from .tls import TlsIdentity
 
 log = logging.getLogger("tee_node.server")
 
@@ -154,7 +155,7 @@ async def _key_maintenance(app: web.Application) -> AsyncIterator[None]:
 
 
 def server_settings(config: NodeConfig) -> dict[str, Any]:
-    """Keyword arguments of aiohttp's server (`web.run_app`, `AppRunner`) for this config."""
+    """Keyword arguments of aiohttp's server runner (`web.run_app`, `AppRunner`) for this config."""
     return {"keepalive_timeout": config.limits.header_timeout}
 
 
@@ -164,6 +165,9 @@ def create_app(config: NodeConfig, engine: Engine | None = None) -> web.Applicat
         raise ValueError(f"the {engine.name} engine cannot serve in TEE mode {config.tee_mode}")
     state = NodeState.build(config, engine)
     state.attestation = AttestationService(config)
+    if config.tls_enabled:
+        listen = [] if config.host in ("0.0.0.0", "::", "") else [config.host]
+        state.tls = TlsIdentity.generate([*config.tls.names, *listen])
     app = web.Application(middlewares=[error_middleware], client_max_size=config.limits.max_body_bytes)
     app[NODE] = state
     app[OPENAPI] = openapi_document(config)

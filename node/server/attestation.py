@@ -172,6 +172,7 @@ async def attestation_document(request: web.Request) -> web.Response:
         measured_config=service.measured_config,
         kem_public_key=key.kem_public_key,
         collateral=service.collateral(),
+        tls_cert_sha256=state.tls.sha256 if state.tls else None,
     )
     return web.Response(body=orjson.dumps(document), content_type="application/json")
 

@@ -16,6 +16,7 @@ from ..engine.base import Engine, ModelCard, Task
 from ..keys import KeyRing, Signer
 from ..metrics import Metrics
 from .admission import Admission
+from .tls import TlsIdentity
 
 
 @dataclass
@@ -29,6 +30,7 @@ class NodeState:
     trusted_proxy_keys: frozenset[bytes]
     token_digests: tuple[bytes, ...]
     attestation: Any = None  # AttestationService, set by the app factory
+    tls: TlsIdentity | None = None  # attested TLS (tls.enabled): made at start, memory only
     started_at: float = field(default_factory=time.time)
 
     @classmethod
