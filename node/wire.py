@@ -60,6 +60,9 @@ class SSEDecoder:
 
     def feed(self, data: bytes) -> list[bytes]:
         """The data of every event that `data` completes, in order."""
+        if not self._buffer and not self._after_cr and data.find(b"\n\n") == len(data) - 2 >= 0 and b"\r" not in data:
+            event = self._data_of(data[:-2])  # the usual chunk: exactly one whole event
+            return [event] if event is not None else []
         if self._after_cr and data.startswith(b"\n"):
             data = data[1:]
         self._after_cr = data.endswith(b"\r")

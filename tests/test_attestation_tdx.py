@@ -1,4 +1,4 @@
-"""TDX quote parsing and verification against the real samples in shared/testdata."""
+"""TDX quote parsing and verification against the real samples in tests/data."""
 
 import dataclasses
 import base64
