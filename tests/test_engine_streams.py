@@ -32,8 +32,9 @@ def chunk(text: str) -> str:
 
 
 def engine_with_running(request_id: str) -> tuple[VllmEngine, _Served]:
-    engine = VllmEngine(load_config(None))
-    served = _Served(cfg=engine.config.engine.models[0], llm=FakeLlm())
+    config = load_config(None)
+    engine = VllmEngine(config.engine, config.cache_dir)
+    served = _Served(cfg=config.engine.models[0], llm=FakeLlm())
     engine._running[request_id] = _Running(served, [f"chatcmpl-{request_id}"])
     return engine, served
 
