@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from attestation import cli as attestation_cli
 from attestation.errors import AttestationError
 from attestation.nvidia import cli as gpu_cli
 
-from .config import NodeConfig, load_config, merge_settings
+from .config import LOG_FORMAT, NodeConfig, load_config, merge_settings
 
 EXIT_CANNOT_START = 2
 
@@ -33,6 +34,8 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
         flags.setdefault("engine", {})["upstream_url"] = args.upstream_url
     if getattr(args, "tls", False):
         flags["tls"] = {"enabled": True}
+    if getattr(args, "log_level", None):
+        flags["log_level"] = args.log_level
     if not flags:
         return config
     return NodeConfig(**merge_settings(config.model_dump(), flags))
@@ -46,7 +49,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         config = config_from_args(args)
-        logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+        logging.basicConfig(level=config.log_level.upper(), format=LOG_FORMAT)
         app = create_app(config)
     except (ValueError, AttestationError) as exc:  # a refusal to start: its message says why and what to do
         print(f"tee-node serve: cannot start: {exc}", file=sys.stderr)
@@ -54,12 +57,13 @@ def _serve(args: argparse.Namespace) -> int:
     # The config digest covers the models' weights: it is logged once they are loaded.
     tls = app[NODE].tls
     logging.getLogger("tee_node").info(
-        "tee-node on %s://%s:%d, tee_mode=%s, engine=%s%s",
+        "starting tee-node on %s://%s:%d: tee_mode=%s, engine=%s, %d model(s)%s; /ready answers 200 once loaded",
         "https" if tls else "http",
         config.host,
         config.port,
         config.tee_mode,
         config.engine.kind,
+        len(config.engine.models),
         f", tls_cert_sha256={tls.sha256.hex()} (attested)" if tls else "",
     )
     web.run_app(
@@ -72,7 +76,12 @@ def _serve(args: argparse.Namespace) -> int:
         ssl_context=tls.context if tls else None,
         **server_settings(config),
     )
-    return 0
+    # Everything the node owns is closed by now; interpreter teardown would still spend seconds
+    # in torch's and vLLM's native exit handlers with nothing left to do.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _models_prepare(args: argparse.Namespace) -> int:
@@ -131,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--upstream-url", help="OpenAI-compatible server for --engine upstream")
     serve.add_argument(
         "--tls", action="store_true", help="serve attested HTTPS (the default in the real TEE modes; tls.enabled)"
+    )
+    serve.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="the node's log level (default INFO); at DEBUG vLLM logs at its own level too, else at WARNING",
     )
     serve.set_defaults(func=_serve)
 

@@ -31,6 +31,8 @@ REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = REPO_CONFIGS / "simulated.toml"
 EMBEDDED_CHAT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBEDDED_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+# Every log line of the node, vLLM's included.
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
 
 UNIX_SOCKET_PREFIX = "unix:"

@@ -23,7 +23,7 @@ def build_engine(config: NodeConfig) -> Engine:
         return UpstreamEngine(config.engine)
     from .vllm import VllmEngine
 
-    return VllmEngine(config.engine, config.cache_dir)
+    return VllmEngine(config.engine, config.cache_dir, config.log_level)
 
 
 __all__ = ["Engine", "ModelCard", "build_engine"]

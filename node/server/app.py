@@ -116,25 +116,69 @@ async def openapi(request: web.Request) -> web.Response:
 OPENAPI: web.AppKey[dict] = web.AppKey("openapi", dict)
 
 
+def ready_line(config: NodeConfig, models: list[str], seconds: float, config_digest: bytes) -> str:
+    """The one line that says the node serves: where, in which TEE mode, what, which config."""
+    mode = config.tee_mode + (" (NOT a TEE: testing only)" if config.tee_mode == "simulated" else "")
+    return (
+        f"READY at http://{config.host}:{config.port} in {seconds:.1f} s | tee_mode={mode} | "
+        f"models={', '.join(models)} | config_digest={config_digest.hex()}"
+    )
+
+
+async def _announce(app: web.Application) -> AsyncIterator[None]:
+    """Say what the node attests with and which keys it holds; last of all, that it stopped."""
+    state = app[NODE]
+    if state.config.tee_mode == "simulated":
+        log.info("attestation: simulated TEE (software root of trust, refused by verifiers unless told otherwise)")
+    else:
+        gpus = state.attestation.gpu.device_count if state.attestation.gpu else 0
+        log.info("attestation: %s quotes via configfs-tsm, %d GPU(s) with evidence", state.config.tee_mode, gpus)
+    key = state.keyring.current
+    log.info(
+        "keys: X25519 key epoch %d (rotated every %.0f s), Ed25519 signing key %s, both in memory only",
+        key.epoch,
+        state.config.keys.rotation_interval,
+        state.signer.public_key_b64,
+    )
+    yield
+    log.info("tee-node stopped")
+
+
 async def _engine_lifecycle(app: web.Application) -> AsyncIterator[None]:
     """Load the engine in the background: /health answers at once, /ready once it is loaded."""
     state = app[NODE]
 
     async def load() -> None:
-        started = time.perf_counter()
         try:
             await state.engine.start()
         except Exception as exc:  # the reason by type only; /ready stays 503
             log.error("engine %s failed to start: %s", state.engine.name, type(exc).__name__)
             return
-        log.info("engine %s ready in %.1f s", state.engine.name, time.perf_counter() - started)
+        if not state.engine.ready:
+            log.error("engine %s did not start (see above); /ready stays 503", state.engine.name)
+            return
+        service = state.attestation
+        if service.measured_config is None:  # the weights are known now
+            service.measure(state.engine.weights_sha256())
+        models = [card.id for card in state.engine.models()]
+        log.info(ready_line(state.config, models, time.time() - state.started_at, service.config_digest))
 
     loading = asyncio.create_task(load())
     yield
+    log.info("stopping the engine")
     loading.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await loading
     await state.engine.stop()
+
+
+async def _stopping(app: web.Application) -> None:
+    state = app[NODE]
+    log.info(
+        "stopping: no new connections; %d request(s) in flight get up to %.0f s to finish",
+        state.admission.in_flight,
+        state.config.shutdown_grace,
+    )
 
 
 async def _key_maintenance(app: web.Application) -> AsyncIterator[None]:
@@ -183,6 +227,8 @@ def create_app(config: NodeConfig, engine: Engine | None = None) -> web.Applicat
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi)
     app.router.add_get("/v1/attestation", attestation_document)
+    app.on_shutdown.append(_stopping)
+    app.cleanup_ctx.append(_announce)
     app.cleanup_ctx.append(_engine_lifecycle)
     app.cleanup_ctx.append(_key_maintenance)
     app.cleanup_ctx.append(collateral_lifecycle)

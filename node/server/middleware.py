@@ -26,6 +26,8 @@ error_log = logging.getLogger("tee_node.errors")
 
 # A client's X-Request-Id is echoed and logged only: a bounded, log-safe alphabet.
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# Probes polled every second or so: counted in the metrics, not written to the access log.
+UNLOGGED_ROUTES = frozenset({"/health", "/ready"})
 
 
 @dataclass
@@ -102,7 +104,7 @@ def _account(request: web.Request, ctx: RequestContext, status: int) -> None:
     metrics = request.app[NODE].metrics
     metrics.requests.labels(ctx.route, str(status)).inc()
     metrics.latency.labels(ctx.route).observe(elapsed)
-    if log.isEnabledFor(logging.INFO):
+    if ctx.route not in UNLOGGED_ROUTES and log.isEnabledFor(logging.INFO):
         ttft = f"{(ctx.first_event_at - ctx.started) * 1000:.1f}" if ctx.first_event_at else "-"
         log.info(
             "id=%s route=%s model=%s status=%d req_bytes=%d resp_bytes=%d events=%d ms=%.1f ttft_ms=%s",
