@@ -6,15 +6,20 @@ import gc
 import json
 import os
 import platform
+import signal
+import socket
 import statistics
+import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "docs" / "benchmarks"
+BIN = Path(sys.executable).parent
 
 
 def median_ns(fn: Callable[[], Any], *, repeat: int = 2000, warmup: int = 200) -> float:
@@ -89,3 +94,52 @@ def write_results(name: str, data: dict[str, Any]) -> Path:
     }
     path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
     return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A server process in its own process group, its output in `log`; offline, no TEE_NODE_*
+    settings from this shell, plus `env`."""
+
+    def __init__(self, name: str, cmd: list[str], url: str, log: Path, env: dict[str, str] | None = None) -> None:
+        self.name, self.url, self.log = name, url, log
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("TEE_NODE_")}
+        environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **(env or {}))
+        self._log = log.open("wb")
+        self.proc = subprocess.Popen(cmd, env=environ, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait(self, path: str, timeout: float = 900) -> float:
+        """Seconds from now until `path` answers 200."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"{self.name} exited {self.proc.returncode}; see {self.log}")
+            try:
+                with urllib.request.urlopen(self.url + path, timeout=5) as response:
+                    if response.status == 200:
+                        return time.monotonic() - started
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise SystemExit(f"{self.name} not ready after {timeout:.0f}s; see {self.log}")
+
+    def freeze(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGCONT)
+
+    def stop(self) -> None:
+        self.thaw()  # a frozen process group cannot act on SIGTERM
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self._log.close()

@@ -23,19 +23,18 @@ import contextlib
 import json
 import os
 import platform
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Server, free_port  # noqa: E402
 
 from node.crypto import b64d
 from node.envelope import seal_request
@@ -56,51 +55,6 @@ PROMPTS = [
     "What does a compiler do?",
     "Describe the water cycle.",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, name: str, cmd: list[str], url: str, log: Path) -> None:
-        self.name, self.url, self.log = name, url, log
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TEE_NODE_")}
-        env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-        self._log = log.open("wb")
-        self.proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def wait(self, path: str, timeout: float = 900) -> float:
-        started = time.monotonic()
-        while time.monotonic() - started < timeout:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"{self.name} exited {self.proc.returncode}; see {self.log}")
-            try:
-                with urllib.request.urlopen(self.url + path, timeout=5) as response:
-                    if response.status == 200:
-                        return time.monotonic() - started
-            except OSError:
-                pass
-            time.sleep(0.5)
-        raise SystemExit(f"{self.name} not ready after {timeout:.0f}s; see {self.log}")
-
-    def freeze(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGSTOP)
-
-    def thaw(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGCONT)
-
-    def stop(self) -> None:
-        self.thaw()  # a frozen process group cannot act on SIGTERM
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-        self._log.close()
 
 
 def body(prompt: str, max_tokens: int) -> dict[str, Any]:
