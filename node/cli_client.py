@@ -76,7 +76,7 @@ def _identity_lines(identity: Any) -> list[str]:
     return lines
 
 
-def _fail(err: TextIO, exc: BaseException, partial: bool = False) -> int:
+def report_failure(err: TextIO, exc: BaseException, partial: bool = False) -> int:
     if partial:
         err.write("\n")
     from attestation.errors import PolicyRefused
@@ -97,11 +97,13 @@ def _fail(err: TextIO, exc: BaseException, partial: bool = False) -> int:
 def add_chat_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "chat",
-        help="send one prompt to a node after verifying its attestation",
-        description="Attest the node, send PROMPT sealed to its attested key, print the verified answer.",
+        help="chat with a node after verifying its attestation (one prompt, or a session)",
+        description="Attest the node, send PROMPT sealed to its attested key, print the verified answer. "
+        "Without PROMPT: an interactive session (attested once; every turn a verified confidential "
+        "request carrying the conversation so far; /exit, Ctrl-D or Ctrl-C ends it).",
     )
     _add_common(parser)
-    parser.add_argument("prompt", help="the user message")
+    parser.add_argument("prompt", nargs="?", help="the user message (none: an interactive session)")
     parser.add_argument("--model", help="model name (default: the first from GET /v1/models)")
     parser.add_argument("--no-stream", action="store_true", help="wait for the whole answer")
     parser.add_argument("--max-tokens", type=int, default=None, help="max_tokens of the request")
@@ -111,6 +113,81 @@ def add_chat_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--system", default=None, help="an optional system message")
     parser.set_defaults(func=run_chat)
     return parser
+
+
+def sampling_params(args: argparse.Namespace) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    if args.max_tokens is not None:
+        params["max_tokens"] = args.max_tokens
+    if args.temperature is not None:
+        params["temperature"] = args.temperature
+    return params
+
+
+def attest_and_choose_model(client: Any, requested: str | None, err: TextIO) -> str | None:
+    """Attest the node first (nothing else is sent to a node not yet verified), then choose the
+    requested model if the node serves it, else the node's first, and say on `err` what was
+    verified, the model last. None (said on `err`, with what the node serves) when no model fits."""
+    identity = client.attest()
+    served = [card.id for card in client.models.list().data]
+    if not served:
+        err.write("error: the node serves no model\n")
+        return None
+    if requested is not None and requested not in served:
+        err.write(f"error: the node does not serve model {requested!r}; it serves: {', '.join(served)}\n")
+        return None
+    model = requested or served[0]
+    for line in _identity_lines(identity):
+        err.write(line + "\n")
+    err.write(f"  model:         {model}\n")
+    err.write(f"  key exchange:  {client.key_exchange}\n")
+    err.write("  length hiding: request and answer padded (PROTOCOL.md part C)\n")
+    err.flush()
+    return model
+
+
+class AnswerOut:
+    """The answer's output stream, remembering whether any answer text reached it (an error
+    after that must say the printed text did not verify)."""
+
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+        self.printed = False
+
+    def write(self, text: str) -> None:
+        self.printed = self.printed or bool(text.strip())
+        self._out.write(text)
+
+    def flush(self) -> None:
+        self._out.flush()
+
+
+def reply(client: Any, model: str, messages: list[dict[str, Any]], params: dict[str, Any], stream: bool, out: AnswerOut) -> tuple[str, Any]:
+    """Send one verified chat request and print its answer: (text, receipt). The receipt is
+    verified before this returns; an exception means the printed text must be discarded."""
+    if not stream:
+        response = client.chat.completions.create(model=model, messages=messages, stream=False, **params)
+        text = response.choices[0].message.content or ""
+        out.write(text + "\n")
+        out.flush()
+        return text, response.receipt
+    parts: list[str] = []
+    answer = client.chat.completions.create(model=model, messages=messages, stream=True, **params)
+    for chunk in answer:
+        for choice in chunk.choices:
+            if choice.delta.content:
+                parts.append(choice.delta.content)
+                out.write(choice.delta.content)
+                out.flush()
+    out.write("\n")
+    out.flush()
+    return "".join(parts), answer.receipt
+
+
+def receipt_line(receipt: Any) -> str:
+    usage = receipt.usage
+    tokens = f", tokens prompt={usage.prompt_tokens} completion={usage.completion_tokens}" if usage else ""
+    return f"receipt verified: events={receipt.events}, key epoch={receipt.key_epoch}, signed by the attested key{tokens}\n"
 
 
 def run_chat(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
@@ -126,56 +203,25 @@ def run_chat(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | 
     except (OSError, PolicyError) as exc:
         err.write(f"error: {exc}\n")
         return EXIT_FAILED
+    if args.prompt is None:
+        from .cli_chat import run_session
+
+        return run_session(args, client_kwargs, out, err)
     messages: list[dict[str, Any]] = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
     messages.append({"role": "user", "content": args.prompt})
-    params: dict[str, Any] = {}
-    if args.max_tokens is not None:
-        params["max_tokens"] = args.max_tokens
-    if args.temperature is not None:
-        params["temperature"] = args.temperature
-    partial = False
+    answer = AnswerOut(out)
     try:
         with Client(args.url, **client_kwargs) as client:
-            identity = client.attest()  # first: nothing else is sent to a node not yet verified
-            model = args.model
-            if not model:
-                models = client.models.list().data
-                if not models:
-                    err.write("error: the node serves no model\n")
-                    return EXIT_FAILED
-                model = models[0].id
-            for line in _identity_lines(identity):
-                err.write(line + "\n")
-            err.write(f"  model:         {model}\n")
-            err.write(f"  key exchange:  {client.key_exchange}\n")
-            err.write("  length hiding: request and answer padded (PROTOCOL.md part C)\n")
-            err.flush()
-            if args.no_stream:
-                response = client.chat.completions.create(model=model, messages=messages, stream=False, **params)
-                out.write((response.choices[0].message.content or "") + "\n")
-                receipt = response.receipt
-            else:
-                stream = client.chat.completions.create(model=model, messages=messages, stream=True, **params)
-                for chunk in stream:
-                    for choice in chunk.choices:
-                        if choice.delta.content:
-                            partial = True
-                            out.write(choice.delta.content)
-                            out.flush()
-                out.write("\n")
-                receipt = stream.receipt
-            out.flush()
-            usage = receipt.usage
-            tokens = f", tokens prompt={usage.prompt_tokens} completion={usage.completion_tokens}" if usage else ""
-            err.write(
-                f"receipt verified: events={receipt.events}, key epoch={receipt.key_epoch}, "
-                f"signed by the attested key{tokens}\n"
-            )
+            model = attest_and_choose_model(client, args.model, err)
+            if model is None:
+                return EXIT_FAILED
+            _, receipt = reply(client, model, messages, sampling_params(args), not args.no_stream, answer)
+            err.write(receipt_line(receipt))
             return EXIT_OK
     except (TeeNodeError, AttestationError) as exc:
-        return _fail(err, exc, partial)
+        return report_failure(err, exc, answer.printed)
 
 
 # --- attest ---------------------------------------------------------------------------------
@@ -223,7 +269,7 @@ def run_attest(args: argparse.Namespace, out: TextIO | None = None, err: TextIO 
             result = {"url": args.url, "valid": refused, "accepted": False, "error": type(exc).__name__, "message": str(exc)}
             out.write(json.dumps({**result, "policy_errors": list(exc.errors) if refused else []}) + "\n")
             return EXIT_FAILED
-        return _fail(err, exc)
+        return report_failure(err, exc)
     if args.tls_cert_out:
         if identity.tls_certificate is None:
             err.write("error: the node was reached over plain HTTP: there is no attested TLS certificate to write\n")
