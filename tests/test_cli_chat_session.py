@@ -55,12 +55,20 @@ class Terminal:
         self.screen += data.decode(errors="replace").replace("\r\n", "\n")
         return bool(data)
 
-    def type(self, text: str) -> None:
+    def answer_prompt(self, text: str) -> None:
+        self.expect("you> ")
+        # readline writes the prompt before it switches the terminal's mode, and a key typed
+        # during the switch is dropped: a person types later than a test would.
+        time.sleep(0.3)
         os.write(self.master, text.encode())
 
     def exit_code(self, timeout: float = 10.0) -> int:
         try:
             return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self._read(0.5)
+            pytest.fail(f"still running {timeout:.0f} s later; the terminal shows:\n{self.screen}")
         finally:
             os.close(self.master)
 
@@ -84,18 +92,15 @@ def start_session(node) -> Terminal:
 
 def test_two_verified_turns_carry_the_conversation_and_ctrl_d_ends_the_session(node) -> None:
     terminal = start_session(node)
-    terminal.expect("you> ")
-    terminal.type("alpha beta\r")
+    terminal.answer_prompt("alpha beta\r")
     terminal.expect(r"\nalpha beta\n")  # the echo engine answers the last user message
     # Usage counts every message sent: this turn carried one of two words.
     terminal.expect(r"receipt verified: events=\d+, key epoch=1, signed by the attested key, tokens prompt=2 completion=2\n")
-    terminal.expect("you> ")
-    terminal.type("gamma\r")
+    terminal.answer_prompt("gamma\r")
     terminal.expect(r"\ngamma\n")
     # The second turn carried the whole conversation: user (2) + assistant (2) + user (1) words.
     terminal.expect(r"receipt verified: events=\d+, key epoch=1, signed by the attested key, tokens prompt=5 completion=1\n")
-    terminal.expect("you> ")
-    terminal.type("\x04")  # Ctrl-D
+    terminal.answer_prompt("\x04")  # Ctrl-D
     assert terminal.exit_code() == 0
     assert terminal.screen.count("attestation verified") == 0  # attested once, before the first turn
 
@@ -103,11 +108,9 @@ def test_two_verified_turns_carry_the_conversation_and_ctrl_d_ends_the_session(n
 @pytest.mark.parametrize("end", ["/exit\r", "\x03"], ids=["/exit", "Ctrl-C"])
 def test_exit_and_ctrl_c_end_the_session_cleanly(node, end: str) -> None:
     terminal = start_session(node)
-    terminal.expect("you> ")
-    terminal.type("delta\r")
+    terminal.answer_prompt("delta\r")
     terminal.expect(r"receipt verified: .*tokens prompt=1 completion=1\n")
-    terminal.expect("you> ")
-    terminal.type(end)
+    terminal.answer_prompt(end)
     assert terminal.exit_code() == 0
     assert "Traceback" not in terminal.screen and "error" not in terminal.screen
 
