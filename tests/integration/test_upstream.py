@@ -77,10 +77,16 @@ class Scripted:
 
     def app(self) -> web.Application:
         app = web.Application()
-        app.router.add_get("/health", lambda r: web.Response())
-        app.router.add_get("/v1/models", lambda r: web.json_response({"data": [{"id": "m", "owned_by": "vllm", "max_model_len": 2048}]}))
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/chat/completions", self.chat)
         return app
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response()
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"data": [{"id": "m", "owned_by": "vllm", "max_model_len": 2048}]})
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
