@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from attestation import cli as attestation_cli
 from attestation.errors import AttestationError
@@ -124,8 +124,17 @@ def _models_digest(args: argparse.Namespace) -> int:
     return 0
 
 
+class _HelpfulParser(argparse.ArgumentParser):
+    """Usage errors (a missing argument or subcommand above all) print the command's whole help
+    before the error; subcommands' parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_help(sys.stderr)
+        self.exit(2, f"\n{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tee-node", description=__doc__)
+    parser = _HelpfulParser(prog="tee-node", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -40,10 +40,29 @@ def test_serve_help():
     assert "{vllm,upstream,echo}" in out.stdout
 
 
-def test_no_command_is_a_usage_error(capsys):
+@pytest.mark.parametrize(
+    ("argv", "missing", "listed"),
+    [
+        ([], "command", "serve"),
+        (["models"], "models_command", "prepare the configured models ahead of time"),
+        (["quote"], "quote_command", "verify a raw TDX quote"),
+        (["config"], "config_command", "print the config digest"),
+        (["gpu"], "gpu_command", "verify an NVIDIA GPU attestation report"),
+        (["policy"], "policy_command", "print a policy pinning"),
+        (["chat"], "url", "--temperature"),
+        (["attest"], "url", "--json"),
+        (["quote", "verify"], "file", "--allow-simulated"),
+    ],
+)
+def test_a_command_without_its_required_argument_prints_its_help(capsys, argv, missing, listed):
     with pytest.raises(SystemExit) as info:
-        main([])
+        main(argv)
     assert info.value.code == 2
+    err = capsys.readouterr().err
+    prog = " ".join(["tee-node", *argv])
+    assert err.startswith(f"usage: {prog} ")
+    assert listed in err  # the help, not only the usage line
+    assert err.rstrip().endswith(f"{prog}: error: the following arguments are required: {missing}")
 
 
 def digest(capsys, *args: str) -> str:
