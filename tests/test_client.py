@@ -511,6 +511,12 @@ def _run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
+def test_cli_chat_with_an_unknown_model_lists_the_served_ones_and_verifies_nothing(node, capsys):
+    code, out, err = _run_cli(["chat", node.url, "hello", "--allow-simulated", "--model", "nope"], capsys)
+    assert code == 1 and out == ""
+    assert err == f"error: the node does not serve model 'nope'; it serves: {MODEL}\n"
+
+
 def test_cli_chat_streams_and_reports_verification(node, capsys):
     code, out, err = _run_cli(["chat", node.url, "hello confidential world", "--allow-simulated"], capsys)
     assert code == 0, err

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from pydantic import BaseModel, ValidationError
+from yarl import URL
 
 from attestation.errors import TlsCertificateMismatch
 
@@ -102,6 +103,48 @@ def _retry_after(value: str | None) -> float | None:
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)
     return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
+def _public_url(url: str) -> str:
+    """The URL as an error may show it: never a user name or password."""
+    try:
+        parsed = URL(url)
+    except (ValueError, TypeError):
+        return "(an unreadable URL)"
+    return str(parsed.with_user(None)) if parsed.is_absolute() else url.rsplit("@", 1)[-1]
+
+
+def unreachable(url: str, exc: BaseException, timeout: float | None = None) -> APIConnectionError:
+    """The error for a failed exchange with the node at `url`, naming the cause. Library
+    messages are not passed on: the cause is said in fixed words."""
+    shown = _public_url(url)
+    if isinstance(exc, asyncio.TimeoutError):
+        limit = f" within {timeout:g} s" if timeout else ""
+        return APITimeoutError(url=shown, cause=f"timed out: no answer{limit}")
+    if isinstance(exc, aiohttp.NonHttpUrlClientError):
+        parsed = URL(url)
+        if not parsed.host:  # "localhost:8080" reads as scheme "localhost"
+            return APIConnectionError(url=shown, cause=f"not an http:// or https:// URL; did you mean http://{shown}?")
+        return APIConnectionError(url=shown, cause=f"the {parsed.scheme}:// scheme is not supported; use http:// or https://")
+    if isinstance(exc, aiohttp.InvalidURL):
+        return APIConnectionError(url=shown, cause="not a valid URL")
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return APIConnectionError(url=shown, cause=f"DNS: the name {URL(url).host!r} does not resolve")
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return APIConnectionError(url=shown, cause="TLS: the node's certificate does not verify")
+    if isinstance(exc, (aiohttp.ClientConnectorSSLError, aiohttp.ClientSSLError)):
+        return APIConnectionError(url=shown, cause="TLS: the handshake failed (is the node serving plain http://?)")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        if isinstance(exc.os_error, ConnectionRefusedError):
+            return APIConnectionError(url=shown, cause="connection refused: is the node running and listening there?")
+        return APIConnectionError(url=shown, cause=f"cannot connect ({type(exc.os_error).__name__})")
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return APIConnectionError(url=shown, cause="the node closed the connection")
+    if isinstance(exc, ssl.SSLError):  # raw sockets (reading the node's certificate), not aiohttp's
+        return APIConnectionError(url=shown, cause="TLS: the handshake failed (is the node serving plain http://?)")
+    if isinstance(exc, ConnectionRefusedError):
+        return APIConnectionError(url=shown, cause="connection refused: is the node running and listening there?")
+    return APIConnectionError(url=shown, cause=f"the connection failed ({type(exc).__name__})")
 
 
 class _Pinned:
@@ -219,10 +262,8 @@ class AsyncStream(Generic[T]):
                 self._done = True
                 yield held
             self._done = True
-        except asyncio.TimeoutError:
-            raise APITimeoutError() from None
-        except aiohttp.ClientError:
-            raise APIConnectionError("connection to the node broke during the stream") from None
+        except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+            raise unreachable(str(self._response.url.origin()), exc) from None
         finally:
             self._response.release()
 
@@ -556,10 +597,8 @@ class ConfidentialClient:
             _, writer = await asyncio.wait_for(
                 asyncio.open_connection(url.hostname, url.port or 443, ssl=unverified), self.timeout
             )
-        except asyncio.TimeoutError:
-            raise APITimeoutError() from None
-        except (OSError, ssl.SSLError):
-            raise APIConnectionError() from None
+        except (asyncio.TimeoutError, OSError) as exc:  # ssl.SSLError is an OSError
+            raise unreachable(self.base_url, exc, self.timeout) from None
         try:
             certificate = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
         finally:
@@ -593,12 +632,10 @@ class ConfidentialClient:
                 if len(data) > MAX_RESPONSE_BYTES:
                     raise UnexpectedResponse("response too large")
                 return response.status, response.headers, data
-        except asyncio.TimeoutError:
-            raise APITimeoutError() from None
         except aiohttp.ServerFingerprintMismatch as exc:
             raise _certificate_mismatch(exc) from None
-        except aiohttp.ClientError:
-            raise APIConnectionError() from None
+        except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+            raise unreachable(self.base_url, exc, self.timeout) from None
 
     async def _get_json(self, path: str) -> Any:
         """GET `path`; over HTTPS only on a connection to the attested certificate."""
@@ -696,10 +733,8 @@ class ConfidentialClient:
             return AsyncStream(response, opener, identity, model, kind)
         try:
             data = await response.content.read(MAX_RESPONSE_BYTES + 1)
-        except asyncio.TimeoutError:
-            raise APITimeoutError() from None
-        except aiohttp.ClientError:
-            raise APIConnectionError() from None
+        except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+            raise unreachable(self.base_url, exc, self.timeout) from None
         finally:
             response.release()
         if len(data) > MAX_RESPONSE_BYTES:
@@ -732,12 +767,10 @@ class ConfidentialClient:
             return await self._http().post(
                 self.base_url + path, data=_compact(outer), headers=headers, timeout=timeout, ssl=pin or True
             )
-        except asyncio.TimeoutError:
-            raise APITimeoutError() from None
         except aiohttp.ServerFingerprintMismatch as exc:
             raise _certificate_mismatch(exc) from None
-        except aiohttp.ClientError:
-            raise APIConnectionError() from None
+        except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+            raise unreachable(self.base_url, exc, self.timeout) from None
 
 
 __all__ = ["AsyncStream", "ConfidentialClient", "make_policy"]

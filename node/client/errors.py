@@ -179,7 +179,16 @@ def error_from_body(
 
 
 class APIConnectionError(TeeNodeError):
+    """The node could not be reached, or the connection broke: `.url` (no credentials) and
+    `.cause` (refused, DNS, TLS, timeout...) say where and why."""
+
     message = "could not reach the node"
+
+    def __init__(self, message: str | None = None, *, url: str | None = None, cause: str | None = None) -> None:
+        self.url, self.cause = url, cause
+        if message is None and url is not None:
+            message = f"{self.message} at {url}" + (f": {cause}" if cause else "")
+        super().__init__(message)
 
 
 class APITimeoutError(APIConnectionError):
