@@ -96,9 +96,10 @@ def parse_request(body: bytes) -> ConfidentialComputeRequest:
         return ConfidentialComputeRequest.model_validate_json(body)
     except ValidationError as exc:
         # Only error types, never input values, decide which error is raised.
-        if any(e["type"] == "json_invalid" for e in exc.errors(include_input=False, include_url=False)):
+        problems = exc.errors(include_input=False, include_url=False, include_context=False)
+        if any(e["type"] == "json_invalid" for e in problems):
             raise MalformedJson() from None
-        raise SchemaViolation() from None
+        raise SchemaViolation.naming(problems) from None
 
 
 class DecodedRequest:

@@ -59,6 +59,28 @@ class MalformedJson(InvalidBody):
 class SchemaViolation(InvalidBody):
     message = "request body does not match the schema"
 
+    @classmethod
+    def naming(cls, problems: list[dict]) -> SchemaViolation:
+        """The error naming each offending field of a public body (the envelope, a lock request)
+        by its path and pydantic's error type, never by its value. Not for decrypted bodies:
+        even their field names are confidential."""
+        named = [f"{_field_path(p.get('loc', ()))} ({p.get('type', 'invalid')})" for p in problems[:MAX_NAMED_FIELDS]]
+        more = len(problems) - len(named)
+        return cls(f"{cls.message}: " + ", ".join(named) + (f" and {more} more" if more > 0 else ""))
+
+
+# Fields a schema error names; names are cut to this length and to safe characters.
+MAX_NAMED_FIELDS = 3
+_MAX_FIELD_NAME = 40
+
+
+def _field_path(loc: tuple) -> str:
+    parts = []
+    for part in loc:
+        text = str(part)[:_MAX_FIELD_NAME]
+        parts.append("".join(c if c.isascii() and (c.isalnum() or c in "_-") else "?" for c in text))
+    return ".".join(parts) or "(the body)"
+
 
 class InvalidBase64(InvalidBody):
     message = "a field is not standard base64 with padding"

@@ -60,9 +60,10 @@ async def nodes_lock(request: web.Request) -> web.Response:
     try:
         lock = NodesCreateLockRequest.model_validate_json(body)
     except ValidationError as exc:
-        if any(e["type"] == "json_invalid" for e in exc.errors(include_input=False)):
+        problems = exc.errors(include_input=False, include_url=False, include_context=False)
+        if any(e["type"] == "json_invalid" for e in problems):
             raise MalformedJson() from None
-        raise SchemaViolation() from None
+        raise SchemaViolation.naming(problems) from None
     if not any(card.id == lock.model for card in state.engine.models()):
         raise ModelNotFound()
     key = state.keyring.live_keys()[0]
