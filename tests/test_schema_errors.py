@@ -4,7 +4,6 @@ and error type, never by value; a decrypted body's fields are never named."""
 from __future__ import annotations
 
 from server_support import CONFIDENTIAL_CHAT, chat_body, compact
-from server_support import make_node, node_client  # noqa: F401  (pytest fixtures)
 
 SECRET = "grapefruit-77-value"
 
