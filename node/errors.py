@@ -159,6 +159,10 @@ class MethodNotAllowed(NodeError, code="METHOD_NOT_ALLOWED"):
     pass
 
 
+class PlaintextDisabled(NodeError, code="PLAINTEXT_DISABLED"):
+    pass
+
+
 class EngineError(InternalError):
     """The engine failed while serving a request; answered as INTERNAL_ERROR with no detail."""
 

@@ -116,7 +116,7 @@ class ErrorKind:
     message: str  # the node's message: a fixed text, so no input can ever reach it
     client_message: str  # what the client's exception says
     retry_after: bool = False  # the answer carries Retry-After
-    routing: bool = False  # answered by the router (no such path or method), not by an operation
+    routing: bool = False  # answered in place of a route (none there, or turned off), not by an operation
 
 
 ERROR_TABLE: tuple[ErrorKind, ...] = (
@@ -154,6 +154,12 @@ ERROR_TABLE: tuple[ErrorKind, ...] = (
     ErrorKind("NOT_FOUND", 404, "no such path", "not found", "the node has no such path", routing=True),
     ErrorKind("METHOD_NOT_ALLOWED", 405, "the path does not take this method",
               "method not allowed", "the path does not take this method", routing=True),
+    ErrorKind(
+        "PLAINTEXT_DISABLED", 404, "a plain OpenAI route on a node with allow_plaintext off",
+        "plain OpenAI routes are off on this node (allow_plaintext = false): send the request sealed to "
+        "/v1/confidential/...",
+        "the node serves only its confidential routes (/v1/confidential/...)", routing=True,
+    ),
 )
 ERRORS: dict[str, ErrorKind] = {kind.code: kind for kind in ERROR_TABLE}
 

@@ -287,9 +287,11 @@ async def test_engine_failure_mid_stream(make_node):
 
 
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"])
-async def test_plain_routes_absent_by_default(node_client, path):
+async def test_plain_routes_off_by_default_say_so(node_client, path):
     response = await node_client.client.post(path, json=chat_body("plain"))
     assert response.status == 404
+    error = (await response.json())["error"]
+    assert error["code"] == "PLAINTEXT_DISABLED" and "allow_plaintext" in error["message"]
 
 
 async def test_plain_routes_with_allow_plaintext(make_node):

@@ -114,6 +114,17 @@ def _public_url(url: str) -> str:
     return str(parsed.with_user(None)) if parsed.is_absolute() else url.rsplit("@", 1)[-1]
 
 
+def _scheme_of(url: str) -> str:
+    """http or https; any other URL is refused before anything is sent, with what to write instead."""
+    parsed = urlsplit(url)
+    if parsed.scheme in ("http", "https") and parsed.hostname:
+        return parsed.scheme
+    shown = _public_url(url)
+    if not parsed.hostname:  # "localhost:8080" reads as scheme "localhost"
+        raise APIConnectionError(url=shown, cause=f"not an http:// or https:// URL; did you mean http://{shown}?")
+    raise APIConnectionError(url=shown, cause=f"the {parsed.scheme}:// scheme is not supported; use http:// or https://")
+
+
 def unreachable(url: str, exc: BaseException, timeout: float | None = None) -> APIConnectionError:
     """The error for a failed exchange with the node at `url`, naming the cause. Library
     messages are not passed on: the cause is said in fixed words."""
@@ -121,11 +132,6 @@ def unreachable(url: str, exc: BaseException, timeout: float | None = None) -> A
     if isinstance(exc, asyncio.TimeoutError):
         limit = f" within {timeout:g} s" if timeout else ""
         return APITimeoutError(url=shown, cause=f"timed out: no answer{limit}")
-    if isinstance(exc, aiohttp.NonHttpUrlClientError):
-        parsed = URL(url)
-        if not parsed.host:  # "localhost:8080" reads as scheme "localhost"
-            return APIConnectionError(url=shown, cause=f"not an http:// or https:// URL; did you mean http://{shown}?")
-        return APIConnectionError(url=shown, cause=f"the {parsed.scheme}:// scheme is not supported; use http:// or https://")
     if isinstance(exc, aiohttp.InvalidURL):
         return APIConnectionError(url=shown, cause="not a valid URL")
     if isinstance(exc, aiohttp.ClientConnectorDNSError):
@@ -413,9 +419,7 @@ class ConfidentialClient:
     ) -> None:
         if max_retries < 0:
             raise ValueError("max_retries must be >= 0")
-        scheme = urlsplit(base_url).scheme
-        if scheme not in ("http", "https"):
-            raise ValueError(f"the node's URL must be http:// or https://, not {scheme or 'schemeless'}")
+        scheme = _scheme_of(base_url)
         self.tls = scheme == "https"
         self.base_url = base_url.rstrip("/")
         self._api_key = api_key

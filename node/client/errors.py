@@ -20,7 +20,8 @@ unprinted, in `.server_message`.
     │   ├── NotReadyError             503 NOT_READY
     │   ├── InternalServerError       500 INTERNAL_ERROR
     │   ├── NotFoundError             404 NOT_FOUND (no such path: not a tee-node?)
-    │   └── MethodNotAllowedError     405 METHOD_NOT_ALLOWED
+    │   ├── MethodNotAllowedError     405 METHOD_NOT_ALLOWED
+    │   └── PlaintextDisabledError    404 PLAINTEXT_DISABLED (a plain route on a node without them)
     ├── APIConnectionError / APITimeoutError
     └── VerificationError (node.errors: ResponseDecryptionFailed, ResponseHashMismatch,
         BadSignature, MissingField, ReceiptInvalid > TranscriptMismatch, MissingReceipt,
@@ -148,6 +149,10 @@ class MethodNotAllowedError(NodeAPIError, code="METHOD_NOT_ALLOWED"):
     pass
 
 
+class PlaintextDisabledError(NodeAPIError, code="PLAINTEXT_DISABLED"):
+    pass
+
+
 # One class per row of the error table (importing fails while a row has none).
 ERRORS_BY_CODE: dict[str, type[NodeAPIError]] = declared_by_code(_DECLARED, "client")
 
@@ -224,6 +229,7 @@ __all__ = [
     "InvalidSignatureError",
     "MalformedEvent",
     "MethodNotAllowedError",
+    "PlaintextDisabledError",
     "ModelNotFoundError",
     "NodeAPIError",
     "NotFoundError",

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from ..config import NodeConfig
 from ..engine import Engine, build_engine
-from ..errors import ModelNotFound, MalformedJson, NotReady, SchemaViolation
+from ..errors import MalformedJson, ModelNotFound, NotReady, PlaintextDisabled, SchemaViolation
 from ..protocol import NodesCreateLockRequest
 from .attestation import AttestationService, attestation_document, collateral_lifecycle
 from .middleware import CONTEXT, error_middleware
@@ -43,6 +43,11 @@ def _confidential(endpoint: Endpoint):
         return await serve_confidential(request, endpoint)
 
     return handler
+
+
+async def _plaintext_disabled(request: web.Request) -> web.StreamResponse:
+    """Said, not a bare 404: a user who sends OpenAI requests here learns why and what to do."""
+    raise PlaintextDisabled()
 
 
 def _plain(endpoint: Endpoint):
@@ -218,9 +223,8 @@ def create_app(config: NodeConfig, engine: Engine | None = None) -> web.Applicat
     app[OPENAPI] = openapi_document(config)
     for path, endpoint in CONFIDENTIAL_ROUTES.items():
         app.router.add_post(path, _confidential(endpoint))
-    if config.allow_plaintext:
-        for path, endpoint in PLAIN_ROUTES.items():
-            app.router.add_post(path, _plain(endpoint))
+    for path, endpoint in PLAIN_ROUTES.items():
+        app.router.add_post(path, _plain(endpoint) if config.allow_plaintext else _plaintext_disabled)
     app.router.add_post("/v1/nodes/lock", nodes_lock)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/health", health)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import orjson
 from aiohttp import web
 
-from ..errors import NODE_ERRORS, BodyTooLarge, InternalError, InvalidBody, NodeError, Overloaded
+from ..errors import BodyTooLarge, InternalError, InvalidBody, MethodNotAllowed, NodeError, NotFound, Overloaded
 from .state import NODE
 
 log = logging.getLogger("tee_node.access")
@@ -57,7 +57,7 @@ def error_response(exc: NodeError, request_id: str) -> web.Response:
 
 
 # aiohttp's own refusals (no such route, method or a broken request line) by status.
-_HTTP_ERRORS = {cls.status: cls for cls in NODE_ERRORS if cls.kind.routing}
+_HTTP_ERRORS = {cls.status: cls for cls in (NotFound, MethodNotAllowed)}
 
 
 def _http_error(exc: web.HTTPException, request_id: str) -> web.Response:
