@@ -120,5 +120,7 @@ def test_openapi_error_responses_come_from_the_table():
     assert set(responses) == {"200"} | {str(s) for s in PROTOCOL_ERRORS.values()}
     models = doc["paths"]["/v1/models"]["get"]
     assert models["security"] == [{"bearerAuth": []}] and set(models["responses"]) == {"200", "401"}
+    plain_off = openapi_document(load_config(None), ["/v1/chat/completions"])["paths"]["/v1/chat/completions"]["post"]
+    assert plain_off["responses"]["404"]["description"].startswith("PLAINTEXT_DISABLED: ")
     public = openapi_document(load_config(None, auth={"metrics_public": True}))["paths"]["/metrics"]["get"]
     assert "security" not in public and set(public["responses"]) == {"200"}

@@ -220,7 +220,7 @@ def create_app(config: NodeConfig, engine: Engine | None = None) -> web.Applicat
         state.tls = TlsIdentity.generate([*config.tls.names, *listen])
     app = web.Application(middlewares=[error_middleware], client_max_size=config.limits.max_body_bytes)
     app[NODE] = state
-    app[OPENAPI] = openapi_document(config)
+    app[OPENAPI] = openapi_document(config, PLAIN_ROUTES)
     for path, endpoint in CONFIDENTIAL_ROUTES.items():
         app.router.add_post(path, _confidential(endpoint))
     for path, endpoint in PLAIN_ROUTES.items():

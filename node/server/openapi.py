@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from pydantic.json_schema import models_json_schema
@@ -16,7 +17,7 @@ from ..protocol import (
     NodesCreateLockRequest,
     NodesCreateLockResponse,
 )
-from ..wire import ERROR_TABLE, ErrorKind
+from ..wire import ERROR_TABLE, ERRORS, ErrorKind
 
 REF = "#/components/schemas/{model}"
 BEARER = [{"bearerAuth": []}]
@@ -70,7 +71,23 @@ def _get(summary: str, content_type: str = "application/json", errors: tuple[str
     return {"get": {"summary": summary, "responses": responses, **({"security": BEARER} if token else {})}}
 
 
-def openapi_document(config: NodeConfig) -> dict[str, Any]:
+def _plaintext_disabled_operation() -> dict[str, Any]:
+    kind = ERRORS["PLAINTEXT_DISABLED"]
+    return {
+        "post": {
+            "summary": "Plain OpenAI route: off on this node (allow_plaintext = false)",
+            "responses": {
+                str(kind.status): {
+                    "description": f"{kind.code}: {kind.when}",
+                    "content": {"application/json": {"schema": _ref("ErrorBody")}},
+                }
+            },
+        }
+    }
+
+
+def openapi_document(config: NodeConfig, plain_paths: Iterable[str] = ()) -> dict[str, Any]:
+    """The node's OpenAPI 3.1 document; `plain_paths` are documented as refused when they are off."""
     _, schemas = models_json_schema(
         [
             (ConfidentialComputeRequest, "validation"),
@@ -122,6 +139,8 @@ def openapi_document(config: NodeConfig) -> dict[str, Any]:
             }
         },
     }
+    if not config.allow_plaintext:
+        paths.update({path: _plaintext_disabled_operation() for path in plain_paths})
     return {
         "openapi": "3.1.0",
         "info": {"title": "tee-node", "version": __version__, "description": f"TEE mode: {config.tee_mode}"},
