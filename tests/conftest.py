@@ -5,4 +5,4 @@ another conftest.py in tests/integration, and in a whole-suite run either can be
 """
 
 from atoma import atoma_sdk  # noqa: F401  (pytest fixtures)
-from server_support import all_logs, echo_node, make_node, node_client  # noqa: F401
+from server_support import all_logs, echo_node, make_node, node_client, node_process  # noqa: F401

@@ -25,7 +25,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -396,6 +396,16 @@ def spawn_node(model: str = MODEL, env: dict[str, str] | None = None, extra_args
             node.stop()
             raise RuntimeError(f"tee-node not ready in time:\n{node.log()}")
         time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def node_process() -> Iterator[NodeProcess]:
+    """`tee-node serve` (echo engine) as its own process, shared by a module's tests."""
+    node = spawn_node()
+    try:
+        yield node
+    finally:
+        node.stop()
 
 
 @pytest.fixture(scope="session")

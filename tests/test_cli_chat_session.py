@@ -13,7 +13,7 @@ import termios
 import time
 
 import pytest
-from server_support import TEE_NODE, spawn_node
+from server_support import TEE_NODE
 
 from node.config import EMBEDDED_CHAT_MODEL
 
@@ -73,25 +73,16 @@ class Terminal:
             os.close(self.master)
 
 
-@pytest.fixture(scope="module")
-def node():
-    node = spawn_node()
-    try:
-        yield node
-    finally:
-        node.stop()
-
-
-def start_session(node) -> Terminal:
-    terminal = Terminal(str(TEE_NODE), "chat", node.url, "--allow-simulated")
+def start_session(node_process) -> Terminal:
+    terminal = Terminal(str(TEE_NODE), "chat", node_process.url, "--allow-simulated")
     terminal.expect(r"attestation verified: tee=\S+ \(SIMULATED, not a TEE\)")
     terminal.expect(r"model: +echo-model\n")
     terminal.expect(r"/exit, Ctrl-D or Ctrl-C ends the session\n")
     return terminal
 
 
-def test_two_verified_turns_carry_the_conversation_and_ctrl_d_ends_the_session(node) -> None:
-    terminal = start_session(node)
+def test_two_verified_turns_carry_the_conversation_and_ctrl_d_ends_the_session(node_process) -> None:
+    terminal = start_session(node_process)
     terminal.answer_prompt("alpha beta\r")
     terminal.expect(r"\nalpha beta\n")  # the echo engine answers the last user message
     # Usage counts every message sent: this turn carried one of two words.
@@ -106,8 +97,8 @@ def test_two_verified_turns_carry_the_conversation_and_ctrl_d_ends_the_session(n
 
 
 @pytest.mark.parametrize("end", ["/exit\r", "\x03"], ids=["/exit", "Ctrl-C"])
-def test_exit_and_ctrl_c_end_the_session_cleanly(node, end: str) -> None:
-    terminal = start_session(node)
+def test_exit_and_ctrl_c_end_the_session_cleanly(node_process, end: str) -> None:
+    terminal = start_session(node_process)
     terminal.answer_prompt("delta\r")
     terminal.expect(r"receipt verified: .*tokens prompt=1 completion=1\n")
     terminal.answer_prompt(end)
@@ -115,8 +106,8 @@ def test_exit_and_ctrl_c_end_the_session_cleanly(node, end: str) -> None:
     assert "Traceback" not in terminal.screen and "error" not in terminal.screen
 
 
-def test_an_unknown_model_is_refused_before_anything_is_said_verified(node) -> None:
-    terminal = Terminal(str(TEE_NODE), "chat", node.url, "--allow-simulated", "--model", EMBEDDED_CHAT_MODEL)
+def test_an_unknown_model_is_refused_before_anything_is_said_verified(node_process) -> None:
+    terminal = Terminal(str(TEE_NODE), "chat", node_process.url, "--allow-simulated", "--model", EMBEDDED_CHAT_MODEL)
     terminal.expect(rf"error: the node does not serve model '{re.escape(EMBEDDED_CHAT_MODEL)}'; it serves: echo-model\n")
     assert terminal.exit_code() == 1
     assert "verified" not in terminal.screen

@@ -9,20 +9,11 @@ import types
 
 import aiohttp
 import pytest
-from server_support import free_port, spawn_node
+from server_support import free_port
 
 from node.cli import main
 from node.client import APIConnectionError, APITimeoutError, ConfidentialClient
 from node.client._async import unreachable
-
-
-@pytest.fixture(scope="module")
-def node():
-    node = spawn_node()
-    try:
-        yield node
-    finally:
-        node.stop()
 
 
 async def attest_error(url: str, timeout: float = 10.0) -> APIConnectionError:
@@ -52,8 +43,8 @@ async def test_another_scheme_is_refused_by_name() -> None:
     assert info.value.cause == "the ftp:// scheme is not supported; use http:// or https://"
 
 
-async def test_tls_to_a_plain_http_node_says_tls(node) -> None:
-    url = node.url.replace("http://", "https://")
+async def test_tls_to_a_plain_http_node_says_tls(node_process) -> None:
+    url = node_process.url.replace("http://", "https://")
     error = await attest_error(url)
     assert error.url == url and error.cause.startswith("TLS: ")
 
