@@ -20,7 +20,7 @@ def build_engine(config: NodeConfig) -> Engine:
     if kind == "upstream":
         from .upstream import UpstreamEngine
 
-        return UpstreamEngine(config.engine)
+        return UpstreamEngine(config.engine, max_connections=config.limits.max_in_flight)
     from .vllm import VllmEngine
 
     return VllmEngine(config.engine, config.cache_dir, config.log_level)

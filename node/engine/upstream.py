@@ -8,6 +8,11 @@ never logged.
 
 A background poller keeps `ready` and the model list current (`/health`, then `/v1/models`),
 so the node reports NOT_READY while the upstream loads or restarts.
+
+The hop costs little: one pooled keep-alive session holds up to `max_in_flight` connections
+(the admission limit, so no admitted request waits for one), and answers and stream chunks are
+parsed once (the node reads usage and text) and passed on as the bytes they came in
+(`node.wire.RawJson`), never serialised again.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import orjson
 from node.config import UNIX_SOCKET_PREFIX, EngineConfig
 from node.engine.base import ALL_TASKS, TASKS_OF, Chunk, ModelCard, Task, raise_for_engine_error, raise_for_engine_status
 from node.errors import EngineError, ModelNotFound, NotReady
-from node.wire import SSE_DONE, EventTooLarge, SSEDecoder
+from node.wire import SSE_DONE, EventTooLarge, SSEDecoder, parse_json_object
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +39,9 @@ class UpstreamEngine:
     name = "upstream"
     tee_capable = True
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, max_connections: int = 64) -> None:
         self.config = config
+        self._max_connections = max_connections
         url = (config.upstream_url or "").rstrip("/")
         self._socket_path: str | None = None
         if url.startswith(UNIX_SOCKET_PREFIX):
@@ -56,8 +62,16 @@ class UpstreamEngine:
 
     async def start(self) -> None:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self.config.upstream_timeout)
-        connector = aiohttp.UnixConnector(path=self._socket_path) if self._socket_path else None
-        self._session = aiohttp.ClientSession(timeout=timeout, headers=self._headers, connector=connector)
+        # Keep-alive connections up to the admission limit; the health poller shares them.
+        limit = self._max_connections + 1
+        if self._socket_path:
+            connector: aiohttp.BaseConnector = aiohttp.UnixConnector(path=self._socket_path, limit=limit)
+        else:
+            connector = aiohttp.TCPConnector(limit=limit, limit_per_host=limit)
+        # No cookie jar: the upstream sets none worth keeping, and the jar costs on every request.
+        self._session = aiohttp.ClientSession(
+            timeout=timeout, headers=self._headers, connector=connector, cookie_jar=aiohttp.DummyCookieJar()
+        )
         await self.poll()
         self._poller = asyncio.create_task(self._poll_forever(), name="upstream-health")
 
@@ -153,8 +167,8 @@ class UpstreamEngine:
         try:
             response = await self._post(path, body, request_id)
             async with response:
-                return orjson.loads(await response.read())
-        except (aiohttp.ClientError, asyncio.TimeoutError, orjson.JSONDecodeError):
+                return parse_json_object(await response.read())
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
             raise EngineError() from None
         finally:
             self._aborted.discard(request_id)
@@ -173,19 +187,19 @@ class UpstreamEngine:
         return self._stream(response, request_id)
 
     async def _stream(self, response: aiohttp.ClientResponse, request_id: str) -> AsyncIterator[Chunk]:
-        """The upstream's server-sent events as chunk dicts; leaving early closes the upstream
-        connection, which makes the upstream abort the request."""
+        """The upstream's server-sent events as chunk dicts (RawJson: passed on as received);
+        leaving early closes the upstream connection, which makes the upstream abort the request."""
         decoder = SSEDecoder()
         try:
             async for raw in response.content.iter_any():
                 for data in decoder.feed(raw):
                     if data == SSE_DONE:
                         return
-                    chunk = orjson.loads(data)
+                    chunk = parse_json_object(data)
                     if "error" in chunk and "choices" not in chunk:
                         raise_for_engine_error(chunk)
                     yield chunk
-        except (aiohttp.ClientError, asyncio.TimeoutError, orjson.JSONDecodeError, EventTooLarge):
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, EventTooLarge):
             if request_id in self._aborted:
                 return  # abort() closed the connection: the stream just ends
             raise EngineError() from None
