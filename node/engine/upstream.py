@@ -140,6 +140,9 @@ class UpstreamEngine:
     def models(self) -> list[ModelCard]:
         return list(self._models)
 
+    def weights_sha256(self) -> dict[str, str]:
+        return {}  # the weights are the upstream's: this node holds none to digest
+
     # --- requests -----------------------------------------------------------------------------
 
     def _check(self, request: dict[str, Any], task: Task) -> None:
