@@ -11,6 +11,9 @@ same run:
   requests   non-streaming chat, 64 concurrent keep-alive connections: requests/s
   streams    streaming chat, 256 concurrent streams of a 200-word prompt (the echo engine
              streams the words back, one engine chunk per word): SSE events/s and tokens/s
+  upstream   the requests load, plain and confidential, on a second node whose engine is the
+             UpstreamEngine in front of bench/echo_upstream.py (an instant OpenAI echo server
+             on the generator's CPU): the CPU per request of the node and of the upstream
 
 Fairness of the load generator:
   * it runs in separate processes (`--clients`, default 1) speaking raw HTTP/1.1 over
@@ -32,7 +35,8 @@ Tokens/s counts the prompt words of streams finished in the window plus the even
 unfinished ones at the end (one token per event unless the node coalesced chunks).
 
 Goals: confidential >= 70% of plain requests/s, >= 60% of plain events/s, >= 15,000
-encrypted+signed events/s, padding costs at most 10% of sealed events/s. Writes
+encrypted+signed events/s, padding costs at most 10% of sealed events/s, the node's CPU per
+plain request through the UpstreamEngine at most 2x the upstream's. Writes
 docs/benchmarks/server.json. Run:
     .venv/bin/python bench/server.py [--quick] [--seconds S] [--no-pin] [--clients N]
 """
@@ -41,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import multiprocessing as mp
 import os
@@ -60,7 +65,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import REPO, print_table, write_results  # noqa: E402
 
-GOALS = {"requests_ratio": 0.70, "events_ratio": 0.60, "confidential_events_per_s": 15_000, "padded_events_ratio": 0.90}
+GOALS = {
+    "requests_ratio": 0.70,
+    "events_ratio": 0.60,
+    "confidential_events_per_s": 15_000,
+    "padded_events_ratio": 0.90,
+    # Node CPU per plain request through the UpstreamEngine / the upstream's own, at most.
+    "upstream_hop_ratio": 2.0,
+}
 REQUEST_CONNECTIONS = 64
 STREAMS = 256
 PROMPT_WORDS = 200
@@ -69,6 +81,8 @@ CONFIDENTIAL_PATH = "/v1/confidential/chat/completions"
 PLAIN_PATH = "/v1/chat/completions"
 # Route -> whether its requests and answers are padded (PROTOCOL.md part C).
 ROUTES = {"plain": False, "confidential": True, "confidential_unpadded": False}
+# Through the UpstreamEngine: the hop's cost shows on plain requests; confidential ones for the record.
+UPSTREAM_ROUTES = {"plain": False, "confidential": True}
 
 
 def _prompt(words: int) -> str:
@@ -106,7 +120,7 @@ def _get(port: int, path: str, body: dict | None = None) -> Any:
         return json.loads(response.read())
 
 
-def start_node(port: int, cpus: str | None, state_dir: str) -> subprocess.Popen:
+def start_node(port: int, cpus: str | None, state_dir: str, engine: tuple[str, ...] = ("--engine", "echo")) -> subprocess.Popen:
     env = {
         **os.environ,
         "TEE_NODE_ALLOW_PLAINTEXT": "true",
@@ -117,21 +131,38 @@ def start_node(port: int, cpus: str | None, state_dir: str) -> subprocess.Popen:
         "TEE_NODE_PORT": str(port),
         "TEE_NODE_ATTESTATION__STATE_DIR": state_dir,
     }
-    cmd = [str(TEE_NODE), "serve", "--engine", "echo"]
+    return _start([str(TEE_NODE), "serve", *engine], cpus, env, port, "/ready")
+
+
+def start_upstream(port: int, cpus: str | None) -> subprocess.Popen:
+    """bench/echo_upstream.py: the instant OpenAI server behind the node's UpstreamEngine."""
+    cmd = [sys.executable, str(Path(__file__).with_name("echo_upstream.py")), "--port", str(port)]
+    return _start(cmd, cpus, dict(os.environ), port, "/health")
+
+
+def _start(cmd: list[str], cpus: str | None, env: dict[str, str], port: int, ready_path: str) -> subprocess.Popen:
     if cpus is not None:
         cmd = ["taskset", "-c", cpus, *cmd]
     process = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 60
     while time.time() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"node exited: {process.stderr.read().decode(errors='replace')[-2000:]}")
+            raise RuntimeError(f"{cmd[0]} exited: {process.stderr.read().decode(errors='replace')[-2000:]}")
         try:
-            _get(port, "/ready")
+            _get(port, ready_path)
             return process
         except OSError:
             time.sleep(0.2)
     process.kill()
-    raise RuntimeError("node did not become ready")
+    raise RuntimeError(f"{cmd[0]} did not become ready")
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
 
 
 def cpu_seconds(pid: int) -> float:
@@ -369,8 +400,10 @@ def run_window(
     clients: int,
     client_cpus: set[int] | None,
     profile_dir: str | None = None,
+    upstream: subprocess.Popen | None = None,
 ) -> dict[str, Any]:
-    """One timed window of one kind on one route, `clients` generator processes."""
+    """One timed window of one kind on one route, `clients` generator processes; the CPU time
+    of the node and, given one, of its upstream."""
     total = base_job["connections"]
     pipes, procs = [], []
     for i in range(clients):
@@ -391,6 +424,7 @@ def run_window(
         pipe.send(start_at)
     time.sleep(max(0.0, start_at - time.time()))
     node_cpu0 = cpu_seconds(node.pid)
+    upstream_cpu0 = cpu_seconds(upstream.pid) if upstream is not None else 0.0
     spy = None
     if profile_dir:
         out = Path(profile_dir) / f"{base_job['kind']}-{base_job['route']}.txt"
@@ -401,6 +435,7 @@ def run_window(
         )  # fmt: skip
     time.sleep(base_job["seconds"])
     node_cpu = cpu_seconds(node.pid) - node_cpu0
+    upstream_cpu = cpu_seconds(upstream.pid) - upstream_cpu0 if upstream is not None else None
     if spy is not None:
         spy.wait(timeout=30)
     results = [pipe.recv()[1] for pipe in pipes]
@@ -423,9 +458,72 @@ def run_window(
         # Node CPU time per unit of work: robust to neighbours stealing the node's core.
         "node_cpu_us_per_request": node_cpu / counters["requests"] * 1e6 if counters["requests"] else None,
         "node_cpu_us_per_event": node_cpu / counters["events"] * 1e6 if counters["events"] else None,
+        "upstream_cpu_us_per_request": (
+            upstream_cpu / counters["requests"] * 1e6 if upstream_cpu is not None and counters["requests"] else None
+        ),
         "client_cpu": sum(r["cpu_seconds"] for r in results) / seconds,
         "samples": samples,
     }
+
+
+def _measure(
+    node: subprocess.Popen,
+    port: int,
+    kinds: list[str],
+    routes: dict[str, bool],
+    *,
+    ctx,
+    seconds: float,
+    rounds: int,
+    args: argparse.Namespace,
+    client_cpus: set[int] | None,
+    windows: list[dict[str, Any]],
+    upstream: subprocess.Popen | None = None,
+) -> None:
+    """`rounds` windows of each kind on each route against `node`, appended to `windows`.
+    Kind "upstream" is the requests load on a node whose engine is `upstream`."""
+    model = _get(port, "/v1/models")["data"][0]["id"]
+    node_key = base64.b64decode(_get(port, "/v1/nodes/lock", {"model": model})["public_key"])
+    nonce = os.urandom(32).hex()
+    signing_key = base64.b64decode(_get(port, f"/v1/attestation?nonce={nonce}")["signing_public_key"])
+    pool_rate = {"requests": 8000.0, "streams": 600.0}
+    for kind in kinds:
+        load = "streams" if kind == "streams" else "requests"
+        connections = REQUEST_CONNECTIONS if load == "requests" else STREAMS
+        for round_ in range(rounds):
+            for route in routes:
+                job = {
+                    "port": port,
+                    "kind": load,
+                    "route": route,
+                    "seconds": seconds,
+                    "connections": connections,
+                    "words": PROMPT_WORDS,
+                    "model": model,
+                    "plaintext": _plaintext(model, load == "streams", PROMPT_WORDS, route),
+                    "node_key": node_key,
+                    "signing_key": signing_key,
+                    "pool_size": int(pool_rate[load] * seconds * 1.3) + connections,
+                    "samples_per_conn": 1 if round_ == 0 else 0,
+                }
+                window = run_window(ctx, node, job, args.clients, client_cpus, args.profile, upstream)
+                window["kind"] = kind
+                if route == "plain":  # confidential is at most this fast: size its pool by it
+                    rate = window["requests_per_s"] if load == "requests" else window["streams_per_s"]
+                    pool_rate[load] = max(rate * 1.2, 50.0)
+                windows.append(window)
+                upstream_cpu = window["upstream_cpu_us_per_request"]
+                print(
+                    f"  {kind:8s} {route:21s} round {round_ + 1}: "
+                    f"{window['requests_per_s'] if load == 'requests' else window['events_per_s']:9.0f}/s "
+                    f"tokens/s {window['tokens_per_s']:8.0f} node cpu {window['node_cpu']:.2f} "
+                    f"client cpu {window['client_cpu']:.2f} "
+                    f"node cpu/unit {window['node_cpu_us_per_request' if load == 'requests' else 'node_cpu_us_per_event'] or 0:.0f} us "
+                    + (f"upstream cpu/unit {upstream_cpu:.0f} us " if upstream_cpu is not None else "")
+                    + f"errors {window['errors']} "
+                    f"samples {window['samples']['checked']}/{window['samples']['checked'] + window['samples']['failures']}",
+                    flush=True,
+                )
 
 
 def main() -> int:
@@ -435,7 +533,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=None, help="windows per route and kind (median kept)")
     parser.add_argument("--no-pin", action="store_true", help="do not pin node and generator to separate CPUs")
     parser.add_argument("--clients", type=int, default=1, help="load generator processes")
-    parser.add_argument("--only", choices=["requests", "streams"], default=None)
+    parser.add_argument("--only", choices=["requests", "streams", "upstream"], default=None)
     parser.add_argument("--no-write", action="store_true", help="print only, do not write server.json")
     parser.add_argument("--profile", metavar="DIR", default=None, help="py-spy the node in each window (raw stacks)")
     parser.add_argument("--label", default=None, help="a note stored with the results")
@@ -451,56 +549,30 @@ def main() -> int:
     started = time.perf_counter()
     ctx = mp.get_context("spawn")
     port = _free_port()
+    kinds = [args.only] if args.only else ["requests", "streams", "upstream"]
+    windows: list[dict[str, Any]] = []
+    measure = dict(ctx=ctx, seconds=seconds, rounds=rounds, args=args, client_cpus=client_cpus, windows=windows)
     with tempfile.TemporaryDirectory() as state_dir:
-        node = start_node(port, node_cpus, state_dir)
-        try:
-            model = _get(port, "/v1/models")["data"][0]["id"]
-            node_key = __import__("base64").b64decode(_get(port, "/v1/nodes/lock", {"model": model})["public_key"])
-            nonce = os.urandom(32).hex()
-            signing_key = __import__("base64").b64decode(_get(port, f"/v1/attestation?nonce={nonce}")["signing_public_key"])
-            kinds = [args.only] if args.only else ["requests", "streams"]
-            windows: list[dict[str, Any]] = []
-            pool_rate = {"requests": 8000.0, "streams": 600.0}
-            for kind in kinds:
-                words = PROMPT_WORDS
-                connections = REQUEST_CONNECTIONS if kind == "requests" else STREAMS
-                for round_ in range(rounds):
-                    for route in ROUTES:
-                        job = {
-                            "port": port,
-                            "kind": kind,
-                            "route": route,
-                            "seconds": seconds,
-                            "connections": connections,
-                            "words": words,
-                            "model": model,
-                            "plaintext": _plaintext(model, kind == "streams", words, route),
-                            "node_key": node_key,
-                            "signing_key": signing_key,
-                            "pool_size": int(pool_rate[kind] * seconds * 1.3) + connections,
-                            "samples_per_conn": 1 if round_ == 0 else 0,
-                        }
-                        window = run_window(ctx, node, job, args.clients, client_cpus, args.profile)
-                        if route == "plain":  # confidential is at most this fast: size its pool by it
-                            rate = window["requests_per_s"] if kind == "requests" else window["streams_per_s"]
-                            pool_rate[kind] = max(rate * 1.2, 50.0)
-                        windows.append(window)
-                        print(
-                            f"  {kind:8s} {route:21s} round {round_ + 1}: "
-                            f"{window['requests_per_s'] if kind == 'requests' else window['events_per_s']:9.0f}/s "
-                            f"tokens/s {window['tokens_per_s']:8.0f} node cpu {window['node_cpu']:.2f} "
-                            f"client cpu {window['client_cpu']:.2f} "
-                            f"node cpu/unit {window['node_cpu_us_per_request' if kind == 'requests' else 'node_cpu_us_per_event'] or 0:.0f} us "
-                            f"errors {window['errors']} "
-                            f"samples {window['samples']['checked']}/{window['samples']['checked'] + window['samples']['failures']}",
-                            flush=True,
-                        )
-        finally:
-            node.send_signal(signal.SIGINT)
+        echo_kinds = [kind for kind in kinds if kind != "upstream"]
+        if echo_kinds:
+            node = start_node(port, node_cpus, state_dir)
             try:
-                node.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                node.kill()
+                _measure(node, port, echo_kinds, ROUTES, **measure)
+            finally:
+                stop(node)
+        if "upstream" in kinds:
+            # The upstream shares the generator's CPU: the node keeps its own core, as above.
+            upstream_port = _free_port()
+            upstream = start_upstream(upstream_port, ",".join(map(str, sorted(client_cpus))) if pin else None)
+            try:
+                engine = ("--engine", "upstream", "--upstream-url", f"http://127.0.0.1:{upstream_port}")
+                node = start_node(port, node_cpus, state_dir, engine)
+                try:
+                    _measure(node, port, ["upstream"], UPSTREAM_ROUTES, upstream=upstream, **measure)
+                finally:
+                    stop(node)
+            finally:
+                stop(upstream)
 
     def med(kind: str, route: str, key: str) -> float:
         values = [w[key] for w in windows if w["kind"] == kind and w["route"] == route and w[key] is not None]
@@ -561,6 +633,26 @@ def main() -> int:
         rows.append(["stream tokens/s", f"{tplain:.0f}", f"{tconf:.0f}", f"{tunpadded:.0f}", f"{tconf / tplain:.0%}", "", ""])
         rows.append(["sealed events/s (total)", "", f"{conf:.0f}", f"{unpadded:.0f}", "", f">= {GOALS['confidential_events_per_s']:,}", "yes" if conf >= GOALS["confidential_events_per_s"] else "NO"])
         rows.append(["  padded / unpadded sealed events/s", "", "", "", f"{conf / unpadded:.0%}", f">= {GOALS['padded_events_ratio']:.0%}", "yes" if conf / unpadded >= GOALS["padded_events_ratio"] else "NO"])
+    if "upstream" in kinds:
+        node_plain, upstream_plain = med("upstream", "plain", "node_cpu_us_per_request"), med("upstream", "plain", "upstream_cpu_us_per_request")
+        node_conf, upstream_conf = med("upstream", "confidential", "node_cpu_us_per_request"), med("upstream", "confidential", "upstream_cpu_us_per_request")
+        hop = node_plain / upstream_plain
+        summary["upstream"] = {
+            "node_cpu_us_per_request": round(node_plain, 1),
+            "upstream_cpu_us_per_request": round(upstream_plain, 1),
+            "ratio": round(hop, 3),
+            "goal": GOALS["upstream_hop_ratio"],
+            "requests_per_s": {route: round(med("upstream", route, "requests_per_s"), 1) for route in UPSTREAM_ROUTES},
+            "confidential": {
+                "node_cpu_us_per_request": round(node_conf, 1),
+                "upstream_cpu_us_per_request": round(upstream_conf, 1),
+            },
+        }
+        met = "yes" if hop <= GOALS["upstream_hop_ratio"] else "NO"
+        rows.append(["through the UpstreamEngine: requests/s", f"{med('upstream', 'plain', 'requests_per_s'):.0f}", f"{med('upstream', 'confidential', 'requests_per_s'):.0f}", "", "", "", ""])
+        rows.append(["  node CPU µs/request", f"{node_plain:.0f}", f"{node_conf:.0f}", "", "", "", ""])
+        rows.append(["  upstream CPU µs/request", f"{upstream_plain:.0f}", f"{upstream_conf:.0f}", "", "", "", ""])
+        rows.append(["  node / upstream CPU (plain)", "", "", "", f"{hop:.2f}x", f"<= {GOALS['upstream_hop_ratio']}x", met])
     print()
     print_table(["", "plain", "confidential", "padding off", "ratio", "goal", "met"], rows)
     failures = sum(w["samples"]["failures"] for w in windows)
