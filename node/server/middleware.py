@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import secrets
 import time
 import traceback
-import uuid
 from dataclasses import dataclass, field
 
 import orjson
@@ -37,7 +37,7 @@ class RequestContext:
     started: float
     # The engine's key for this request, always the node's own: two clients sending the same
     # X-Request-Id must never share (or abort) each other's engine request.
-    engine_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    engine_id: str = field(default_factory=lambda: secrets.token_hex(16))
     model: str | None = None
     request_bytes: int = 0
     response_bytes: int = 0
@@ -72,7 +72,7 @@ def _where(exc: BaseException) -> str:
 @web.middleware
 async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     given = request.headers.get("X-Request-Id", "")
-    request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+    request_id = given if _REQUEST_ID.match(given) else secrets.token_hex(16)
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
     ctx = RequestContext(request_id, route, time.perf_counter())
@@ -101,9 +101,7 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
 
 def _account(request: web.Request, ctx: RequestContext, status: int) -> None:
     elapsed = time.perf_counter() - ctx.started
-    metrics = request.app[NODE].metrics
-    metrics.requests.labels(ctx.route, str(status)).inc()
-    metrics.latency.labels(ctx.route).observe(elapsed)
+    request.app[NODE].metrics.answered(ctx.route, status, elapsed)
     if ctx.route not in UNLOGGED_ROUTES and log.isEnabledFor(logging.INFO):
         ttft = f"{(ctx.first_event_at - ctx.started) * 1000:.1f}" if ctx.first_event_at else "-"
         log.info(

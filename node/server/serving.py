@@ -74,8 +74,9 @@ async def read_body(state: NodeState, request: web.Request, ctx: RequestContext)
     if request.content_length is not None and request.content_length > limits.max_body_bytes:
         raise BodyTooLarge()
     try:
-        body = await asyncio.wait_for(request.read(), limits.read_timeout)
-    except asyncio.TimeoutError:
+        async with asyncio.timeout(limits.read_timeout):  # no task per request, as wait_for makes
+            body = await request.read()
+    except TimeoutError:
         raise InvalidBody("request body not received in time") from None
     except web.HTTPRequestEntityTooLarge:
         raise BodyTooLarge() from None
@@ -107,8 +108,8 @@ def usage_of(result: dict[str, Any]) -> dict[str, Any] | None:
 
 def _count_tokens(state: NodeState, usage: dict[str, Any] | None) -> None:
     if usage:
-        state.metrics.tokens.labels("prompt").inc(usage["prompt_tokens"])
-        state.metrics.tokens.labels("completion").inc(usage["completion_tokens"])
+        state.metrics.prompt_tokens.inc(usage["prompt_tokens"])
+        state.metrics.completion_tokens.inc(usage["completion_tokens"])
 
 
 def _prepare_payload(payload: dict[str, Any], endpoint: Endpoint) -> bool:
@@ -265,8 +266,9 @@ async def _ready_items(queue: asyncio.Queue, keepalive: float, response: web.Str
     keep-alive comment after each `keepalive` seconds of silence."""
     while queue.empty():
         try:
-            first = await asyncio.wait_for(queue.get(), keepalive)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(keepalive):
+                first = await queue.get()
+        except TimeoutError:
             await response.write(SSE_KEEPALIVE)
             continue
         return [first, *_drain(queue)]
