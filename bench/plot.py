@@ -22,6 +22,8 @@ from common import RESULTS_DIR  # noqa: E402
 
 # Bars stop here: past a few times the goal, the length says nothing more.
 MAX_ATTAINMENT = 3.0
+# Node CPU the confidential route adds per request, at most this many times its primitives.
+OVERHEAD_GOAL = 1.25
 
 
 class Ratio:
@@ -95,6 +97,17 @@ def server_ratios(data: dict[str, Any]) -> list[Ratio]:
     events, goal = _num(per_chunk.get("confidential_events_per_s")), _num(per_chunk.get("confidential_events_goal"))
     if events is not None and goal is not None:
         out.append(Ratio("server", "sealed events/s, one event per chunk", events, goal, True, unit="events/s"))
+    # What the confidential path adds per request (node CPU, confidential - plain) over the
+    # primitives it cannot skip (envelope.json's floor with the receipt, from the same make bench).
+    cpu = requests.get("node_cpu_us_per_request") or {}
+    floor_ns = _num(((_load("envelope") or {}).get("timings_ns") or {}).get("floor_open_seal_receipt"))
+    plain, confidential = _num(cpu.get("plain")), _num(cpu.get("confidential"))
+    if plain is not None and confidential is not None and floor_ns:
+        added = (confidential - plain) / (floor_ns / 1000)
+        out.append(Ratio("server", "confidential CPU added / floor+receipt", added, OVERHEAD_GOAL, False))
+    upstream = summary.get("upstream") or {}
+    if _num(upstream.get("ratio")) is not None and _num(upstream.get("goal")) is not None:
+        out.append(Ratio("server", "UpstreamEngine node / upstream CPU per request", upstream["ratio"], upstream["goal"], False))
     # What length hiding costs (PROTOCOL.md part C), on the same one-event-per-chunk run.
     padded, goal = _num(per_chunk.get("padded_events_ratio")), _num(per_chunk.get("padded_events_goal"))
     if padded is not None and goal is not None:
@@ -191,6 +204,13 @@ def markdown(ratios: list[Ratio]) -> str:
             cpu = st.get("node_cpu_us_per_event") or {}
             if cpu:
                 lines.append(f"| node CPU µs per event | {cpu.get('plain', 0):.1f} | {cpu.get('confidential', 0):.1f} | {st.get('cpu_ratio', 0):.0%} |")
+        up = summary.get("upstream") or {}
+        if up:
+            rps = up.get("requests_per_s") or {}
+            conf = up.get("confidential") or {}
+            lines.append(f"| through the UpstreamEngine: requests/s | {rps.get('plain', 0):,.0f} | {rps.get('confidential', 0):,.0f} | |")
+            lines.append(f"| through the UpstreamEngine: node CPU µs per request | {up.get('node_cpu_us_per_request', 0):.0f} | {conf.get('node_cpu_us_per_request', 0):.0f} | |")
+            lines.append(f"| the echo upstream's own CPU µs per request | {up.get('upstream_cpu_us_per_request', 0):.0f} | {conf.get('upstream_cpu_us_per_request', 0):.0f} | node / upstream {up.get('ratio', 0):.2f}x |")
         pin = server.get("pinning") or {}
         lines += [
             "",
