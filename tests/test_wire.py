@@ -3,6 +3,9 @@ which the node's errors, the client's errors and the OpenAPI error responses are
 
 from __future__ import annotations
 
+import copy
+import json
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -11,7 +14,18 @@ from node.client.errors import ERRORS_BY_CODE, error_from_body
 from node.config import load_config
 from node.errors import NODE_ERRORS, EngineBadRequest, EngineError, MalformedJson
 from node.server.openapi import openapi_document
-from node.wire import ERROR_TABLE, ERRORS, SSE_KEEPALIVE, EventTooLarge, SSEDecoder, sse_event
+from node.wire import (
+    ERROR_TABLE,
+    ERRORS,
+    SSE_KEEPALIVE,
+    EventTooLarge,
+    RawJson,
+    SSEDecoder,
+    canonical_json,
+    json_bytes,
+    parse_json_object,
+    sse_event,
+)
 
 # PROTOCOL.md's error table, code -> status: these must never change.
 PROTOCOL_ERRORS = {
@@ -19,6 +33,52 @@ PROTOCOL_ERRORS = {
     "HASH_MISMATCH": 400, "MODEL_NOT_FOUND": 404, "BODY_TOO_LARGE": 413, "REPLAYED_REQUEST": 409,
     "STALE_NODE_KEY": 422, "OVERLOADED": 429, "NOT_READY": 503, "INTERNAL_ERROR": 500,
 }
+
+
+# --- canonical JSON and JSON passed through ------------------------------------------------------
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(_JSON)
+def test_canonical_json_is_protocol_md_definition(obj):
+    """The orjson path must write exactly PROTOCOL.md's json.dumps bytes (floats, big integers
+    and lone surrogates take the reference path)."""
+    try:
+        reference = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate has no UTF-8: neither path writes it
+        with pytest.raises(UnicodeEncodeError):
+            canonical_json(obj)
+        return
+    assert canonical_json(obj) == reference
+
+
+def test_raw_json_is_passed_on_as_its_bytes_and_read_only():
+    data = b' {"id": "x",  "choices": [{"text": "a\\u00e9"}]}\r\n'
+    obj = parse_json_object(data)
+    assert isinstance(obj, RawJson) and obj == {"id": "x", "choices": [{"text": "a\u00e9"}]}
+    assert json_bytes(obj) == data.strip()  # the upstream's own bytes, not a re-serialisation
+    for change in (lambda: obj.__setitem__("id", "y"), lambda: obj.pop("id"), lambda: obj.update(a=1), obj.clear):
+        with pytest.raises(TypeError):
+            change()
+    assert obj == {"id": "x", "choices": [{"text": "a\u00e9"}]}
+    changed = {**obj, "id": "y"}  # a copy is a plain dict: serialised afresh
+    assert json_bytes(changed) == b'{"id":"y","choices":[{"text":"a\xc3\xa9"}]}'
+    assert type(copy.copy(obj)) is dict and type(copy.deepcopy(obj)) is dict
+
+
+def test_parse_json_object_refuses_what_is_not_one_object_line():
+    for bad in (b"[1]", b'"s"', b"1", b"{", b""):
+        with pytest.raises(ValueError):
+            parse_json_object(bad)
+    # Line breaks inside: no longer one SSE data line as it is, so it is parsed only.
+    multiline = parse_json_object(b'{"a":\n1}')
+    assert type(multiline) is dict and json_bytes(multiline) == b'{"a":1}'
 
 
 # --- SSE ----------------------------------------------------------------------------------------
