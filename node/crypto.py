@@ -13,10 +13,8 @@ import hmac
 import os
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM768PrivateKey, MLKEM768PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 SALT_SIZE = 16
 NONCE_SIZE = 12
@@ -55,6 +53,7 @@ __all__ = [
     "constant_time_equal",
     "derive_hybrid_key",
     "derive_key",
+    "hkdf_sha256",
     "kem_encapsulate",
     "random_bytes",
     "random_nonce",
@@ -123,10 +122,20 @@ def constant_time_equal(a: bytes, b: bytes) -> bool:
     return hmac.compare_digest(a, b)
 
 
+def hkdf_sha256(ikm: bytes, salt: bytes, info: bytes) -> bytes:
+    """RFC 5869 HKDF-SHA256 with a 32-byte output (AES_KEY_SIZE): one expand block,
+    T(1) = HMAC(PRK, info ‖ 0x01).
+
+    The standard library's one-shot HMAC rather than cryptography's HKDF object, which writes
+    the same bytes (tests/test_envelope.py compares them) with ~16 more SHA-256 compressions
+    and an object set-up per request (callgrind).
+    """
+    prk = hmac.digest(salt, ikm, "sha256")
+    return hmac.digest(prk, info + b"\x01", "sha256")
+
+
 def derive_key(shared_secret: bytes, salt: bytes) -> bytes:
-    return HKDF(algorithm=hashes.SHA256(), length=AES_KEY_SIZE, salt=salt, info=HKDF_INFO).derive(
-        shared_secret
-    )
+    return hkdf_sha256(shared_secret, salt, HKDF_INFO)
 
 
 def derive_hybrid_key(
@@ -143,9 +152,7 @@ def derive_hybrid_key(
     neither secret can be transplanted into another request.
     """
     info = HYBRID_INFO_LABEL + client_public_key + node_public_key + hashlib.sha256(kem_ciphertext).digest()
-    return HKDF(algorithm=hashes.SHA256(), length=AES_KEY_SIZE, salt=salt, info=info).derive(
-        kem_shared_secret + x25519_shared_secret
-    )
+    return hkdf_sha256(kem_shared_secret + x25519_shared_secret, salt, info)
 
 
 class KemKeyPair:

@@ -45,20 +45,20 @@ def canonical_json(obj: Any) -> bytes:
 
 def _without_floats(obj: Any) -> bool:
     """Only dicts with str keys, lists, str, int, bool and None (exact types, no subclasses)."""
-    kind = type(obj)
-    if kind is str or kind is int or kind is bool or obj is None:
-        return True
-    if kind is dict:
-        for key, value in obj.items():
-            if type(key) is not str or not _without_floats(value):
-                return False
-        return True
-    if kind is list:
-        for value in obj:
-            if not _without_floats(value):
-                return False
-        return True
-    return False
+    pending = [obj]
+    while pending:  # a loop, not recursion: it runs on every receipt
+        item = pending.pop()
+        kind = type(item)
+        if kind is dict:
+            for key in item:
+                if type(key) is not str:
+                    return False
+            pending.extend(item.values())
+        elif kind is list:
+            pending.extend(item)
+        elif not (kind is str or kind is int or kind is bool or item is None):
+            return False
+    return True
 
 
 # --- JSON passed through --------------------------------------------------------------------------

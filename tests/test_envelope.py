@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import node.envelope as envelope
-from node.crypto import Aead, b64d, b64e, blake2b_256, derive_hybrid_key, derive_key
+from node.crypto import Aead, b64d, b64e, blake2b_256, derive_hybrid_key, derive_key, hkdf_sha256
 from node.wire import canonical_json
 from node.envelope import (
     PADDING_SECRET_SIZE,
@@ -106,6 +106,13 @@ def independent_seal(node_pk: bytes, client_sk: bytes, salt: bytes, nonce: bytes
     shared = client.exchange(X25519PublicKey.from_public_bytes(node_pk))
     key = HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=b"").derive(shared)
     return shared, key, AESGCM(key).encrypt(nonce, plaintext, None), hashlib.blake2b(plaintext, digest_size=32).digest()
+
+
+@settings(max_examples=200, deadline=None)
+@given(ikm=st.binary(max_size=96), salt=st.binary(max_size=64), info=st.binary(max_size=120))
+def test_hkdf_is_cryptographys(ikm, salt, info):
+    """node.crypto's two-HMAC HKDF against cryptography's HKDF (RFC 5869), 32-byte keys."""
+    assert hkdf_sha256(ikm, salt, info) == HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=info).derive(ikm)
 
 
 def fixed_keyring(clock=None) -> KeyRing:
