@@ -3,8 +3,6 @@
 Each lives here once:
 - canonical JSON (PROTOCOL.md part B): receipts, the report_data binding of GPU evidence and
   the config digest all hash it;
-- JSON passed through: an engine's answers and stream chunks as `RawJson`, written out again as
-  the bytes they came in (`json_bytes`) rather than re-serialised;
 - server-sent events: `sse_event` writes one, `SSEDecoder` reads them (the client reading the
   node, the engines reading vLLM and an upstream server);
 - the error table (`ERROR_TABLE`): every error code the node answers, from which the node's
@@ -59,45 +57,6 @@ def _without_floats(obj: Any) -> bool:
         elif not (kind is str or kind is int or kind is bool or item is None):
             return False
     return True
-
-
-# --- JSON passed through --------------------------------------------------------------------------
-
-
-class RawJson(dict):
-    """A JSON object parsed from `raw`, the one-line bytes it arrived as (an engine's answer or
-    stream chunk). Passed on unchanged it is written as those bytes (`json_bytes`), not
-    serialised again; it is read-only, so the bytes always say what the dict says."""
-
-    __slots__ = ("raw",)
-    raw: bytes
-
-    def _read_only(self, *args: Any, **kwargs: Any) -> Any:
-        raise TypeError("RawJson is read-only: copy it into a dict to change it")
-
-    __setitem__ = __delitem__ = update = pop = popitem = setdefault = clear = __ior__ = _read_only  # type: ignore[assignment]
-
-    def __reduce__(self) -> tuple[type, tuple[dict[str, Any]]]:  # copies and pickles are plain dicts
-        return dict, (dict(self),)
-
-
-def parse_json_object(data: bytes) -> dict[str, Any]:
-    """`data` as a dict (a RawJson when it is one line); ValueError (orjson.JSONDecodeError
-    included) when it is not a JSON object."""
-    value = orjson.loads(data)
-    if type(value) is not dict:
-        raise ValueError("not a JSON object")
-    data = data.strip()
-    if b"\n" in data or b"\r" in data:  # cannot be one server-sent event's data line as it is
-        return value
-    obj = RawJson(value)
-    obj.raw = data
-    return obj
-
-
-def json_bytes(obj: dict[str, Any]) -> bytes:
-    """Compact JSON of `obj`: a RawJson's own bytes, else orjson's."""
-    return obj.raw if type(obj) is RawJson else orjson.dumps(obj)
 
 
 # --- server-sent events --------------------------------------------------------------------------

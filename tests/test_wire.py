@@ -3,7 +3,6 @@ which the node's errors, the client's errors and the OpenAPI error responses are
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
@@ -19,11 +18,8 @@ from node.wire import (
     ERRORS,
     SSE_KEEPALIVE,
     EventTooLarge,
-    RawJson,
     SSEDecoder,
     canonical_json,
-    json_bytes,
-    parse_json_object,
     sse_event,
 )
 
@@ -35,7 +31,7 @@ PROTOCOL_ERRORS = {
 }
 
 
-# --- canonical JSON and JSON passed through ------------------------------------------------------
+# --- canonical JSON ---------------------------------------------------------------------------------
 
 _JSON = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(),
@@ -56,29 +52,6 @@ def test_canonical_json_is_protocol_md_definition(obj):
             canonical_json(obj)
         return
     assert canonical_json(obj) == reference
-
-
-def test_raw_json_is_passed_on_as_its_bytes_and_read_only():
-    data = b' {"id": "x",  "choices": [{"text": "a\\u00e9"}]}\r\n'
-    obj = parse_json_object(data)
-    assert isinstance(obj, RawJson) and obj == {"id": "x", "choices": [{"text": "a\u00e9"}]}
-    assert json_bytes(obj) == data.strip()  # the upstream's own bytes, not a re-serialisation
-    for change in (lambda: obj.__setitem__("id", "y"), lambda: obj.pop("id"), lambda: obj.update(a=1), obj.clear):
-        with pytest.raises(TypeError):
-            change()
-    assert obj == {"id": "x", "choices": [{"text": "a\u00e9"}]}
-    changed = {**obj, "id": "y"}  # a copy is a plain dict: serialised afresh
-    assert json_bytes(changed) == b'{"id":"y","choices":[{"text":"a\xc3\xa9"}]}'
-    assert type(copy.copy(obj)) is dict and type(copy.deepcopy(obj)) is dict
-
-
-def test_parse_json_object_refuses_what_is_not_one_object_line():
-    for bad in (b"[1]", b'"s"', b"1", b"{", b""):
-        with pytest.raises(ValueError):
-            parse_json_object(bad)
-    # Line breaks inside: no longer one SSE data line as it is, so it is parsed only.
-    multiline = parse_json_object(b'{"a":\n1}')
-    assert type(multiline) is dict and json_bytes(multiline) == b'{"a":1}'
 
 
 # --- SSE ----------------------------------------------------------------------------------------

@@ -10,9 +10,9 @@ A background poller keeps `ready` and the model list current (`/health`, then `/
 so the node reports NOT_READY while the upstream loads or restarts.
 
 The hop costs little: one pooled keep-alive session holds up to `max_in_flight` connections
-(the admission limit, so no admitted request waits for one), and answers and stream chunks are
-parsed once (the node reads usage and text) and passed on as the bytes they came in
-(`node.wire.RawJson`), never serialised again.
+(the admission limit, so no admitted request waits for one), without a cookie jar. Answers
+and stream chunks are parsed once with orjson: keeping their bytes to pass them on unparsed
+cost more per chunk than orjson's parse and re-serialisation (callgrind, see the README).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import orjson
 from node.config import UNIX_SOCKET_PREFIX, EngineConfig
 from node.engine.base import ALL_TASKS, TASKS_OF, Chunk, ModelCard, Task, raise_for_engine_error, raise_for_engine_status
 from node.errors import EngineError, ModelNotFound, NotReady
-from node.wire import SSE_DONE, EventTooLarge, SSEDecoder, parse_json_object
+from node.wire import SSE_DONE, EventTooLarge, SSEDecoder
 
 log = logging.getLogger(__name__)
 
@@ -170,12 +170,15 @@ class UpstreamEngine:
         try:
             response = await self._post(path, body, request_id)
             async with response:
-                return parse_json_object(await response.read())
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+                answer = orjson.loads(await response.read())
+        except (aiohttp.ClientError, asyncio.TimeoutError, orjson.JSONDecodeError):
             raise EngineError() from None
         finally:
             self._aborted.discard(request_id)
             self._responses.pop(request_id, None)
+        if not isinstance(answer, dict):
+            raise EngineError()  # not an OpenAI answer: the node's error, never a crash serving it
+        return answer
 
     async def _forward(self, path: str, request: dict[str, Any], request_id: str) -> dict[str, Any] | AsyncIterator[Chunk]:
         if not request.get("stream"):
@@ -190,19 +193,19 @@ class UpstreamEngine:
         return self._stream(response, request_id)
 
     async def _stream(self, response: aiohttp.ClientResponse, request_id: str) -> AsyncIterator[Chunk]:
-        """The upstream's server-sent events as chunk dicts (RawJson: passed on as received);
-        leaving early closes the upstream connection, which makes the upstream abort the request."""
+        """The upstream's server-sent events as chunk dicts; leaving early closes the upstream
+        connection, which makes the upstream abort the request."""
         decoder = SSEDecoder()
         try:
             async for raw in response.content.iter_any():
                 for data in decoder.feed(raw):
                     if data == SSE_DONE:
                         return
-                    chunk = parse_json_object(data)
+                    chunk = orjson.loads(data)
                     if "error" in chunk and "choices" not in chunk:
                         raise_for_engine_error(chunk)
                     yield chunk
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, EventTooLarge):
+        except (aiohttp.ClientError, asyncio.TimeoutError, orjson.JSONDecodeError, EventTooLarge):
             if request_id in self._aborted:
                 return  # abort() closed the connection: the stream just ends
             raise EngineError() from None

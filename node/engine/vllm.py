@@ -3,10 +3,10 @@
 Chat templates, sampling parameters, stop handling, usage and logprobs are all vLLM's
 (`OpenAIServingChat`, `OpenAIServingCompletion`, `ServingEmbedding`); this module only turns the
 node's plaintext dicts into vLLM's request models, maps errors to the node's types and parses
-the SSE strings vLLM produces into chunk dicts that keep vLLM's bytes (`node.wire.RawJson`):
-the node reads usage and text from them and sends those bytes on, never serialising a chunk
-again. vLLM's serving layer offers no chunk objects to take instead: its stream generator
-serialises each one (`model_dump_json`) inside the same loop that builds it.
+the SSE strings vLLM produces back into chunk dicts (orjson). vLLM's serving layer offers no
+chunk objects to take instead: its stream generator serialises each one (`model_dump_json`)
+inside the same loop that builds it; and keeping a chunk's bytes to pass them on unparsed cost
+more per chunk than orjson's parse and re-serialisation (callgrind, see the README).
 
 The node's own engine request id becomes the vLLM request id, so `abort(request_id)` finds the running
 sequences (vLLM names them `chatcmpl-<id>`, `cmpl-<id>-<i>`, `embd-<id>-<i>`). No request
@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
 from pydantic import ValidationError
 
 from node.config import LOG_FORMAT, EngineConfig, ModelConfig
@@ -35,7 +36,7 @@ from node.engine.base import TASKS_OF, Chunk, ModelCard, Task, raise_for_engine_
 from node.engine.vllm_logging import logging_config
 from node.errors import EngineBadRequest, EngineError, ModelNotFound, NotReady
 from node.models import prepare_model, weights_sha256
-from node.wire import SSE_DONE, SSEDecoder, parse_json_object
+from node.wire import SSE_DONE, SSEDecoder
 
 log = logging.getLogger("tee_node.engine")
 
@@ -522,7 +523,7 @@ class VllmEngine:
         return result.model_dump(mode="json")
 
     async def _stream(self, served: _Served, sse: Any, request_id: str) -> AsyncIterator[Chunk]:
-        """vLLM's SSE strings as chunk dicts (RawJson). Leaving early (client gone, aclose()) frees the slot."""
+        """vLLM's SSE strings as chunk dicts. Leaving early (client gone, aclose()) frees the slot."""
         finished = False
         decoder = SSEDecoder()
         try:
@@ -531,7 +532,7 @@ class VllmEngine:
                     if data == SSE_DONE:
                         finished = True
                         continue
-                    chunk = parse_json_object(data)
+                    chunk = orjson.loads(data)
                     if "error" in chunk and "choices" not in chunk:
                         raise_for_engine_error(chunk)
                     yield chunk
@@ -553,7 +554,7 @@ class VllmEngine:
             response = await self._call(served, served.embedding(parsed))
         finally:
             self._running.pop(request_id, None)
-        body = parse_json_object(response.body)
+        body = orjson.loads(response.body)
         status = getattr(response, "status_code", 200)
         if status >= 400:
             raise_for_engine_status(status)

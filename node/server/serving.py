@@ -31,7 +31,7 @@ from ..errors import (
     Unauthorized,
 )
 from ..protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, Usage
-from ..wire import SSE_DONE, SSE_KEEPALIVE, json_bytes, sse_event
+from ..wire import SSE_DONE, SSE_KEEPALIVE, sse_event
 from .coalesce import coalesce
 from .middleware import CONTEXT, RequestContext
 from .state import NODE, NodeState, bearer_token
@@ -156,7 +156,7 @@ async def serve_confidential(request: web.Request, endpoint: Endpoint) -> web.St
         if not stream:
             usage = usage_of(result)
             _count_tokens(state, usage)
-            sealed = opened.sealer.seal_response(json_bytes(result), model, usage)
+            sealed = opened.sealer.seal_response(orjson.dumps(result), model, usage)
             return web.Response(body=orjson.dumps(sealed), content_type="application/json", headers={"X-Request-Id": ctx.request_id})
         sealer = opened.sealer
         cadence_ms = state.config.limits.stream_cadence_ms
@@ -184,20 +184,20 @@ class _SealedEncoder:
         for chunk in chunks:
             self._last = chunk
             if self._held is not None:
-                events.append(_sse(self._sealer.seal_event(json_bytes(self._held), self._usage)))
+                events.append(_sse(self._sealer.seal_event(orjson.dumps(self._held), self._usage)))
                 self._held = None
             if isinstance(chunk.get("usage"), dict):
                 self._usage = Usage.from_openai(chunk["usage"]).model_dump()
                 self._held = chunk
                 continue
-            events.append(_sse(self._sealer.seal_event(json_bytes(chunk), self._usage)))
+            events.append(_sse(self._sealer.seal_event(orjson.dumps(chunk), self._usage)))
         return events
 
     def end(self) -> list[bytes]:
         # Without a usage chunk last from the engine, the receipt still needs a final event.
         held = self._held if self._held is not None else self._empty_chunk()
         _count_tokens(self._state, self._usage)
-        return [_sse(self._sealer.seal_final_event(json_bytes(held), self._model, self._usage))]
+        return [_sse(self._sealer.seal_final_event(orjson.dumps(held), self._model, self._usage))]
 
     def filler(self) -> list[bytes]:
         """An event with no text, for a cadence tick with nothing ready (padded, it has the
@@ -230,7 +230,7 @@ class _PlainEncoder:
 
 
 def _sse(event: dict[str, Any]) -> bytes:
-    return sse_event(json_bytes(event))
+    return sse_event(orjson.dumps(event))
 
 
 class _EngineFailed:
@@ -416,5 +416,5 @@ async def serve_plain(request: web.Request, endpoint: Endpoint) -> web.StreamRes
         result = await endpoint.call(state.engine, payload, ctx.engine_id)
         if not stream:
             _count_tokens(state, usage_of(result))
-            return web.Response(body=json_bytes(result), content_type="application/json", headers={"X-Request-Id": ctx.request_id})
+            return web.Response(body=orjson.dumps(result), content_type="application/json", headers={"X-Request-Id": ctx.request_id})
         return await _stream(request, state, ctx, result, _PlainEncoder(state))
