@@ -29,9 +29,9 @@ def canonical_json(obj: Any) -> bytes:
     """Sorted keys, no spaces, raw UTF-8 (PROTOCOL.md part B, "Canonical JSON").
 
     The definition is the `json.dumps` call at the end. orjson writes the same bytes for
-    objects, arrays, strings, 64-bit integers, booleans and null, ~10x faster (a receipt per
-    response), so it serves those; floats (which it formats differently) and anything it
-    refuses take the reference path.
+    objects, arrays, strings, 64-bit integers, booleans and null, so it serves those (a
+    receipt, one per response: ~4 us with the float check instead of ~8 us); floats (which it
+    formats differently) and anything it refuses take the reference path.
     """
     if _without_floats(obj):
         try:

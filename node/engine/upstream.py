@@ -9,7 +9,7 @@ never logged.
 A background poller keeps `ready` and the model list current (`/health`, then `/v1/models`),
 so the node reports NOT_READY while the upstream loads or restarts.
 
-The hop costs little: one pooled keep-alive session holds up to `max_in_flight` connections
+One pooled keep-alive session holds up to `max_in_flight` connections
 (the admission limit, so no admitted request waits for one), without a cookie jar. Answers
 and stream chunks are parsed once with orjson: keeping their bytes to pass them on unparsed
 cost more per chunk than orjson's parse and re-serialisation (callgrind, see the README).
