@@ -77,6 +77,7 @@ REQUEST_CONNECTIONS = 64
 STREAMS = 256
 PROMPT_WORDS = 200
 TEE_NODE = Path(sys.executable).with_name("tee-node")
+PY_SPY = Path(sys.executable).with_name("py-spy")  # the dev extra installs it beside the interpreter
 CONFIDENTIAL_PATH = "/v1/confidential/chat/completions"
 PLAIN_PATH = "/v1/chat/completions"
 # Route -> whether its requests and answers are padded (PROTOCOL.md part C).
@@ -429,7 +430,7 @@ def run_window(
     if profile_dir:
         out = Path(profile_dir) / f"{base_job['kind']}-{base_job['route']}.txt"
         spy = subprocess.Popen(
-            ["py-spy", "record", "--pid", str(node.pid), "--duration", str(max(1, int(base_job["seconds"]) - 1)),
+            [str(PY_SPY), "record", "--pid", str(node.pid), "--duration", str(max(1, int(base_job["seconds"]) - 1)),
              "--format", "raw", "--nonblocking", "--rate", "200", "--output", str(out)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
