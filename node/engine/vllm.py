@@ -50,6 +50,9 @@ ENGINE_PROCESS_BYTES = 2 << 30
 LOAD_PROGRESS_SECONDS = 15.0
 # Seconds the engine processes get to exit after SIGTERM before they are killed.
 STOP_GRACE_SECONDS = 2.0
+# The threads that build vLLM engines (each spawns an engine core process, which cannot be
+# interrupted): stop() watches them to signal the processes they still spawn.
+ENGINE_LOAD_THREAD = "tee-node-engine-load"
 VLLM_LOGGING_FILE = "vllm-logging.json"
 
 
@@ -139,7 +142,7 @@ def _quiet_vllm_logging(config_path: Path) -> None:
     logging.config.dictConfig(config)
 
 
-async def _in_daemon_thread(fn: Callable[..., Any], *args: Any) -> Any:
+async def _in_daemon_thread(fn: Callable[..., Any], *args: Any, thread_name: str | None = None) -> Any:
     """`fn(*args)` off the event loop in a daemon thread.
 
     A load cannot be interrupted; a node stopped while loading abandons it, and interpreter
@@ -166,7 +169,8 @@ async def _in_daemon_thread(fn: Callable[..., Any], *args: Any) -> Any:
         except RuntimeError:  # the loop is closed: nobody waits for this any more
             pass
 
-    threading.Thread(target=run, name=f"tee-node-{getattr(fn, '__name__', 'load')}", daemon=True).start()
+    name = thread_name or f"tee-node-{getattr(fn, '__name__', 'call')}"
+    threading.Thread(target=run, name=name, daemon=True).start()
     return await future
 
 
@@ -183,6 +187,10 @@ def _engine_processes() -> list[Any]:
         except psutil.Error:
             continue
     return processes
+
+
+def _engine_loads_running() -> bool:
+    return any(thread.name == ENGINE_LOAD_THREAD for thread in threading.enumerate())
 
 
 def _signal_all(processes: list[Any], kill: bool = False) -> None:
@@ -343,7 +351,7 @@ class VllmEngine:
 
         args = AsyncEngineArgs(**engine_args_for(cfg, model, cpu=current_platform.is_cpu()))
         # Building the engine blocks for the whole load; a thread keeps /ready answering.
-        llm = await _in_daemon_thread(AsyncLLM.from_engine_args, args)
+        llm = await _in_daemon_thread(AsyncLLM.from_engine_args, args, thread_name=ENGINE_LOAD_THREAD)
         served = _Served(cfg=cfg, llm=llm, max_model_len=llm.model_config.max_model_len)
         try:
             models = OpenAIServingModels(
@@ -404,7 +412,15 @@ class VllmEngine:
         _signal_all(processes)
         await asyncio.gather(*(asyncio.to_thread(self._shutdown, s) for s in served))
         deadline = time.monotonic() + STOP_GRACE_SECONDS
-        while (left := _still_running(processes)) and time.monotonic() < deadline:
+        while True:
+            # A load still under way spawns its engine core after the first signal: those are
+            # signalled as they appear, until the loads have failed or the grace is over.
+            late = [p for p in _engine_processes() if p not in processes]
+            _signal_all(late)
+            processes += late
+            left = _still_running(processes)
+            if (not left and not _engine_loads_running()) or time.monotonic() >= deadline:
+                break
             await asyncio.sleep(0.05)
         if left:
             # Past the grace these are in torch's native teardown (seen on vLLM's workers): the
