@@ -57,9 +57,13 @@ class Terminal:
 
     def answer_prompt(self, text: str) -> None:
         self.expect("you> ")
-        # readline writes the prompt before it switches the terminal's mode, and a key typed
-        # during the switch is dropped: a person types later than a test would.
-        time.sleep(0.3)
+        # readline writes the prompt before it switches the terminal to raw input, and a key
+        # typed during the switch is dropped: type once the switch is done, as a person would.
+        deadline = time.monotonic() + 10
+        while termios.tcgetattr(self.master)[3] & termios.ICANON:
+            if time.monotonic() > deadline:
+                pytest.fail(f"the terminal never left line mode; it shows:\n{self.screen}")
+            time.sleep(0.01)
         os.write(self.master, text.encode())
 
     def exit_code(self, timeout: float = 10.0) -> int:
