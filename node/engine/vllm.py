@@ -50,9 +50,6 @@ ENGINE_PROCESS_BYTES = 2 << 30
 LOAD_PROGRESS_SECONDS = 15.0
 # Seconds the engine processes get to exit after SIGTERM before they are killed.
 STOP_GRACE_SECONDS = 2.0
-# Seconds vLLM's own shutdown of a loaded engine gets: its engine core waits for its worker's
-# torch teardown, which took longer than 2 s at times, and vLLM then force-kills with warnings.
-ENGINE_SHUTDOWN_SECONDS = 10.0
 # The threads that build vLLM engines (each spawns an engine core process, which cannot be
 # interrupted): stop() watches them to signal the processes they still spawn.
 ENGINE_LOAD_THREAD = "tee-node-engine-load"
@@ -403,8 +400,7 @@ class VllmEngine:
         )
 
     async def stop(self) -> None:
-        """Stop every engine at once: loaded ones through vLLM's shutdown (up to
-        ENGINE_SHUTDOWN_SECONDS), then whatever is left within STOP_GRACE_SECONDS.
+        """Stop every engine at once, loaded or still loading, within about STOP_GRACE_SECONDS.
 
         SIGTERM reaches all engine processes together, as a terminal's Ctrl-C would: signalled
         through the engine core alone, vLLM's workers outlive its grace and are force-killed.
@@ -440,7 +436,7 @@ class VllmEngine:
     @staticmethod
     def _shutdown(served: _Served) -> None:
         try:
-            served.llm.shutdown(timeout=ENGINE_SHUTDOWN_SECONDS)
+            served.llm.shutdown(timeout=STOP_GRACE_SECONDS)
         except Exception as exc:
             log.warning("vLLM engine %s did not shut down cleanly: %s", served.cfg.name, type(exc).__name__)
 
