@@ -50,6 +50,7 @@ ENGINE_PROCESS_BYTES = 2 << 30
 LOAD_PROGRESS_SECONDS = 15.0
 # Seconds the engine processes get to exit after SIGTERM before they are killed.
 STOP_GRACE_SECONDS = 2.0
+WORKER_TITLE = "VLLM::Worker"  # the process title vLLM gives its model-runner processes
 # The threads that build vLLM engines (each spawns an engine core process, which cannot be
 # interrupted): stop() watches them to signal the processes they still spawn.
 ENGINE_LOAD_THREAD = "tee-node-engine-load"
@@ -409,7 +410,12 @@ class VllmEngine:
         served, self._served = list(self._served.values()), {}
         self._running.clear()
         processes = _engine_processes()
-        _signal_all(processes)
+        # vLLM's workers spend seconds in torch's native teardown after SIGTERM (over 5 s seen),
+        # their engine core waits on them, and vLLM's shutdown then force-kills with warnings.
+        # They hold nothing to save once the node stops: killed at once.
+        workers = [p for p in processes if _title(p).startswith(WORKER_TITLE)]
+        _signal_all(workers, kill=True)
+        _signal_all([p for p in processes if p not in workers])
         await asyncio.gather(*(asyncio.to_thread(self._shutdown, s) for s in served))
         deadline = time.monotonic() + STOP_GRACE_SECONDS
         while True:
