@@ -50,6 +50,9 @@ ENGINE_PROCESS_BYTES = 2 << 30
 LOAD_PROGRESS_SECONDS = 15.0
 # Seconds the engine processes get to exit after SIGTERM before they are killed.
 STOP_GRACE_SECONDS = 2.0
+# vLLM's own shutdown of a loaded engine: its engine core took over 2 s to exit at times even
+# with its workers killed, and vLLM force-kills it with warnings past this.
+ENGINE_SHUTDOWN_SECONDS = 10.0
 WORKER_TITLE = "VLLM::Worker"  # the process title vLLM gives its model-runner processes
 # The threads that build vLLM engines (each spawns an engine core process, which cannot be
 # interrupted): stop() watches them to signal the processes they still spawn.
@@ -442,7 +445,7 @@ class VllmEngine:
     @staticmethod
     def _shutdown(served: _Served) -> None:
         try:
-            served.llm.shutdown(timeout=STOP_GRACE_SECONDS)
+            served.llm.shutdown(timeout=ENGINE_SHUTDOWN_SECONDS)
         except Exception as exc:
             log.warning("vLLM engine %s did not shut down cleanly: %s", served.cfg.name, type(exc).__name__)
 
