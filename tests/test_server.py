@@ -271,10 +271,18 @@ async def test_unknown_paths_share_one_metrics_label(node_client):
     assert not any("nope" in r or r == "/v1/confidential/x" for r in routes), routes
 
 
-def test_the_node_runs_aiohttps_c_http_parser():
-    """bench/server.py measured it: a build without it still works, slower."""
+def test_the_node_runs_on_uvloop_and_aiohttps_c_http_parser():
+    """bench/server.py measured both (node/cli.py): a build without them still works, slower."""
+    import uvloop
     from aiohttp import _http_parser, http_parser
 
+    from node.cli import _event_loop
+
+    loop = _event_loop()
+    try:
+        assert isinstance(loop, uvloop.Loop)
+    finally:
+        loop.close()
     assert http_parser.HttpRequestParser is _http_parser.HttpRequestParser, (
         "aiohttp runs its pure-Python HTTP parser: AIOHTTP_NO_EXTENSIONS is set or its C extension is missing"
     )

@@ -207,6 +207,15 @@ def _signal_all(processes: list[Any], kill: bool = False) -> None:
             continue
 
 
+def _end_engine_processes(processes: list[Any]) -> None:
+    """SIGTERM to engine cores, SIGKILL to workers. vLLM's workers spend seconds in torch's
+    native teardown after SIGTERM (over 5 s seen), their engine core waits on them and vLLM's
+    shutdown then force-kills it with warnings; they hold nothing to save once the node stops."""
+    workers = [p for p in processes if _title(p).startswith(WORKER_TITLE)]
+    _signal_all(workers, kill=True)
+    _signal_all([p for p in processes if p not in workers])
+
+
 def _title(process: Any) -> str:
     import psutil
 
@@ -406,34 +415,28 @@ class VllmEngine:
     async def stop(self) -> None:
         """Stop every engine at once, loaded or still loading, within about STOP_GRACE_SECONDS.
 
-        SIGTERM reaches all engine processes together, as a terminal's Ctrl-C would: signalled
-        through the engine core alone, vLLM's workers outlive its grace and are force-killed.
+        Every engine process is signalled together, as a terminal's Ctrl-C would, and so is each
+        one a load still under way spawns after this starts (see _end_engine_processes).
         """
         self._ready = False
         served, self._served = list(self._served.values()), {}
         self._running.clear()
         processes = _engine_processes()
-        # vLLM's workers spend seconds in torch's native teardown after SIGTERM (over 5 s seen),
-        # their engine core waits on them, and vLLM's shutdown then force-kills with warnings.
-        # They hold nothing to save once the node stops: killed at once.
-        workers = [p for p in processes if _title(p).startswith(WORKER_TITLE)]
-        _signal_all(workers, kill=True)
-        _signal_all([p for p in processes if p not in workers])
+        _end_engine_processes(processes)
         await asyncio.gather(*(asyncio.to_thread(self._shutdown, s) for s in served))
         deadline = time.monotonic() + STOP_GRACE_SECONDS
         while True:
             # A load still under way spawns its engine core after the first signal: those are
             # signalled as they appear, until the loads have failed or the grace is over.
             late = [p for p in _engine_processes() if p not in processes]
-            _signal_all(late)
+            _end_engine_processes(late)
             processes += late
             left = _still_running(processes)
             if (not left and not _engine_loads_running()) or time.monotonic() >= deadline:
                 break
             await asyncio.sleep(0.05)
         if left:
-            # Past the grace these are in torch's native teardown (seen on vLLM's workers): the
-            # engine itself has stopped, and killing them loses nothing.
+            # Past the grace the engine has stopped serving and nothing is left to save.
             names = ", ".join(sorted(_title(p) for p in left))
             log.info("engine: %s still exiting %.0f s after SIGTERM: killed", names, STOP_GRACE_SECONDS)
             _signal_all(left, kill=True)
