@@ -22,37 +22,37 @@ RESULTS_DIR = REPO / "docs" / "benchmarks"
 BIN = Path(sys.executable).parent
 
 
-def median_ns(fn: Callable[[], Any], *, repeat: int = 2000, warmup: int = 200) -> float:
-    """Median wall time of one call of `fn`, in ns, over `repeat` timed calls.
+def interleaved_medians(fns: dict[str, Callable[[], Any]], *, rounds: int = 5, repeat: int = 600) -> dict[str, float]:
+    """Median wall time of one call of each function, in ns, over `rounds * repeat` calls each.
 
-    Each call is timed on its own with perf_counter_ns (the median shrugs off scheduler
-    noise); the GC is paused while timing so that a collection lands on no single sample.
+    The functions take turns call by call, so that the machine's speed, which drifts on this VM
+    by up to 1.8x within seconds (the same X25519 measured 36 to 64 us in one process, no steal
+    time), is the same for all of them: a case and its floor are timed microseconds apart, and
+    their ratio holds where timings taken one function after another did not (a case once
+    measured below a floor it contains). Each call is timed on its own (the median shrugs off
+    scheduler noise); the GC is paused while timing so that a collection lands on no sample.
     """
-    for _ in range(warmup):
-        fn()
-    samples = []
+    calls = list(fns.items())
+    for _, fn in calls:
+        for _ in range(max(50, repeat // 10)):
+            fn()
+    samples: dict[str, list[int]] = {name: [] for name in fns}
     clock = time.perf_counter_ns
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        for _ in range(repeat):
-            start = clock()
-            fn()
-            samples.append(clock() - start)
+        for round_ in range(rounds):
+            # Each round reverses the turn order: no function always follows the same one.
+            order = calls if round_ % 2 == 0 else calls[::-1]
+            for _ in range(repeat):
+                for name, fn in order:
+                    start = clock()
+                    fn()
+                    samples[name].append(clock() - start)
     finally:
         if gc_was_enabled:
             gc.enable()
-    return float(statistics.median(samples))
-
-
-def interleaved_medians(fns: dict[str, Callable[[], Any]], *, rounds: int = 5, repeat: int = 600) -> dict[str, float]:
-    """Medians of several functions measured in alternating rounds, so that drift in machine
-    speed (turbo, neighbours) hits all of them alike; the result is the median of the rounds."""
-    per: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            per[name].append(median_ns(fn, repeat=repeat, warmup=max(50, repeat // 10)))
-    return {name: float(statistics.median(values)) for name, values in per.items()}
+    return {name: float(statistics.median(values)) for name, values in samples.items()}
 
 
 def us(ns: float) -> str:
