@@ -26,7 +26,9 @@ from .evidence import FORMAT_NVIDIA, FORMAT_SNP, FORMAT_TDX, GpuProvider, TeePro
 from .intel import IntelCollateral
 from .nvidia.verify import verify_gpu_report
 
-DOCUMENT_VERSION = 2
+# The version the node serves; a client verifies both.
+DOCUMENT_VERSION = 3
+DOCUMENT_VERSIONS = (2, 3)
 TEE_TYPES = ("tdx", "sev-snp", "simulated")
 _TEE_FORMAT = {"tdx": FORMAT_TDX, "simulated": FORMAT_TDX, "sev-snp": FORMAT_SNP}
 
@@ -52,8 +54,17 @@ def build_document(
     kem_public_key: bytes | None = None,
     tls_cert_sha256: bytes | None = None,
     collateral: dict[str, Any] | None = None,
+    public_keys: dict[str, str | None] | None = None,
+    workers: list[dict[str, Any]] | None = None,
+    release_bundle: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The v2 document (PROTOCOL.md part C); `config_digest` is computed from `measured_config`."""
+    """The v3 document; `config_digest` is computed from `measured_config`.
+
+    `public_keys` (OHTTP key configuration, Privacy Pass token key) and `workers` (the other VMs'
+    verified documents) are bound into report_data; `release_bundle` is public and
+    self-authenticating, so it travels unbound.
+    """
+    public_keys = {**binding.empty_public_keys(), **(public_keys or {})}
     gpu_evidence: list[dict[str, Any]] = []
     if gpu_provider is not None:
         gpu_nonce = binding.gpu_nonce(nonce=nonce, dh_public_key=dh_public_key, signing_public_key=signing_public_key)
@@ -68,6 +79,8 @@ def build_document(
         gpu_evidence=gpu_evidence,
         kem_public_key=kem_public_key,
         tls_cert_sha256=tls_cert_sha256,
+        public_keys=public_keys,
+        workers=workers,
     )
     evidence = provider.get_evidence(report_data)
     return {
@@ -86,6 +99,9 @@ def build_document(
         "tls_cert_sha256": tls_cert_sha256.hex() if tls_cert_sha256 is not None else None,
         "measured_config": measured_config,
         "collateral": collateral if collateral is not None else empty_collateral(),
+        "release_bundle": release_bundle,
+        "public_keys": public_keys,
+        "workers": workers,
     }
 
 
@@ -104,6 +120,11 @@ class VerifiedAttestation:
     tls_cert_sha256: bytes | None
     collateral: dict[str, Any]
     claims: Claims
+    version: int = DOCUMENT_VERSION
+    # v3: the node's other public keys (b64 or None), bound through report_data; a v2 document has none.
+    public_keys: dict[str, str | None] = field(default_factory=binding.empty_public_keys)
+    workers: list[dict[str, Any]] | None = None
+    release_bundle: dict[str, Any] | None = None
     gpu_devices: int = 0
     gpu_verified: bool = False  # the document has GPU evidence and every entry verified (acceptance: appraise)
     notes: tuple[str, ...] = field(default=())
@@ -168,6 +189,28 @@ def _collateral(doc: dict[str, Any]) -> dict[str, Any]:
     return collateral
 
 
+def _v3_fields(doc: dict[str, Any]) -> tuple[dict[str, str | None], list[dict[str, Any]] | None, dict[str, Any] | None]:
+    """`public_keys`, `workers` and `release_bundle` of a v3 document, checked for shape only:
+    the first two are authenticated through report_data, the bundle by its own signatures."""
+    public_keys = _field(doc, "public_keys", dict)
+    if set(public_keys) != set(binding.PUBLIC_KEY_NAMES):
+        raise DocumentInvalid(f"document public_keys must have exactly the keys {', '.join(binding.PUBLIC_KEY_NAMES)}")
+    for name, value in public_keys.items():
+        if value is not None:
+            _b64_value(value, f"public_keys.{name}")
+    workers = _optional(doc, "workers", lambda d, n: _field(d, n, list))
+    if workers is not None and not all(isinstance(worker, dict) for worker in workers):
+        raise DocumentInvalid("document workers must be a list of objects or null")
+    if workers:
+        # Default-deny: a VM whose evidence nobody checked must not touch the client's data.
+        raise DocumentInvalid(
+            f"the document lists {len(workers)} worker VM(s) and this verifier cannot check worker evidence: "
+            "use a client that verifies every VM of a multi-VM node"
+        )
+    release_bundle = _optional(doc, "release_bundle", lambda d, n: _field(d, n, dict))
+    return public_keys, workers, release_bundle
+
+
 def _nvidia_collateral(collateral: dict[str, Any], device: int) -> tuple[list[bytes], list[bytes]]:
     """The RIMs and OCSP responses the document ships for `device` (self-authenticating, so not bound)."""
     for item in collateral.get("nvidia") or []:
@@ -229,8 +272,10 @@ def verify_evidence(
 
     Returns the document's contents with its claims (`verify_document` then appraises them).
     """
-    if not isinstance(doc, dict) or doc.get("version") != DOCUMENT_VERSION:
-        raise DocumentInvalid(f"not an attestation document of version {DOCUMENT_VERSION}")
+    if not isinstance(doc, dict) or type(doc.get("version")) is not int or doc["version"] not in DOCUMENT_VERSIONS:
+        raise DocumentInvalid("not an attestation document of version 2 or 3")
+    version = doc["version"]
+    public_keys, workers, release_bundle = _v3_fields(doc) if version == 3 else (None, None, None)
     tee = _field(doc, "tee", str)
     if tee not in TEE_TYPES:
         raise DocumentInvalid(f"unknown TEE type {tee!r}")
@@ -266,6 +311,9 @@ def verify_evidence(
             gpu_evidence=gpu_entries,
             kem_public_key=kem_public_key,
             tls_cert_sha256=attested_tls,
+            version=version,
+            public_keys=public_keys,
+            workers=workers,
         )
     except (ValueError, TypeError):
         raise DocumentInvalid("document fields cannot be bound into report_data") from None
@@ -313,6 +361,10 @@ def verify_evidence(
         tls_cert_sha256=attested_tls,
         collateral=collateral,
         claims=claims,
+        version=version,
+        public_keys=public_keys if public_keys is not None else binding.empty_public_keys(),
+        workers=workers,
+        release_bundle=release_bundle,
         gpu_devices=len(gpus),
         gpu_verified=bool(gpus),
         notes=(*cpu_claims.collateral_notes, *(note for gpu in gpus for note in gpu.notes)),

@@ -1,8 +1,8 @@
 """Wire encodings shared by the node, the client, the engines and the attestation verifier.
 
 Each lives here once:
-- canonical JSON (PROTOCOL.md part B): receipts, the report_data binding of GPU evidence and
-  the config digest all hash it;
+- canonical JSON (defined in `attestation.canonical`, the lower layer, and re-exported here):
+  receipts, the report_data binding and the config digest all hash it;
 - server-sent events: `sse_event` writes one, `SSEDecoder` reads them (the client reading the
   node, the engines reading vLLM and an upstream server);
 - the error table (`ERROR_TABLE`): every error code the node answers, from which the node's
@@ -18,45 +18,11 @@ A code of PROTOCOL.md's table keeps its status there.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
-
-def canonical_json(obj: Any) -> bytes:
-    """Sorted keys, no spaces, raw UTF-8 (PROTOCOL.md part B, "Canonical JSON").
-
-    The definition is the `json.dumps` call at the end. orjson writes the same bytes for
-    objects, arrays, strings, 64-bit integers, booleans and null, so it serves those (a
-    receipt, one per response: ~4 us with the float check instead of ~8 us); floats (which it
-    formats differently) and anything it refuses take the reference path.
-    """
-    if _without_floats(obj):
-        try:
-            return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
-        except orjson.JSONEncodeError:  # an integer beyond 64 bits, a lone surrogate
-            pass
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-
-
-def _without_floats(obj: Any) -> bool:
-    """Only dicts with str keys, lists, str, int, bool and None (exact types, no subclasses)."""
-    pending = [obj]
-    while pending:  # a loop, not recursion: it runs on every receipt
-        item = pending.pop()
-        kind = type(item)
-        if kind is dict:
-            for key in item:
-                if type(key) is not str:
-                    return False
-            pending.extend(item.values())
-        elif kind is list:
-            pending.extend(item)
-        elif not (kind is str or kind is int or kind is bool or item is None):
-            return False
-    return True
+# Re-exported: the node hashes and signs the same bytes the verifier does.
+from attestation.canonical import canonical_json as canonical_json
 
 
 # --- server-sent events --------------------------------------------------------------------------

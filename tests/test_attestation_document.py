@@ -67,13 +67,26 @@ def test_report_data_follows_the_protocol_byte_for_byte():
     gpu = [{"device": 0, "format": "nvidia-cc", "evidence": "ü"}]
     canonical = json.dumps(gpu, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
     assert binding.canonical_json(gpu) == canonical and "ü".encode() in canonical
-    prefix = b"tee-node/report-data/v2\x00" + NONCE + DH + SIGN + struct.pack("<Q", 7) + CONFIG + hashlib.sha256(canonical).digest()
+    v2_inputs = NONCE + DH + SIGN + struct.pack("<Q", 7) + CONFIG + hashlib.sha256(canonical).digest()
     common = dict(nonce=NONCE, dh_public_key=DH, signing_public_key=SIGN, key_epoch=7, config_digest=CONFIG, gpu_evidence=gpu)
-    with_both = binding.report_data(**common, kem_public_key=KEM, tls_cert_sha256=TLS)
-    assert with_both == hashlib.sha512(prefix + hashlib.sha256(KEM).digest() + TLS).digest() and len(with_both) == 64
+    with_both = binding.report_data(**common, kem_public_key=KEM, tls_cert_sha256=TLS, version=2)
+    v2_prefix = b"tee-node/report-data/v2\x00" + v2_inputs
+    assert with_both == hashlib.sha512(v2_prefix + hashlib.sha256(KEM).digest() + TLS).digest() and len(with_both) == 64
     # Absent keys commit to SHA-256 of nothing and 32 zero bytes.
-    without = binding.report_data(**common, kem_public_key=None, tls_cert_sha256=None)
-    assert without == hashlib.sha512(prefix + hashlib.sha256(b"").digest() + bytes(32)).digest()
+    without = binding.report_data(**common, kem_public_key=None, tls_cert_sha256=None, version=2)
+    assert without == hashlib.sha512(v2_prefix + hashlib.sha256(b"").digest() + bytes(32)).digest()
+    # v3: every v2 input in v2's order, then the public keys' canonical JSON and the workers' (or nothing).
+    keys = {"ohttp": "AAEC", "privacy_pass": None}
+    keys_json = json.dumps(keys, sort_keys=True, separators=(",", ":")).encode()
+    v3_prefix = b"tee-node/report-data/v3\x00" + v2_inputs + hashlib.sha256(KEM).digest() + TLS + hashlib.sha256(keys_json).digest()
+    no_workers = binding.report_data(**common, kem_public_key=KEM, tls_cert_sha256=TLS, public_keys=keys)
+    assert no_workers == hashlib.sha512(v3_prefix + hashlib.sha256(b"").digest()).digest()
+    workers = [{"role": "pipeline-stage-1", "link_public_key": "AA==", "evidence": {"version": 3}}]
+    workers_json = json.dumps(workers, sort_keys=True, separators=(",", ":")).encode()
+    with_workers = binding.report_data(**common, kem_public_key=KEM, tls_cert_sha256=TLS, public_keys=keys, workers=workers)
+    assert with_workers == hashlib.sha512(v3_prefix + hashlib.sha256(workers_json).digest()).digest()
+    # An empty list of workers is not the same commitment as no workers.
+    assert binding.report_data(**common, kem_public_key=KEM, tls_cert_sha256=TLS, public_keys=keys, workers=[]) != no_workers
     assert binding.gpu_nonce(nonce=NONCE, dh_public_key=DH, signing_public_key=SIGN) == hashlib.sha256(
         b"tee-node/gpu-nonce/v1\x00" + NONCE + DH + SIGN
     ).digest()
@@ -89,6 +102,12 @@ def test_report_data_rejects_bad_lengths():
         binding.report_data(nonce=NONCE, key_epoch=0, kem_public_key=KEM[:-1], tls_cert_sha256=None, **common)
     with pytest.raises(ValueError, match="tls_cert_sha256"):
         binding.report_data(nonce=NONCE, key_epoch=0, kem_public_key=None, tls_cert_sha256=TLS[:16], **common)
+    with pytest.raises(ValueError, match="public_keys"):
+        binding.report_data(nonce=NONCE, key_epoch=0, kem_public_key=None, tls_cert_sha256=None, **common)
+    with pytest.raises(ValueError, match="v2 binds no"):
+        binding.report_data(
+            nonce=NONCE, key_epoch=0, kem_public_key=None, tls_cert_sha256=None, version=2, public_keys={}, **common
+        )
 
 
 # --- documents ---
@@ -100,8 +119,10 @@ def test_document_has_the_protocol_shape():
         "version", "tee", "simulated", "nonce", "dh_public_key", "signing_public_key", "key_epoch",
         "config_digest", "report_data", "cpu_evidence", "gpu_evidence",
         "kem_public_key", "tls_cert_sha256", "measured_config", "collateral",
+        "release_bundle", "public_keys", "workers",
     }
-    assert (doc["version"], doc["tee"], doc["simulated"]) == (2, "simulated", True)
+    assert (doc["version"], doc["tee"], doc["simulated"]) == (3, "simulated", True)
+    assert (doc["public_keys"], doc["workers"], doc["release_bundle"]) == ({"ohttp": None, "privacy_pass": None}, None, None)
     assert (doc["kem_public_key"], doc["tls_cert_sha256"]) == (None, None)
     assert doc["measured_config"] == MEASURED and doc["collateral"] == {"intel": None, "amd": None, "nvidia": None}
     assert doc["nonce"] == NONCE.hex() and doc["config_digest"] == CONFIG.hex()
@@ -185,9 +206,80 @@ def test_a_swapped_field_fails(field, value):
         gpu_evidence=[],
         kem_public_key=None,
         tls_cert_sha256=None,
+        public_keys=doc["public_keys"],
     ).hex()
     with pytest.raises(ReportDataMismatch, match="evidence's REPORTDATA"):
         verify_document(doc, expected_nonce=NONCE, policy=SIMULATED)
+
+
+def _as_v2(doc):
+    """The same node's answer as a v2 node gives it: no v3 fields, report_data v2, fresh evidence."""
+    v2 = {k: v for k, v in doc.items() if k not in ("release_bundle", "public_keys", "workers")}
+    report = binding.report_data(
+        nonce=NONCE, dh_public_key=DH, signing_public_key=SIGN, key_epoch=v2["key_epoch"],
+        config_digest=bytes.fromhex(v2["config_digest"]), gpu_evidence=[], kem_public_key=None,
+        tls_cert_sha256=None, version=2,
+    )
+    evidence = SimulatedProvider(MEASUREMENT, seed=SEED).get_evidence(report)
+    v2.update(version=2, report_data=report.hex())
+    v2["cpu_evidence"] = {**v2["cpu_evidence"], "quote": base64.b64encode(evidence.quote).decode()}
+    return v2
+
+
+def test_v2_documents_still_verify():
+    v2 = _as_v2(make_doc())
+    result = verify_document(v2, expected_nonce=NONCE, policy=SIMULATED)
+    assert (result.version, result.public_keys, result.workers, result.release_bundle) == (
+        2, {"ohttp": None, "privacy_pass": None}, None, None,
+    )
+    # A v2 document relabelled as v3 lacks the v3 fields; given them, its report_data no longer matches.
+    with pytest.raises(DocumentInvalid, match="public_keys"):
+        verify_document({**v2, "version": 3}, expected_nonce=NONCE, policy=SIMULATED)
+    relabelled = {**v2, "version": 3, "public_keys": {"ohttp": None, "privacy_pass": None}, "workers": None, "release_bundle": None}
+    with pytest.raises(ReportDataMismatch):
+        verify_document(relabelled, expected_nonce=NONCE, policy=SIMULATED)
+    with pytest.raises(DocumentInvalid, match="version 2 or 3"):
+        verify_document({**v2, "version": 4}, expected_nonce=NONCE, policy=SIMULATED)
+
+
+def test_public_keys_are_bound_into_report_data():
+    keys = {"ohttp": base64.b64encode(b"ohttp key configuration").decode(), "privacy_pass": None}
+    doc = make_doc(public_keys=keys)
+    assert verify_document(doc, expected_nonce=NONCE, policy=SIMULATED).public_keys == keys
+    for swapped in ({**keys, "ohttp": base64.b64encode(b"the operator's other key").decode()}, {**keys, "ohttp": None},
+                    {**keys, "privacy_pass": base64.b64encode(b"a per-user token key").decode()}):
+        with pytest.raises(ReportDataMismatch, match="document report_data"):
+            verify_document({**doc, "public_keys": swapped}, expected_nonce=NONCE, policy=SIMULATED)
+    for malformed, reason in (({**keys, "extra": None}, "exactly the keys"), ({"ohttp": None}, "exactly the keys"),
+                              ({**keys, "ohttp": "not base64!"}, "base64"), ([], "public_keys")):
+        with pytest.raises(DocumentInvalid, match=reason):
+            verify_document({**doc, "public_keys": malformed}, expected_nonce=NONCE, policy=SIMULATED)
+
+
+def test_release_bundle_is_shape_checked_but_not_bound():
+    doc = make_doc(release_bundle={"mediaType": "application/vnd.dev.sigstore.bundle.v0.3+json"})
+    assert verify_document(doc, expected_nonce=NONCE, policy=SIMULATED).release_bundle == doc["release_bundle"]
+    # Unbound: another bundle does not break the binding (its own signatures are what authenticate it).
+    other = {**doc, "release_bundle": {"mediaType": "other"}}
+    assert verify_document(other, expected_nonce=NONCE, policy=SIMULATED).release_bundle == {"mediaType": "other"}
+    with pytest.raises(DocumentInvalid, match="release_bundle"):
+        verify_document({**doc, "release_bundle": "a string"}, expected_nonce=NONCE, policy=SIMULATED)
+    without = dict(doc)
+    del without["release_bundle"]
+    with pytest.raises(DocumentInvalid, match="release_bundle"):
+        verify_document(without, expected_nonce=NONCE, policy=SIMULATED)
+
+
+def test_workers_are_bound_and_unverifiable_workers_refused():
+    empty = make_doc(workers=[])
+    assert verify_document(empty, expected_nonce=NONCE, policy=SIMULATED).workers == []
+    with pytest.raises(ReportDataMismatch):  # [] and null are different commitments
+        verify_document({**empty, "workers": None}, expected_nonce=NONCE, policy=SIMULATED)
+    worker = {"role": "pipeline-stage-1", "link_public_key": "AA==", "evidence": make_doc()}
+    with pytest.raises(DocumentInvalid, match="worker VM"):
+        verify_document(make_doc(workers=[worker]), expected_nonce=NONCE, policy=SIMULATED)
+    with pytest.raises(DocumentInvalid, match="workers"):
+        verify_document({**empty, "workers": ["not an object"]}, expected_nonce=NONCE, policy=SIMULATED)
 
 
 def test_a_different_nonce_fails():

@@ -359,6 +359,8 @@ def _swap_keys_and_report_data(doc: dict[str, Any]) -> dict[str, Any]:
         gpu_evidence=doc["gpu_evidence"],
         kem_public_key=_unb64(doc["kem_public_key"]) if doc["kem_public_key"] else None,
         tls_cert_sha256=bytes.fromhex(doc["tls_cert_sha256"]) if doc["tls_cert_sha256"] else None,
+        public_keys=doc["public_keys"],
+        workers=doc["workers"],
     ).hex()
     return doc
 

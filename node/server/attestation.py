@@ -23,7 +23,7 @@ import orjson
 from aiohttp import web
 
 from attestation import trust
-from attestation.binding import config_digest
+from attestation.binding import PUBLIC_KEY_NAMES, config_digest
 from attestation.document import build_document
 from attestation.errors import AttestationError
 from attestation.evidence import TeeProvider
@@ -42,6 +42,10 @@ from .state import NODE, NodeState, bearer_token
 log = logging.getLogger("tee_node.attestation")
 
 _NONCE = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+def _nothing() -> None:
+    return None
 
 
 class AttestationService:
@@ -63,6 +67,12 @@ class AttestationService:
             gpu = NvidiaGpuProvider(require_gpu=settings.require_gpu)
             if gpu.device_count:
                 self.attach_gpu(gpu)
+        # v3's bound additions, filled in by the features that serve them: each public key a
+        # callable answering its base64 value (None while off), the other VMs' documents, and the
+        # release bundle served verbatim (public and self-authenticating, so not measured).
+        self.public_keys: dict[str, Callable[[], str | None]] = {name: _nothing for name in PUBLIC_KEY_NAMES}
+        self.workers: Callable[[], list[dict[str, Any]] | None] = _nothing
+        self.release_bundle: dict[str, Any] | None = None
         self.measured_config: dict[str, Any] | None = None
         self.config_digest: bytes | None = None
         self.cpu_collateral = CollateralCache()
@@ -173,6 +183,9 @@ async def attestation_document(request: web.Request) -> web.Response:
         kem_public_key=key.kem_public_key,
         collateral=service.collateral(),
         tls_cert_sha256=state.tls.sha256 if state.tls else None,
+        public_keys={name: value() for name, value in service.public_keys.items()},
+        workers=service.workers(),
+        release_bundle=service.release_bundle,
     )
     return web.Response(body=orjson.dumps(document), content_type="application/json")
 
