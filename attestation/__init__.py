@@ -8,7 +8,7 @@ commands (cli). Evidence producers (configfs-tsm, NVML, the NVIDIA collateral se
 simulated TEE) live in `attestation.producers`, which no verifier imports.
 """
 
-from .appraisal import GpuPolicy, Policy, PolicyError, Verdict, appraise, appraise_gpu, load_policy
+from .appraisal import GpuPolicy, Policy, PolicyError, ReferenceValues, Verdict, appraise, appraise_gpu, load_policy
 from .binding import canonical_json, gpu_nonce, report_data
 from .claims import Claims, GpuClaims, SnpClaims, TdxClaims
 from .document import VerifiedAttestation, build_document, verify_document, verify_evidence
@@ -53,6 +53,7 @@ __all__ = [
     "Policy",
     "PolicyError",
     "PolicyRefused",
+    "ReferenceValues",
     "ReportDataMismatch",
     "SignatureInvalid",
     "SnpClaims",

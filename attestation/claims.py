@@ -13,6 +13,7 @@ from typing import Any
 TCB_UNKNOWN = "Unknown"  # no (current) collateral was available to compute a TCB status
 
 TD_ATTRIBUTES_DEBUG = 0x01  # TD_ATTRIBUTES bit 0 (TUD.DEBUG), first byte of the little-endian field
+TD_ATTRIBUTES_SEPT_VE_DISABLE = 1 << 28  # TD_ATTRIBUTES bit 28: no #VE on secure-EPT violations
 SNP_POLICY_DEBUG = 1 << 19  # guest policy bit 19: the host may debug the guest
 
 
@@ -56,10 +57,19 @@ class TdxClaims(_Claims):
     tcb_status: str = TCB_UNKNOWN
     advisory_ids: tuple[str, ...] = ()
     collateral_notes: tuple[str, ...] = ()
+    # What was missing when tcb_status is Unknown, e.g. "the QE identity".
+    collateral_missing: tuple[str, ...] = ()
+    # tcbEvaluationDataNumber of the signed TCB info and QE identity that gave tcb_status.
+    tcb_info_evaluation_data_number: int | None = None
+    qe_identity_evaluation_data_number: int | None = None
 
     @property
     def debug(self) -> bool:
         return bool(self.td_attributes[0] & TD_ATTRIBUTES_DEBUG)
+
+    @property
+    def sept_ve_disable(self) -> bool:
+        return bool(int.from_bytes(self.td_attributes, "little") & TD_ATTRIBUTES_SEPT_VE_DISABLE)
 
     @property
     def measurement(self) -> bytes:
@@ -68,6 +78,7 @@ class TdxClaims(_Claims):
     def as_json(self) -> dict[str, Any]:
         out = super().as_json()
         out["debug"] = self.debug
+        out["sept_ve_disable"] = self.sept_ve_disable
         return out
 
 
@@ -105,8 +116,10 @@ class SnpClaims(_Claims):
     platform_info: int
     signing_key: str  # "vcek" or "vlek"
     report_data: bytes
+    # AMD publishes no TCB status: `appraise` decides it from REPORTED_TCB and min_reported_tcb.
     tcb_status: str = TCB_UNKNOWN
     collateral_notes: tuple[str, ...] = ()
+    crl_checked: bool = False  # a current AMD CRL listed none of the chain
 
     @property
     def debug(self) -> bool:
@@ -159,6 +172,7 @@ class Claims:
     config_digest: bytes | None = None  # None for bare evidence (`tee-node quote verify`)
     gpu_evidence: int = 0
     gpus: tuple[GpuClaims, ...] = field(default=())
+    kem_public_key: bytes | None = None  # the document's ML-KEM-768 key; None without one (or for bare evidence)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -168,4 +182,5 @@ class Claims:
             "config_digest": self.config_digest.hex() if self.config_digest is not None else None,
             "gpu_evidence": self.gpu_evidence,
             "gpus": [_jsonable(g) for g in self.gpus],
+            "post_quantum": self.kem_public_key is not None,  # the key itself is in the document
         }

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence, TextIO
 
 from . import sevsnp, tdx, trust
-from .appraisal import Policy, PolicyError, appraise, load_policy, policy_from_claims
+from .appraisal import Policy, PolicyError, appraise, appraised_claims, load_policy, policy_from_claims
 from .claims import Claims
 from .collateral import AmdCollateral
 from .errors import AttestationError
@@ -126,6 +126,7 @@ def quote_verify(
         out["errors"].append(f"{type(exc).__name__}: {exc}")
     else:
         verdict = appraise(claims, policy)
+        claims = appraised_claims(claims, verdict)
         out.update(
             simulated=claims.simulated,
             valid=True,

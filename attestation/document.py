@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from . import binding, sevsnp, tdx
-from .appraisal import Policy, appraise
+from .appraisal import Policy, appraise, appraised_claims
 from .claims import Claims, GpuClaims
 from .collateral import AmdCollateral
 from .errors import (
@@ -347,7 +347,8 @@ def verify_evidence(
     gpu_nonce = binding.gpu_nonce(nonce=expected_nonce, dh_public_key=dh_public_key, signing_public_key=signing_public_key)
     gpus = _check_gpu(gpu_entries, gpu_nonce, collateral, at, gpu_device_roots)
     claims = Claims(
-        tee=tee, simulated=simulated, cpu=cpu_claims, config_digest=config_digest, gpu_evidence=len(gpu_entries), gpus=gpus
+        tee=tee, simulated=simulated, cpu=cpu_claims, config_digest=config_digest, gpu_evidence=len(gpu_entries), gpus=gpus,
+        kem_public_key=kem_public_key,
     )
     return VerifiedAttestation(
         tee=tee,
@@ -394,4 +395,4 @@ def verify_document(
     verdict = appraise(verified.claims, policy)
     if not verdict.accepted:
         raise PolicyRefused(verdict.errors)
-    return replace(verified, warnings=verdict.warnings)
+    return replace(verified, warnings=verdict.warnings, claims=appraised_claims(verified.claims, verdict))

@@ -1,9 +1,11 @@
 """Intel PCS collateral for TDX quotes: CRLs, QE identity and TCB info, giving a TCB status string.
 
-The JSON bodies are matched against the quote and the PCK certificate. Their signatures are checked
-when the Intel SGX TCB Signing chain (which PCS sends in a response header, not in the body) is
-supplied; without it the status is reported as unsigned in the notes. Without TCB info the status
-is `Unknown`. Whether a status is acceptable is decided by `appraise`, not here.
+The JSON bodies are matched against the quote and the PCK certificate, as Intel's QVL does (TCB
+info v3: the TDX module's identity and TCB levels from `tdxModuleIdentities` for TDX 1.5 and
+later). Only collateral whose signature verifies under the Intel SGX TCB Signing chain (which PCS
+sends in a response header, not in the body) yields a status: without that chain, the TCB info or
+the QE identity, the status is `Unknown` and `missing` says what was absent. Whether a status is
+acceptable is decided by `appraise`, not here.
 """
 
 from __future__ import annotations
@@ -101,6 +103,12 @@ class CollateralResult:
     status: str
     advisory_ids: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+    missing: tuple[str, ...] = ()  # why the status is Unknown
+    tcb_info_evaluation_data_number: int | None = None
+    qe_identity_evaluation_data_number: int | None = None
+
+
+NO_COLLATERAL = CollateralResult(status=TCB_UNKNOWN, missing=("no Intel collateral came with the evidence",))
 
 
 def _parse_time(value: str) -> datetime:
@@ -221,26 +229,38 @@ class IntelCollateral:
         if self.pck_crl is not None:
             trust.check_crl(trust.load_crl(self.pck_crl), intermediate, [leaf], at)
             notes.append("PCK CRL checked")
-        statuses: list[str] = []
-        advisories: list[str] = []
+        missing = [what for what, part in (
+            ("TCB Signing chain (tcb_signing_chain.pem), so the TCB info and QE identity are unsigned", self.tcb_signing_chain),
+            ("TCB info (tcbInfo.json)", self.tcb_info),
+            ("QE identity (qeIdentity.json)", self.qe_identity),
+            ("PCK CRL (pckcrl)", self.pck_crl),
+            ("Root CA CRL (rootcrl.der)", self.root_crl),
+        ) if part is None]
+        if missing or signer is None:
+            # Unsigned JSON proves nothing; a platform level without the QE's (or the reverse), or a
+            # status for a PCK whose revocation is unknown, is half a status.
+            return CollateralResult(status=TCB_UNKNOWN, notes=tuple(notes), missing=tuple(f"no {what}" for what in missing))
         try:
-            if self.qe_identity is not None:
-                body, signed = self._body(self.qe_identity, "enclaveIdentity", signer)
-                level = self._qe_level(body, quote, at)
-                statuses.append(_level_status(level))
-                advisories += _advisories(level)
-                notes.append(f"QE identity{'' if signed else ' (signature NOT verified)'}: {statuses[-1]}")
-            if self.tcb_info is None:
-                # Without the platform's TCB info nothing says how current the platform is.
-                return CollateralResult(status=TCB_UNKNOWN, notes=tuple(notes))
-            body, signed = self._body(self.tcb_info, "tcbInfo", signer)
-            level = self._tcb_level(body, quote, PckExtensions.from_certificate(leaf), at)
-            statuses.append(_level_status(level))
-            advisories += _advisories(level)
-            notes.append(f"TCB info{'' if signed else ' (signature NOT verified)'}: {statuses[-1]}")
+            qe_body = self._body(self.qe_identity, "enclaveIdentity", signer)  # type: ignore[arg-type]
+            qe_level = self._qe_level(qe_body, quote, at)
+            tcb_body = self._body(self.tcb_info, "tcbInfo", signer)  # type: ignore[arg-type]
+            platform = self._tcb_level(tcb_body, quote, PckExtensions.from_certificate(leaf), at)
+            levels = [("QE identity", qe_level), ("TCB info", platform.level)]
+            if platform.module is not None:
+                levels.append((f"TDX module {platform.module_id}", platform.module))
+            statuses = [_level_status(level) for _, level in levels]
+            advisories = [a for _, level in levels for a in _advisories(level)]
+            notes += [f"{what}: {status}" for (what, _), status in zip(levels, statuses)]
+            numbers = int(tcb_body["tcbEvaluationDataNumber"]), int(qe_body["tcbEvaluationDataNumber"])
         except (KeyError, TypeError, ValueError) as exc:
             raise CollateralInvalid(f"collateral JSON is malformed: {type(exc).__name__}") from None
-        return CollateralResult(status=_worst(*statuses), advisory_ids=tuple(dict.fromkeys(advisories)), notes=tuple(notes))
+        return CollateralResult(
+            status=_worst(*statuses),
+            advisory_ids=tuple(dict.fromkeys(advisories)),
+            notes=tuple(notes),
+            tcb_info_evaluation_data_number=numbers[0],
+            qe_identity_evaluation_data_number=numbers[1],
+        )
 
     def _tcb_signer(self, root: x509.Certificate, at: datetime) -> x509.Certificate:
         """The TCB Signing certificate, chained to the same pinned root as the quote's PCK chain."""
@@ -251,9 +271,7 @@ class IntelCollateral:
         return chain[0]
 
     @staticmethod
-    def _body(raw: bytes, name: str, signer: x509.Certificate | None) -> tuple[dict[str, Any], bool]:
-        if signer is None:
-            return json.loads(raw)[name], False
+    def _body(raw: bytes, name: str, signer: x509.Certificate) -> dict[str, Any]:
         match = _SIGNED_JSON.fullmatch(raw)
         if match is None or match.group(1).decode() != name:
             raise CollateralInvalid(f"collateral is not a signed {name} response")
@@ -263,7 +281,7 @@ class IntelCollateral:
             signer.public_key().verify(encode_dss_signature(r, s), match.group(2), ec.ECDSA(hashes.SHA256()))
         except InvalidSignature:
             raise CollateralInvalid(f"{name} signature does not verify under the TCB Signing certificate") from None
-        return json.loads(match.group(2)), True
+        return json.loads(match.group(2))
 
     def _qe_level(self, body: dict[str, Any], quote: "TdxQuote", at: datetime) -> dict[str, Any] | None:
         qe = quote.signature_data.certification.qe_report
@@ -281,21 +299,16 @@ class IntelCollateral:
                 return level
         return None
 
-    def _tcb_level(self, body: dict[str, Any], quote: "TdxQuote", pck: PckExtensions, at: datetime) -> dict[str, Any] | None:
-        if body.get("id") != "TDX":
-            raise CollateralInvalid("TCB info is not for TDX")
+    def _tcb_level(self, body: dict[str, Any], quote: "TdxQuote", pck: PckExtensions, at: datetime) -> "_PlatformLevel":
+        if body.get("id") != "TDX" or int(body.get("version", 0)) < 3:
+            raise CollateralInvalid("TCB info is not a TDX TCB info of version 3 or later")
         _check_current(body, "TCB info", at)
         if bytes.fromhex(body["fmspc"]) != pck.fmspc:
             raise CollateralInvalid(f"TCB info is for FMSPC {body['fmspc']}, the PCK certificate has {pck.fmspc.hex()}")
         if bytes.fromhex(body["pceId"]) != pck.pce_id:
             raise CollateralInvalid("TCB info PCE ID does not match the PCK certificate")
-        module = body.get("tdxModule")
         report = quote.body
-        if module is not None:
-            if bytes.fromhex(module["mrsigner"]) != report.mr_signer_seam:
-                raise CollateralInvalid("TDX module MRSIGNERSEAM does not match the TCB info")
-            if not _masked_equal(report.seam_attributes, module["attributes"], module["attributesMask"]):
-                raise CollateralInvalid("TDX module SEAMATTRIBUTES do not match the TCB info")
+        module_id, module_level, first_component = _module_level(body, report)
         # Levels are listed newest first; the first one the platform meets gives the status.
         for level in body["tcbLevels"]:
             tcb = level["tcb"]
@@ -304,10 +317,52 @@ class IntelCollateral:
             if (
                 all(have >= need for have, need in zip(pck.sgx_components, sgx))
                 and pck.pce_svn >= int(tcb["pcesvn"])
-                and all(have >= need for have, need in zip(report.tee_tcb_svn, tdx))
+                and all(have >= need for have, need in list(zip(report.tee_tcb_svn, tdx))[first_component:])
             ):
-                return level
-        return None
+                return _PlatformLevel(level, module_id, module_level)
+        return _PlatformLevel(None, module_id, module_level)
+
+
+@dataclass(frozen=True)
+class _PlatformLevel:
+    level: dict[str, Any] | None  # None: below every level
+    module_id: str | None = None  # e.g. "TDX_01" when the module's own identity decided
+    module: dict[str, Any] | None = None  # the module's TCB level (None with module_id: below every level)
+
+
+def _module_level(body: dict[str, Any], report: Any) -> tuple[str | None, dict[str, Any] | None, int]:
+    """The TDX module's identity check and TCB level, as Intel's QVL reads TCB info v3.
+
+    TEE_TCB_SVN[1] is the module's major version: 0 (TDX 1.0) is checked against `tdxModule` and
+    every TEE_TCB_SVN byte against the platform's `tdxtcbcomponents`. From 1 (TDX 1.5) on, the
+    `tdxModuleIdentities` entry `TDX_<version, 2 hex digits>` names the module's signer and
+    attributes, its `tcbLevels` give the module's status by ISVSVN = TEE_TCB_SVN[0], and the
+    platform's components are compared from byte 2 on.
+    Returns (identity id or None, the module's TCB level, the first TEE_TCB_SVN byte to compare).
+    """
+    svn, version = report.tee_tcb_svn[0], report.tee_tcb_svn[1]
+    if version == 0:
+        module = body.get("tdxModule")
+        if module is None:
+            raise CollateralInvalid("TCB info has no tdxModule to check the TDX module against")
+        _check_module(module, report, "tdxModule")
+        return None, None, 0
+    wanted = f"TDX_{version:02X}"
+    identity = next((i for i in body.get("tdxModuleIdentities") or [] if str(i.get("id", "")).upper() == wanted), None)
+    if identity is None:
+        raise CollateralInvalid(
+            f"TCB info lists no TDX module identity {wanted} for the quote's module (TEE_TCB_SVN[1] = {version})"
+        )
+    _check_module(identity, report, wanted)
+    level = next((lv for lv in identity["tcbLevels"] if svn >= int(lv["tcb"]["isvsvn"])), None)
+    return wanted, level, 2
+
+
+def _check_module(module: dict[str, Any], report: Any, name: str) -> None:
+    if bytes.fromhex(module["mrsigner"]) != report.mr_signer_seam:
+        raise CollateralInvalid(f"TDX module MRSIGNERSEAM does not match the TCB info's {name}")
+    if not _masked_equal(report.seam_attributes, module["attributes"], module["attributesMask"]):
+        raise CollateralInvalid(f"TDX module SEAMATTRIBUTES do not match the TCB info's {name}")
 
 
 def _level_status(level: dict[str, Any] | None) -> str:

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from . import der, trust
-from .claims import TCB_UNKNOWN, SnpClaims, SnpTcb
+from .claims import SnpClaims, SnpTcb
 from .errors import ChainInvalid, ParseError, SignatureInvalid
 
 REPORT_SIZE = 0x4A0  # 1184
@@ -312,7 +312,8 @@ def verify_report(
 
     The ARK must be the pinned root of the chip family the VCEK names (Milan, Genoa, Turin). The
     family's ASK is pinned as well, so a VCEK alone verifies. With AMD's CRL (`crl`, DER or PEM)
-    the ASK is checked for revocation and the TCB status is `UpToDate`; without it, `Unknown`.
+    the ASK is checked for revocation (`crl_checked`). AMD publishes no TCB status: whether
+    REPORTED_TCB is recent enough is `appraise`'s decision (min_reported_tcb), not this one's.
     """
     if not isinstance(report, SnpReport):
         report = SnpReport.from_bytes(report)
@@ -347,11 +348,11 @@ def verify_report(
         raise SignatureInvalid(f"SEV-SNP report signature does not verify under the {trust.common_name(leaf)}") from None
     _check_leaf_matches_report(leaf, report, product)
 
-    status, notes = TCB_UNKNOWN, ()
+    notes: tuple[str, ...] = ()
     if crl is not None:
         # AMD's CRL is issued by the ARK and lists revoked ASKs/ASVKs.
         trust.check_crl(trust.load_crl(crl), chain[2], [chain[1]], at)
-        status, notes = "UpToDate", ("AMD CRL checked",)
+        notes = ("AMD CRL checked",)
     claims = SnpClaims(
         product=product,
         measurement=report.measurement,
@@ -368,7 +369,7 @@ def verify_report(
         platform_info=report.platform_info,
         signing_key="vcek" if report.signing_key == SIGNING_KEY_VCEK else "vlek",
         report_data=report.report_data,
-        tcb_status=status,
         collateral_notes=notes,
+        crl_checked=crl is not None,
     )
     return SnpVerification(report=report, chain=tuple(chain), claims=claims)

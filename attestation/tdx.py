@@ -15,9 +15,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from . import trust
-from .claims import TCB_UNKNOWN, TdxClaims
+from .claims import TdxClaims
 from .errors import ParseError, ReportDataMismatch, SignatureInvalid
-from .intel import CollateralResult, IntelCollateral, PckExtensions
+from .intel import NO_COLLATERAL, CollateralResult, IntelCollateral, PckExtensions
 from .layout import need
 
 # --- Quote header (48 bytes, common to v4 and v5) ---
@@ -302,8 +302,7 @@ class TdxVerification:
     claims: TdxClaims
 
 
-def claims_of(quote: TdxQuote, *, fmspc: bytes | None, tcb_status: str = TCB_UNKNOWN,
-              advisory_ids: tuple[str, ...] = (), notes: tuple[str, ...] = ()) -> TdxClaims:
+def claims_of(quote: TdxQuote, *, fmspc: bytes | None, collateral: CollateralResult = NO_COLLATERAL) -> TdxClaims:
     body, qe = quote.body, quote.signature_data.certification.qe_report
     return TdxClaims(
         mr_td=body.mr_td,
@@ -324,9 +323,12 @@ def claims_of(quote: TdxQuote, *, fmspc: bytes | None, tcb_status: str = TCB_UNK
         qe_attributes=qe.attributes,
         qe_misc_select=qe.misc_select,
         fmspc=fmspc,
-        tcb_status=tcb_status,
-        advisory_ids=advisory_ids,
-        collateral_notes=notes,
+        tcb_status=collateral.status,
+        advisory_ids=collateral.advisory_ids,
+        collateral_notes=collateral.notes,
+        collateral_missing=collateral.missing,
+        tcb_info_evaluation_data_number=collateral.tcb_info_evaluation_data_number,
+        qe_identity_evaluation_data_number=collateral.qe_identity_evaluation_data_number,
     )
 
 
@@ -383,7 +385,7 @@ def verify_quote(
 
     # The simulated PCK is no Intel platform certificate: it has no FMSPC.
     fmspc = None if simulated else PckExtensions.from_certificate(chain[0]).fmspc
-    result = collateral.evaluate(quote, chain, at) if collateral is not None else CollateralResult(status=TCB_UNKNOWN)
-    claims = claims_of(quote, fmspc=fmspc, tcb_status=result.status, advisory_ids=result.advisory_ids, notes=result.notes)
+    result = collateral.evaluate(quote, chain, at) if collateral is not None else NO_COLLATERAL
+    claims = claims_of(quote, fmspc=fmspc, collateral=result)
     return TdxVerification(quote=quote, simulated=simulated, pck_chain=chain, claims=claims)
 

@@ -47,10 +47,14 @@ def sample_claims(collateral: bool = True) -> Claims:
 
 
 def pinned_policy(path: Path, extra: str = "") -> Path:
-    """A policy written by `tee-node policy from-quote` for the sample, plus `extra` lines in [tdx]."""
+    """A policy written by `tee-node policy from-quote` for the sample, plus `extra` lines in [tdx].
+
+    The sample's TD runs without SEPT_VE_DISABLE: from-quote says so in a comment, and the policy
+    accepts it here (allow_sept_ve) so that each test sees only the refusal it is about."""
     out = io.StringIO()
     assert cli.policy_from_quote(SAMPLE, at=datetime(2023, 6, 20, tzinfo=timezone.utc), collateral=TDX, stdout=out) == 0
-    path.write_text(out.getvalue().replace("[tdx]\n", f"[tdx]\n{extra}"))
+    assert "# allow_sept_ve = true" in out.getvalue()
+    path.write_text(out.getvalue().replace("[tdx]\n", f"[tdx]\nallow_sept_ve = true\n{extra}"))
     return path
 
 
@@ -88,7 +92,8 @@ def test_a_policy_listing_the_status_accepts(capsys, tmp_path):
 def test_a_wrong_pin_of_any_register_refuses_and_names_it(capsys, tmp_path, register):
     policy = pinned_policy(tmp_path / "p.toml")
     text = policy.read_text().replace('allowed_tcb_status = ["UpToDate"]', 'allowed_tcb_status = ["TCBNotSupported"]')
-    lines = [f'{register} = ["{"ab" * 48}"]' if line.startswith(f"{register} = ") else line for line in text.splitlines()]
+    size = 8 if register in ("td_attributes", "xfam") else 48
+    lines = [f'{register} = ["{"ab" * size}"]' if line.startswith(f"{register} = ") else line for line in text.splitlines()]
     policy.write_text("\n".join(lines) + "\n")
     code, out, _ = verify(capsys, SAMPLE, "--collateral", TDX, "--at", COLLATERAL_AT, "--policy", policy)
     assert code == 1 and out["valid"] is True and out["accepted"] is False
@@ -106,25 +111,34 @@ def test_expired_collateral_refuses(capsys, tmp_path):
 
 def test_an_unpinned_real_quote_is_refused_without_accept_any_measurement(capsys, tmp_path):
     policy = tmp_path / "tcb-only.toml"
-    policy.write_text('[tdx]\nallowed_tcb_status = ["TCBNotSupported"]\n')
+    policy.write_text('[tdx]\nallowed_tcb_status = ["TCBNotSupported"]\nallow_sept_ve = true\n')
     code, out, err = verify(capsys, SAMPLE, "--collateral", TDX, "--at", COLLATERAL_AT, "--policy", policy)
     assert code == 1 and out["valid"] is True
     assert out["policy_errors"] == [
-        "mr_td is not pinned by the policy, so any code could be running: pin it (tee-node policy from-quote) "
-        "or pass --accept-any-measurement"
+        "mr_td, rtmr0, rtmr1, rtmr2, rtmr3 are not pinned by the policy, so any code could be running: pin all of "
+        "them (tee-node policy from-quote prints them; --pin NAME=HEX on attest and chat; or a [release] whose "
+        "reference_values pin them), or pass --accept-any-measurement"
     ]
     assert err == ""
     for _ in range(2):  # the warning comes on every use
         code, out, err = verify(capsys, SAMPLE, "--collateral", TDX, "--at", COLLATERAL_AT, "--policy", policy, "--accept-any-measurement")
         assert code == 0 and out["accepted"] is True
         assert err == cli.ACCEPT_ANY_WARNING
-        assert out["policy_warnings"] == ["mr_td is not pinned: any code on this TEE is accepted (accept_any_measurement)"]
+        assert out["policy_warnings"] == [
+            "mr_td, rtmr0, rtmr1, rtmr2, rtmr3 are not pinned: any code on this TEE is accepted (accept_any_measurement)"
+        ]
 
 
-def test_without_collateral_the_status_is_unknown_and_refused(capsys):
-    code, out, _ = verify(capsys, SAMPLE, "--at", "2026-06-01T00:00:00Z", "--accept-any-measurement")
+def test_without_collateral_the_status_is_unknown_and_refused(capsys, tmp_path):
+    policy = tmp_path / "p.toml"
+    policy.write_text("[tdx]\nallow_sept_ve = true\n")
+    code, out, _ = verify(capsys, SAMPLE, "--at", "2026-06-01T00:00:00Z", "--accept-any-measurement", "--policy", policy)
     assert code == 1 and out["valid"] is True and out["tcb_status"] == "Unknown"
-    assert out["policy_errors"][0].startswith("tcb_status is Unknown: no current vendor collateral came with the evidence")
+    assert out["policy_errors"] == [
+        "tcb_status is Unknown: no Intel collateral came with the evidence; give current Intel collateral signed by "
+        "Intel's TCB Signing certificate (--collateral DIR with tcb_signing_chain.pem) or, knowingly, list 'Unknown' "
+        "in [tdx] allowed_tcb_status"
+    ]
 
 
 # --- appraise on claims ---
@@ -133,7 +147,7 @@ def test_without_collateral_the_status_is_unknown_and_refused(capsys):
 def test_revoked_is_refused_even_when_listed():
     claims = sample_claims()
     revoked = dataclasses.replace(claims, cpu=dataclasses.replace(claims.cpu, tcb_status="Revoked"))
-    policy = Policy(accept_any_measurement=True, tdx=TdxPolicy(allowed_tcb_status=frozenset({"Revoked", "UpToDate"})))
+    policy = Policy(accept_any_measurement=True, tdx=TdxPolicy(allow_sept_ve=True, allowed_tcb_status=frozenset({"Revoked", "UpToDate"})))
     verdict = appraise(revoked, policy)
     assert not verdict.accepted and verdict.errors[0].startswith("tcb_status is Revoked")
 
@@ -141,7 +155,7 @@ def test_revoked_is_refused_even_when_listed():
 def test_the_quoting_enclave_identity_is_checked_without_collateral():
     claims = sample_claims(collateral=False)
     assert claims.cpu.qe_mr_signer == INTEL_TD_QE_MR_SIGNER
-    lenient = Policy(accept_any_measurement=True, tdx=TdxPolicy(allowed_tcb_status=frozenset({"Unknown"})))
+    lenient = Policy(accept_any_measurement=True, tdx=TdxPolicy(allow_sept_ve=True, allowed_tcb_status=frozenset({"Unknown"})))
     assert appraise(claims, lenient).accepted
     for change, named in (
         ({"qe_mr_signer": bytes(32)}, "qe_mr_signer"),
@@ -157,7 +171,7 @@ def test_a_debug_td_is_refused_unless_allowed():
     claims = sample_claims()
     debug = dataclasses.replace(claims, cpu=dataclasses.replace(claims.cpu, td_attributes=b"\x01" + claims.cpu.td_attributes[1:]))
     assert debug.cpu.debug and not claims.cpu.debug
-    policy = Policy(accept_any_measurement=True, tdx=TdxPolicy(allowed_tcb_status=frozenset({"TCBNotSupported"})))
+    policy = Policy(accept_any_measurement=True, tdx=TdxPolicy(allow_sept_ve=True, allowed_tcb_status=frozenset({"TCBNotSupported"})))
     assert appraise(claims, policy).accepted
     assert appraise(debug, policy).errors[0].startswith("debug is set in td_attributes")
     assert appraise(debug, dataclasses.replace(policy, tdx=dataclasses.replace(policy.tdx, allow_debug=True))).accepted
@@ -173,20 +187,23 @@ def test_snp_sample_is_appraised_on_its_own_claims():
         "measurement is not pinned by the policy, so any code could be running",
     ]
     good = Policy(sev_snp=SnpPolicy(
-        measurement=frozenset({claims.cpu.measurement.hex()}), allow_debug=True, vmpl=0,
+        measurement=frozenset({claims.cpu.measurement.hex()}), allow_debug=True, vmpl=frozenset({0}),
         allowed_tcb_status=frozenset({"Unknown"}), min_reported_tcb={"bootloader": 2, "snp": 5, "microcode": 0x44},
     ))
     assert appraise(claims, good).accepted
-    stricter = dataclasses.replace(good, sev_snp=dataclasses.replace(good.sev_snp, min_reported_tcb={"snp": 8}, vmpl=1))
-    assert appraise(claims, stricter).errors == (
-        "vmpl 0 differs from policy 1: the report was requested at another privilege level",
+    stricter = dataclasses.replace(good, sev_snp=dataclasses.replace(good.sev_snp, min_reported_tcb={"snp": 8}, vmpl=frozenset({1})))
+    verdict = appraise(claims, stricter)
+    assert verdict.tcb_status == "OutOfDate"
+    assert verdict.errors == (
         "reported_tcb.snp 5 is below the policy minimum 8: have the host's firmware updated",
+        "vmpl 0 is not allowed by policy (1): the report was requested at another privilege level than the guest's own "
+        "(VMPL 0 unless an SVSM runs below it); refuse it, or, if the guest runs under an SVSM, list 0 in [sev_snp] vmpl",
     )
 
 
 def test_config_digest_pin():
-    claims = dataclasses.replace(sample_claims(), config_digest=b"\x01" * 32)
-    base = Policy(accept_any_measurement=True, tdx=TdxPolicy(allowed_tcb_status=frozenset({"TCBNotSupported"})))
+    claims = dataclasses.replace(sample_claims(), config_digest=b"\x01" * 32, kem_public_key=b"\x02" * 1184)
+    base = Policy(accept_any_measurement=True, tdx=TdxPolicy(allow_sept_ve=True, allowed_tcb_status=frozenset({"TCBNotSupported"})))
     assert appraise(claims, dataclasses.replace(base, config_digest=frozenset({"01" * 32}))).accepted
     assert appraise(claims, dataclasses.replace(base, config_digest=frozenset({"02" * 32}))).errors[0].startswith(
         "config_digest differs from policy"
@@ -196,7 +213,7 @@ def test_config_digest_pin():
 
 
 def test_require_gpu_refuses_a_node_without_gpus():
-    base = Policy(accept_any_measurement=True, tdx=TdxPolicy(allowed_tcb_status=frozenset({"TCBNotSupported"})))
+    base = Policy(accept_any_measurement=True, tdx=TdxPolicy(allow_sept_ve=True, allowed_tcb_status=frozenset({"TCBNotSupported"})))
     assert appraise(sample_claims(), base).accepted
     assert "sent none" in appraise(sample_claims(), dataclasses.replace(base, require_gpu=True)).errors[0]
 
@@ -232,7 +249,7 @@ def test_policy_from_claims_pins_snp_registers():
     policy = Policy.from_mapping(__import__("tomllib").loads(policy_from_claims(claims)))
     assert policy.sev_snp.measurement == frozenset({claims.cpu.measurement.hex()})
     assert policy.sev_snp.min_reported_tcb == {"bootloader": 2, "tee": 0, "snp": 5, "microcode": 0x44}
-    assert policy.sev_snp.vmpl == 0
+    assert policy.sev_snp.vmpl == frozenset({0})
 
 
 def test_from_quote_refuses_evidence_that_does_not_verify(tmp_path):
@@ -268,7 +285,7 @@ GPU = GpuClaims(
 
 
 def gpu_errors(gpu: GpuClaims = GPU, **gpu_policy) -> list[str]:
-    base = Policy(accept_any_measurement=True, tdx=TdxPolicy(allowed_tcb_status=frozenset({"TCBNotSupported"})))
+    base = Policy(accept_any_measurement=True, tdx=TdxPolicy(allow_sept_ve=True, allowed_tcb_status=frozenset({"TCBNotSupported"})))
     claims = dataclasses.replace(sample_claims(), gpu_evidence=1, gpus=(gpu,))
     return list(appraise(claims, dataclasses.replace(base, gpu=GpuPolicy(**gpu_policy))).errors)
 

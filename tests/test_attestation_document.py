@@ -2,6 +2,7 @@
 
 import argparse
 import base64
+import dataclasses
 import copy
 import hashlib
 import json
@@ -55,7 +56,8 @@ def FakeGpu():
 
 
 def make_doc(gpu=None, **overrides):
-    args = dict(nonce=NONCE, dh_public_key=DH, signing_public_key=SIGN, key_epoch=3, measured_config=MEASURED)
+    # Every key epoch of a node has its ML-KEM twin; without one the default policy refuses the document.
+    args = dict(nonce=NONCE, dh_public_key=DH, signing_public_key=SIGN, key_epoch=3, measured_config=MEASURED, kem_public_key=KEM)
     args.update(overrides)
     return build_document(SimulatedProvider(MEASUREMENT, seed=SEED), gpu, **args)
 
@@ -114,7 +116,7 @@ def test_report_data_rejects_bad_lengths():
 
 
 def test_document_has_the_protocol_shape():
-    doc = make_doc()
+    doc = make_doc(kem_public_key=None)
     assert set(doc) == {
         "version", "tee", "simulated", "nonce", "dh_public_key", "signing_public_key", "key_epoch",
         "config_digest", "report_data", "cpu_evidence", "gpu_evidence",
@@ -138,7 +140,19 @@ def test_simulated_round_trip_is_accepted_only_when_allowed():
     assert result.simulated is True and result.tee == "simulated"
     assert result.measurement == hashlib.sha384(MEASUREMENT).hexdigest()
     assert (result.dh_public_key, result.signing_public_key, result.key_epoch, result.config_digest) == (DH, SIGN, 3, CONFIG)
-    assert (result.kem_public_key, result.tls_cert_sha256, result.measured_config) == (None, None, MEASURED)
+    assert (result.kem_public_key, result.tls_cert_sha256, result.measured_config) == (KEM, None, MEASURED)
+
+
+def test_a_document_without_a_kem_key_is_refused_unless_classical_is_allowed():
+    doc = make_doc(kem_public_key=None)
+    with pytest.raises(PolicyRefused) as refused:
+        verify_document(doc, expected_nonce=NONCE, policy=SIMULATED)
+    assert refused.value.errors == (
+        "kem_public_key is missing: the node offers no ML-KEM-768 key, so requests would be protected by X25519 alone "
+        "(not post-quantum); refuse it, or, knowingly, pass --allow-classical (require_post_quantum = false)",
+    )
+    classical = dataclasses.replace(SIMULATED, require_post_quantum=False)
+    assert verify_document(doc, expected_nonce=NONCE, policy=classical).kem_public_key is None
 
 
 def test_kem_key_and_tls_certificate_are_bound():
@@ -204,7 +218,7 @@ def test_a_swapped_field_fails(field, value):
         key_epoch=doc["key_epoch"],
         config_digest=bytes.fromhex(doc["config_digest"]),
         gpu_evidence=[],
-        kem_public_key=None,
+        kem_public_key=KEM,
         tls_cert_sha256=None,
         public_keys=doc["public_keys"],
     ).hex()
@@ -377,7 +391,7 @@ def test_gpu_evidence_is_covered_by_report_data_and_nonce():
     doc = build_document(
         SimulatedProvider(MEASUREMENT, seed=SEED),
         type("Replay", (), {"get_evidence": lambda self, n: stale})(),
-        nonce=NONCE, dh_public_key=DH, signing_public_key=SIGN, key_epoch=3, measured_config=MEASURED,
+        nonce=NONCE, dh_public_key=DH, signing_public_key=SIGN, key_epoch=3, measured_config=MEASURED, kem_public_key=KEM,
     )
     with pytest.raises(GpuEvidenceInvalid, match="NonceMismatch"):
         verify_evidence(doc, expected_nonce=NONCE, at=GPU_AT, gpu_device_roots=GPU_ROOTS)

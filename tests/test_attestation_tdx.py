@@ -271,16 +271,41 @@ def _level(sgx, pcesvn, tdx_svns, status):
     }
 
 
+def _platform_status(tcb_info: bytes, name: str = "tdx_prod_quote_SPR_E4.dat") -> str:
+    """The TCB info's level matching alone (its signature cannot be remade for a changed body: the
+    signed path with a test root is in test_tdx_module_tcb.py)."""
+    quote = tdx.TdxQuote.from_bytes(read(name))
+    pck = PckExtensions.from_certificate(trust.load_certificates(quote.signature_data.certification.pck_chain_pem)[0])
+    level = IntelCollateral()._tcb_level(json.loads(tcb_info)["tcbInfo"], quote, pck, COLLATERAL_AT).level
+    return "TCBNotSupported" if level is None else level["tcbStatus"]
+
+
 def test_tcb_level_matching_uses_the_pck_extension_and_tee_tcb_svn():
     newer = _level([5, 5, 2, 2, 3, 1, 0, 3] + [0] * 8, 11, [3, 0, 5] + [0] * 13, "UpToDate")
     platform = _level([3, 3, 2, 2, 2, 1, 0, 2] + [0] * 8, 11, [3, 0, 4] + [0] * 13, "OutOfDate")
-    collateral = IntelCollateral(tcb_info=_tcb_info_with_levels([newer, platform]))
-    result = tdx.verify_quote(read("tdx_prod_quote_SPR_E4.dat"), at=COLLATERAL_AT, collateral=collateral)
-    assert result.claims.tcb_status == "OutOfDate"
+    assert _platform_status(_tcb_info_with_levels([newer, platform])) == "OutOfDate"
     # One PCE SVN above the platform's (11) and the level no longer matches.
     too_high = _level([3, 3, 2, 2, 2, 1, 0, 2] + [0] * 8, 12, [3, 0, 4] + [0] * 13, "UpToDate")
-    collateral = IntelCollateral(tcb_info=_tcb_info_with_levels([too_high]))
-    assert tdx.verify_quote(read("tdx_prod_quote_SPR_E4.dat"), at=COLLATERAL_AT, collateral=collateral).claims.tcb_status == "TCBNotSupported"
+    assert _platform_status(_tcb_info_with_levels([too_high])) == "TCBNotSupported"
+    # TDX 1.0 (TEE_TCB_SVN[1] = 0): every TEE_TCB_SVN byte counts, the module's SVN (byte 0) too.
+    module_too_low = _level([3, 3, 2, 2, 2, 1, 0, 2] + [0] * 8, 11, [4, 0, 4] + [0] * 13, "UpToDate")
+    assert _platform_status(_tcb_info_with_levels([module_too_low])) == "TCBNotSupported"
+
+
+def test_unsigned_or_incomplete_collateral_gives_no_status():
+    quote = read("tdx_prod_quote_SPR_E4.dat")
+    unsigned = dataclasses.replace(IntelCollateral.from_directory(TDX), tcb_signing_chain=None)
+    claims = tdx.verify_quote(quote, at=COLLATERAL_AT, collateral=unsigned).claims
+    assert claims.tcb_status == "Unknown" and claims.tcb_info_evaluation_data_number is None
+    assert claims.collateral_missing == (
+        "no TCB Signing chain (tcb_signing_chain.pem), so the TCB info and QE identity are unsigned",
+    )
+    no_qe = dataclasses.replace(IntelCollateral.from_directory(TDX), qe_identity=None)
+    claims = tdx.verify_quote(quote, at=COLLATERAL_AT, collateral=no_qe).claims
+    assert (claims.tcb_status, claims.collateral_missing) == ("Unknown", ("no QE identity (qeIdentity.json)",))
+    signed = tdx.verify_quote(quote, at=COLLATERAL_AT, collateral=IntelCollateral.from_directory(TDX)).claims
+    assert (signed.tcb_status, signed.collateral_missing) == ("TCBNotSupported", ())
+    assert (signed.tcb_info_evaluation_data_number, signed.qe_identity_evaluation_data_number) == (15, 15)
 
 
 def test_pck_sgx_extension_is_decoded():
@@ -294,9 +319,8 @@ def test_pck_sgx_extension_is_decoded():
 def test_collateral_for_another_platform_is_refused():
     quote = tdx.TdxQuote.from_bytes(read("cos-113-tdx-quote.dat"))
     chain = trust.load_certificates(quote.signature_data.certification.pck_chain_pem)
-    collateral = IntelCollateral(tcb_info=(TDX / "sample_tcbInfo_response").read_bytes())
     with pytest.raises(CollateralInvalid, match="FMSPC"):
-        collateral.evaluate(quote, chain, COLLATERAL_AT)
+        IntelCollateral.from_directory(TDX).evaluate(quote, chain, COLLATERAL_AT)
 
 
 def test_stale_collateral_is_refused():
@@ -311,9 +335,9 @@ def test_stale_collateral_is_refused():
 def test_qe_identity_mismatch_is_refused():
     doc = json.loads((TDX / "sample_qeIdentity_response").read_bytes())
     doc["enclaveIdentity"]["mrsigner"] = "00" * 32
-    collateral = IntelCollateral(qe_identity=json.dumps(doc).encode())
+    quote = tdx.TdxQuote.from_bytes(read("tdx_prod_quote_SPR_E4.dat"))
     with pytest.raises(CollateralInvalid, match="MRSIGNER"):
-        tdx.verify_quote(read("tdx_prod_quote_SPR_E4.dat"), at=COLLATERAL_AT, collateral=collateral)
+        IntelCollateral()._qe_level(doc["enclaveIdentity"], quote, COLLATERAL_AT)
 
 
 def test_crl_from_the_wrong_issuer_is_refused():
