@@ -246,7 +246,7 @@ class IntelCollateral:
             tcb_body = self._body(self.tcb_info, "tcbInfo", signer)  # type: ignore[arg-type]
             platform = self._tcb_level(tcb_body, quote, PckExtensions.from_certificate(leaf), at)
             levels = [("QE identity", qe_level), ("TCB info", platform.level)]
-            if platform.module is not None:
+            if platform.module_id is not None:  # below every level of the module's: TCBNotSupported
                 levels.append((f"TDX module {platform.module_id}", platform.module))
             statuses = [_level_status(level) for _, level in levels]
             advisories = [a for _, level in levels for a in _advisories(level)]

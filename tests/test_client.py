@@ -18,6 +18,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from attestation.appraisal import Policy
 from attestation.errors import PolicyRefused
 from node.cli import main as cli_main
 from node.client import (
@@ -296,8 +297,9 @@ async def test_client_uses_the_hybrid_and_pads_by_default(node, monkeypatch):
 
 
 async def test_client_takes_the_ml_kem_key_only_from_the_attestation(start_node, monkeypatch):
-    """A node whose attestation document offers no ML-KEM key gets X25519 requests, even though
-    its lock body (unattested) names one."""
+    """A node whose attestation document offers no ML-KEM key is refused by default; a client that
+    accepts classical key agreement sends it X25519 requests, even though its lock body
+    (unattested) names an ML-KEM key."""
     import node.server.attestation as serving_attestation
 
     build = serving_attestation.build_document
@@ -305,6 +307,10 @@ async def test_client_takes_the_ml_kem_key_only_from_the_attestation(start_node,
     tap = Tap(monkeypatch)
     node = start_node()
     async with ConfidentialClient(node.url, allow_simulated=True) as client:
+        with pytest.raises(PolicyRefused, match="kem_public_key is missing"):
+            await client.chat.completions.create(model=MODEL, messages=chat_messages("classic"))
+    classical = Policy(allow_simulated=True, require_post_quantum=False)
+    async with ConfidentialClient(node.url, policy=classical) as client:
         response = await client.chat.completions.create(model=MODEL, messages=chat_messages("classic"))
         assert response.choices[0].message.content == "classic"
         assert client.attestation.kem_public_key is None
