@@ -1,7 +1,7 @@
 """Appraisal: the one place that decides whether verified claims describe a node to trust.
 
 Verifiers establish that evidence is authentic and turn it into claims (attestation.claims);
-`appraise(claims, policy)` applies the policy of PROTOCOL.md part C, default-deny. Every refusal
+`appraise(claims, policy)` applies the policy of docs/policy.md, default-deny. Every refusal
 is a sentence that names the claim and says what the caller can do about it. Policies come
 from TOML files (`load_policy`, format in docs/policy.md) or from code.
 """
@@ -510,7 +510,7 @@ def _is_document(claims: Claims) -> bool:
 
 
 def appraise(claims: Claims, policy: Policy) -> Verdict:
-    """Every trust decision about verified claims, default-deny (PROTOCOL.md parts C and D)."""
+    """Every trust decision about verified claims, default-deny (docs/policy.md)."""
     errors: list[str] = []
     warnings: list[str] = []
     if claims.simulated:

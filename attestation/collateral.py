@@ -58,14 +58,14 @@ class AmdCollateral:
 
     @classmethod
     def from_document(cls, amd: dict[str, Any]) -> "AmdCollateral":
-        """The `collateral.amd` object of an attestation document v2 (PROTOCOL.md part C)."""
+        """The `collateral.amd` object of an attestation document v2 (docs/protocol.md)."""
         try:
             vcek = base64.b64decode(amd["vcek"], validate=True)
             crl = None if amd["crl"] is None else base64.b64decode(amd["crl"], validate=True)
             if not isinstance(amd["cert_chain"], str):
                 raise TypeError
         except (KeyError, TypeError, binascii.Error, ValueError):
-            raise DocumentInvalid("collateral.amd is not in the shape of PROTOCOL.md part C") from None
+            raise DocumentInvalid("collateral.amd is not in the shape of the attestation document (docs/protocol.md)") from None
         return cls(vcek=vcek, cert_chain=amd["cert_chain"], crl=crl)
 
     def certificates(self) -> list[x509.Certificate]:

@@ -166,7 +166,7 @@ class IntelCollateral:
 
     @classmethod
     def from_document(cls, intel: dict[str, Any]) -> "IntelCollateral":
-        """The `collateral.intel` object of an attestation document v2 (PROTOCOL.md part C)."""
+        """The `collateral.intel` object of an attestation document v2 (docs/protocol.md)."""
         try:
             texts = {k: intel[k] for k in ("tcb_info", "tcb_info_issuer_chain", "qe_identity", "qe_identity_issuer_chain")}
             if not all(isinstance(v, str) for v in texts.values()):
@@ -176,7 +176,7 @@ class IntelCollateral:
             pck_crl = base64.b64decode(intel["pck_crl"], validate=True)
             root_crl = base64.b64decode(intel["root_ca_crl"], validate=True)
         except (KeyError, TypeError, binascii.Error, ValueError):
-            raise CollateralInvalid("collateral.intel is not in the shape of PROTOCOL.md part C") from None
+            raise CollateralInvalid("collateral.intel is not in the shape of the attestation document (docs/protocol.md)") from None
         return cls(
             pck_crl=pck_crl,
             root_crl=root_crl,

@@ -1,4 +1,4 @@
-"""Appraisal (PROTOCOL.md part C): default-deny policy, policy files, `quote verify` and `policy from-quote`.
+"""Appraisal: default-deny policy, policy files, `quote verify` and `policy from-quote`.
 
 On the real samples with the sample Intel collateral at fixed times, as the issue's "done when" asks.
 """
