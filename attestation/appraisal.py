@@ -24,6 +24,7 @@ from .claims import (
     SnpClaims,
     TdxClaims,
 )
+from .collateral import LocalCollateral
 
 UP_TO_DATE = "UpToDate"
 REVOKED = "Revoked"
@@ -243,6 +244,8 @@ class Policy:
     require_post_quantum: bool = True
     gpu: GpuPolicy = field(default_factory=GpuPolicy)
     references: tuple[ReferenceValues, ...] = ()  # e.g. a verified release's reference_values
+    # The client's own vendor collateral (`--collateral DIR`), used in place of the document's.
+    collateral: LocalCollateral | None = None
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> "Policy":
@@ -290,6 +293,10 @@ class Policy:
             else:
                 raise PolicyError(f"no register named {name!r} to pin: use one of {', '.join((*TDX_PINS, *SNP_PINS))}")
         return replace(self, tdx=replace(self.tdx, **tdx), sev_snp=replace(self.sev_snp, **snp))
+
+    def with_collateral(self, path: str | Path) -> "Policy":
+        """Verify with the collateral files of this directory instead of those the node ships."""
+        return replace(self, collateral=LocalCollateral.from_directory(path))
 
     def with_reference_values(self, values: Mapping[str, Any], source: str) -> "Policy":
         """This policy plus pins from `reference_values` (a release's, named `source` in refusals)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from . import trust
-from .errors import DocumentInvalid
+from .errors import CollateralInvalid, DocumentInvalid
 from .intel import IntelCollateral
 from .sevsnp import load_amd_certificates
 
@@ -88,3 +88,25 @@ def intel_from_directory(path: str | Path) -> tuple[IntelCollateral, str | None]
     """Intel collateral and the PCK CRL issuer chain (PEM) if it was saved beside it."""
     chain = _read(Path(path), PCK_CRL_ISSUER_CHAIN_FILE)
     return IntelCollateral.from_directory(path), chain.decode() if chain is not None else None
+
+
+@dataclass(frozen=True)
+class LocalCollateral:
+    """A client's own vendor collateral (`--collateral DIR`): checked like the document's (signatures,
+    CRLs, freshness) and used in its place, vendor by vendor, so that a client holding fresher
+    collateral does not depend on what the node chose to ship."""
+
+    intel: IntelCollateral | None = None
+    amd: AmdCollateral | None = None
+
+    @classmethod
+    def from_directory(cls, path: str | Path) -> "LocalCollateral":
+        base = Path(path)
+        if not base.is_dir():
+            raise CollateralInvalid(f"collateral directory {path} does not exist")
+        intel = IntelCollateral.from_directory(base)
+        has_intel = any(getattr(intel, f.name) is not None for f in fields(intel))
+        local = cls(intel=intel if has_intel else None, amd=AmdCollateral.from_directory(base))
+        if local.intel is None and local.amd is None:
+            raise CollateralInvalid(f"collateral directory {path} holds none of the files docs/policy.md lists")
+        return local

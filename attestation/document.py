@@ -12,7 +12,7 @@ from typing import Any
 from . import binding, sevsnp, tdx
 from .appraisal import Policy, appraise, appraised_claims
 from .claims import Claims, GpuClaims
-from .collateral import AmdCollateral
+from .collateral import AmdCollateral, LocalCollateral
 from .errors import (
     DocumentInvalid,
     GpuEvidenceInvalid,
@@ -263,12 +263,14 @@ def verify_evidence(
     trusted_roots: tuple | None = None,
     gpu_device_roots: tuple | None = None,
     tls_cert_sha256: bytes | None = None,
+    local_collateral: LocalCollateral | None = None,
 ) -> VerifiedAttestation:
     """Check that the document is authentic: well-formed, bound to our nonce and its keys, evidence
     signed up to a pinned root (or the simulated one), bundled collateral signed and current at `at`.
 
     `tls_cert_sha256` is the SHA-256 of the certificate the TLS connection that fetched the
     document presented (None over plain HTTP): the document must bind exactly that one.
+    `local_collateral`, the client's own, replaces the document's collateral vendor by vendor.
 
     Returns the document's contents with its claims (`verify_document` then appraises them).
     """
@@ -330,11 +332,15 @@ def verify_evidence(
 
     if cpu["format"] == FORMAT_TDX:
         intel = IntelCollateral.from_document(collateral["intel"]) if collateral["intel"] is not None else None
+        if local_collateral is not None and local_collateral.intel is not None:
+            intel = local_collateral.intel
         result = tdx.verify_quote(quote, at=at, trusted_roots=trusted_roots, collateral=intel)
         simulated, cpu_claims = result.simulated, result.claims
     else:
         certs = sevsnp.load_amd_certificates(certificates.encode()) if certificates else []
         amd = AmdCollateral.from_document(collateral["amd"]) if collateral["amd"] is not None else None
+        if local_collateral is not None and local_collateral.amd is not None:
+            amd = local_collateral.amd
         if amd is not None:
             certs += amd.certificates()
         snp = sevsnp.verify_report(quote, certs, at=at, trusted_roots=trusted_roots, crl=amd.crl if amd else None)
@@ -391,6 +397,7 @@ def verify_document(
         trusted_roots=trusted_roots,
         gpu_device_roots=gpu_device_roots,
         tls_cert_sha256=tls_cert_sha256,
+        local_collateral=policy.collateral,
     )
     verdict = appraise(verified.claims, policy)
     if not verdict.accepted:

@@ -14,6 +14,7 @@ import json
 import struct
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import dcap_qvl
@@ -165,7 +166,7 @@ class IntelTestPki:
         return self.root.public_bytes(serialization.Encoding.DER)
 
     def quote(self, *, tee_tcb_svn: bytes, mr_signer_seam: bytes = MR_SIGNER_SEAM, seam_attributes: bytes = bytes(8),
-              td_attributes: bytes = TD_ATTRIBUTES_SEPT_VE_DISABLE.to_bytes(8, "little")) -> bytes:
+              td_attributes: bytes = TD_ATTRIBUTES_SEPT_VE_DISABLE.to_bytes(8, "little"), report_data: bytes = bytes(64)) -> bytes:
         header = bytearray(tdx.HEADER_SIZE)
         struct.pack_into("<HHIHH", header, 0, tdx.QUOTE_VERSION_4, tdx.ATTESTATION_KEY_ECDSA_P256, tdx.TEE_TYPE_TDX,
                          self.platform.qe_isv_svn, self.platform.pce_svn)
@@ -173,7 +174,7 @@ class IntelTestPki:
         body = bytearray(tdx.TD_REPORT10_SIZE)
         for offset, value in ((tdx.TD_TEE_TCB_SVN, tee_tcb_svn), (tdx.TD_MR_SIGNER_SEAM, mr_signer_seam),
                               (tdx.TD_SEAM_ATTRIBUTES, seam_attributes), (tdx.TD_TD_ATTRIBUTES, td_attributes),
-                              (tdx.TD_MR_TD, hashlib.sha384(b"test TD").digest())):
+                              (tdx.TD_MR_TD, hashlib.sha384(b"test TD").digest()), (tdx.TD_REPORT_DATA, report_data)):
             body[offset:offset + len(value)] = value
         signed = bytes(header + body)
         ak = self.attestation_key.public_key().public_bytes(
@@ -207,6 +208,17 @@ class IntelTestPki:
         theirs = dcap_qvl.QuoteCollateralV3(_pem(self.pck_ca, self.root), self.root_crl, self.pck_crl,
                                             signing_chain, tcb_text, tcb_sig, signing_chain, qe_text, qe_sig)
         return ours, theirs
+
+
+    def write_directory(self, path: Path, tcb_info: dict[str, Any], qe_identity: dict[str, Any]) -> Path:
+        """The collateral as files of a collateral directory (docs/policy.md names them)."""
+        ours, _ = self.collateral(tcb_info, qe_identity)
+        path.mkdir(parents=True, exist_ok=True)
+        for name, data in (("tcbInfo.json", ours.tcb_info), ("qeIdentity.json", ours.qe_identity),
+                           ("tcb_signing_chain.pem", ours.tcb_signing_chain), ("pckcrl", ours.pck_crl),
+                           ("rootcrl.der", ours.root_crl)):
+            (path / name).write_bytes(data)  # type: ignore[arg-type]
+        return path
 
 
 def tcb_level(sgx: list[int], pce_svn: int, tdx_svns: list[int], status: str, advisories: tuple[str, ...] = ()) -> dict[str, Any]:

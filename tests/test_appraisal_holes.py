@@ -20,8 +20,13 @@ import pytest
 from attestation import cli, sevsnp, tdx
 from attestation.appraisal import Policy, PolicyError, ReferenceValues, SnpPolicy, TdxPolicy, appraise, load_policy
 from attestation.claims import Claims, SnpTcb
+from attestation.document import build_document, verify_document, verify_evidence
+from attestation.errors import CollateralInvalid, PolicyRefused
+from attestation.evidence import FORMAT_TDX, CpuEvidence
 from attestation.intel import IntelCollateral
 from attestation.producers.simulated import SimulatedTdx
+from intel_pki import AT as PKI_AT
+from intel_pki import IntelTestPki, Platform, module_identity, qe_identity, tcb_info, tcb_level
 
 TESTDATA = Path(__file__).resolve().parent / "data"
 TDX = TESTDATA / "tdx"
@@ -293,3 +298,49 @@ def test_a_document_without_a_kem_key_is_refused_by_default():
     assert appraise(document, dataclasses.replace(policy, require_post_quantum=False)).accepted
     assert appraise(claims, policy).accepted  # bare evidence (quote verify) has no keys to judge
     assert Policy().require_post_quantum and Policy.from_mapping({"require_post_quantum": False}).require_post_quantum is False
+
+
+# --- a client's own collateral (--collateral DIR), with a document under a test Intel root ---
+
+
+class _TestTdx:
+    """A TD whose quotes a test Intel PKI signs: a real-shaped document without Intel's keys."""
+
+    tee = "tdx"
+
+    def __init__(self, pki):
+        self.pki = pki
+
+    def get_evidence(self, report_data: bytes):
+        quote = self.pki.quote(tee_tcb_svn=bytes([5, 1, 2] + [0] * 13), report_data=report_data)
+        return CpuEvidence(tee="tdx", format=FORMAT_TDX, quote=quote, certificates=None, simulated=False)
+
+
+def test_a_client_brings_its_own_collateral(tmp_path):
+    pki = IntelTestPki()
+    nonce = bytes(range(32))
+    doc = build_document(_TestTdx(pki), None, nonce=nonce, dh_public_key=bytes(32), signing_public_key=bytes(32),
+                         key_epoch=1, measured_config={"tee_mode": "tdx"}, kem_public_key=bytes(1184))
+    claims = verify_evidence(doc, expected_nonce=nonce, at=PKI_AT, trusted_roots=(pki.root,)).claims
+    pins = {**all_five(claims), "td_attributes": claims.cpu.td_attributes.hex(), "xfam": claims.cpu.xfam.hex()}
+    policy = Policy().with_pins(pins)
+
+    def verify(policy: Policy):
+        return verify_document(doc, expected_nonce=nonce, policy=policy, at=PKI_AT, trusted_roots=(pki.root,))
+
+    # The node ships no collateral: Unknown, refused.
+    with pytest.raises(PolicyRefused, match="tcb_status is Unknown: no Intel collateral came with the evidence"):
+        verify(policy)
+    levels = [tcb_level(Platform().components, Platform().pce_svn, [0, 0, 2] + [0] * 13, "UpToDate")]
+    identities = [module_identity("TDX_01", [(5, "UpToDate", ())])]
+    directory = pki.write_directory(tmp_path / "pcs", tcb_info(levels, identities, evaluation=18), qe_identity(evaluation=18))
+    verified = verify(policy.with_collateral(directory))
+    assert verified.tcb_status == "UpToDate"
+    assert (verified.claims.cpu.tcb_info_evaluation_data_number, verified.claims.cpu.qe_identity_evaluation_data_number) == (18, 18)
+    # The same collateral under a minimum evaluation number above it: refused, naming both numbers.
+    strict = dataclasses.replace(policy, tdx=dataclasses.replace(policy.tdx, min_tcb_evaluation_data_number=19))
+    with pytest.raises(PolicyRefused) as refused:
+        verify(strict.with_collateral(directory))
+    assert refused.value.errors[0].startswith("tcb_evaluation_data_number of the TCB info 18 is below the policy minimum 19")
+    with pytest.raises(CollateralInvalid, match="does not exist"):
+        policy.with_collateral(tmp_path / "missing")
