@@ -530,8 +530,11 @@ def appraise(claims: Claims, policy: Policy) -> Verdict:
         unpinned = _appraise_tdx(claims.cpu, policy, claims.simulated, errors)
         status = claims.cpu.tcb_status
         how = (
-            "pin all of them (tee-node policy from-quote prints them; --pin NAME=HEX on attest and chat; "
+            "pin them all (tee-node policy from-quote prints them; --pin NAME=HEX on attest and chat; "
             "or a [release] whose reference_values pin them)"
+        ) if len(unpinned) > 1 else (
+            "pin it (tee-node policy from-quote prints it; --pin NAME=HEX on attest and chat; "
+            "or a [release] whose reference_values pin it)"
         )
     else:
         unpinned, status = _appraise_snp(claims.cpu, policy, errors)

@@ -115,8 +115,8 @@ def test_an_unpinned_real_quote_is_refused_without_accept_any_measurement(capsys
     code, out, err = verify(capsys, SAMPLE, "--collateral", TDX, "--at", COLLATERAL_AT, "--policy", policy)
     assert code == 1 and out["valid"] is True
     assert out["policy_errors"] == [
-        "mr_td, rtmr0, rtmr1, rtmr2, rtmr3 are not pinned by the policy, so any code could be running: pin all of "
-        "them (tee-node policy from-quote prints them; --pin NAME=HEX on attest and chat; or a [release] whose "
+        "mr_td, rtmr0, rtmr1, rtmr2, rtmr3 are not pinned by the policy, so any code could be running: pin them "
+        "all (tee-node policy from-quote prints them; --pin NAME=HEX on attest and chat; or a [release] whose "
         "reference_values pin them), or pass --accept-any-measurement"
     ]
     assert err == ""

@@ -66,7 +66,7 @@ def test_cos_quote_with_only_its_mrtd_pinned_is_refused_naming_the_rtmrs():
     claims = cos_claims()
     verdict = appraise(claims, Policy(tdx=UNKNOWN_OK).with_measurements([claims.cpu.mr_td.hex()]))
     assert verdict.errors == (
-        "rtmr0, rtmr1, rtmr2, rtmr3 are not pinned by the policy, so any code could be running: pin all of them "
+        "rtmr0, rtmr1, rtmr2, rtmr3 are not pinned by the policy, so any code could be running: pin them all "
         "(tee-node policy from-quote prints them; --pin NAME=HEX on attest and chat; or a [release] whose "
         "reference_values pin them), or pass --accept-any-measurement",
     )
@@ -344,3 +344,13 @@ def test_a_client_brings_its_own_collateral(tmp_path):
     assert refused.value.errors[0].startswith("tcb_evaluation_data_number of the TCB info 18 is below the policy minimum 19")
     with pytest.raises(CollateralInvalid, match="does not exist"):
         policy.with_collateral(tmp_path / "missing")
+
+
+def test_one_unpinned_register_is_named_alone():
+    claims = cos_claims()
+    pins = {k: v for k, v in all_five(claims).items() if k != "rtmr3"}
+    assert appraise(claims, Policy(tdx=UNKNOWN_OK).with_pins(pins)).errors == (
+        "rtmr3 is not pinned by the policy, so any code could be running: pin it (tee-node policy from-quote prints "
+        "it; --pin NAME=HEX on attest and chat; or a [release] whose reference_values pin it), or pass "
+        "--accept-any-measurement",
+    )
