@@ -231,7 +231,8 @@ def _as_v2(doc):
     v2 = {k: v for k, v in doc.items() if k not in ("release_bundle", "public_keys", "workers")}
     report = binding.report_data(
         nonce=NONCE, dh_public_key=DH, signing_public_key=SIGN, key_epoch=v2["key_epoch"],
-        config_digest=bytes.fromhex(v2["config_digest"]), gpu_evidence=[], kem_public_key=None,
+        config_digest=bytes.fromhex(v2["config_digest"]), gpu_evidence=[],
+        kem_public_key=base64.b64decode(v2["kem_public_key"]) if v2["kem_public_key"] else None,
         tls_cert_sha256=None, version=2,
     )
     evidence = SimulatedProvider(MEASUREMENT, seed=SEED).get_evidence(report)
