@@ -13,7 +13,7 @@ from server_support import free_port
 
 from node.cli import main
 from node.client import APIConnectionError, APITimeoutError, ConfidentialClient
-from node.client._async import unreachable
+from node.client.transports import unreachable
 
 
 async def attest_error(url: str, timeout: float = 10.0) -> APIConnectionError:

@@ -33,7 +33,10 @@ Attestation failures are `attestation.errors.AttestationError` (re-exported by `
 
 from __future__ import annotations
 
+import email.utils
+import json
 import re
+from datetime import datetime, timezone
 from typing import Any
 
 from ..errors import ReceiptInvalid, TeeNodeError, TranscriptMismatch, VerificationError
@@ -181,6 +184,38 @@ def error_from_body(
     if issubclass(cls, _Retryable):
         kwargs["retry_after"] = retry_after
     return cls(**kwargs)
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """Retry-After as seconds: delta-seconds or an HTTP date; None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(int(value)))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
+def error_from_response(response: Any) -> NodeAPIError:
+    """The typed exception for an unsuccessful answer (`.status`, `.headers`, `.body` bytes)."""
+    try:
+        parsed = json.loads(response.body)
+    except (ValueError, UnicodeDecodeError):
+        parsed = None
+    return error_from_body(
+        response.status,
+        parsed,
+        request_id=response.headers.get("X-Request-Id"),
+        retry_after=retry_after_seconds(response.headers.get("Retry-After")),
+    )
 
 
 class APIConnectionError(TeeNodeError):
