@@ -8,6 +8,7 @@ from TOML files (`load_policy`, format in docs/policy.md) or from code.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -230,6 +231,43 @@ class ReferenceValues:
 
 
 @dataclass(frozen=True)
+class ReleasePolicy:
+    """The `[release]` table: the node must serve a release signed by this CI identity (docs/releases.md)."""
+
+    issuer: str
+    identity: str | None = None  # exact
+    identity_pattern: str | None = None  # a regular expression matched in full
+    trusted_root: Path | None = None  # a Sigstore trusted root JSON; None: Sigstore's public-good root
+
+    @classmethod
+    def from_table(cls, table: Mapping[str, Any]) -> "ReleasePolicy":
+        _no_unknown(table, {"identity", "identity_pattern", "issuer", "trusted_root"}, "[release]")
+        for key in ("identity", "identity_pattern", "issuer", "trusted_root"):
+            if key in table and (not isinstance(table[key], str) or not table[key]):
+                raise PolicyError(f"release.{key} must be a non-empty string")
+        if ("identity" in table) == ("identity_pattern" in table):
+            raise PolicyError("[release] needs exactly one of identity (exact) and identity_pattern (a regular expression)")
+        if "issuer" not in table:
+            raise PolicyError("[release] needs issuer: the OIDC issuer of the release's signer, e.g. https://token.actions.githubusercontent.com")
+        if "identity_pattern" in table:
+            try:
+                re.compile(table["identity_pattern"])
+            except re.error as exc:
+                raise PolicyError(f"release.identity_pattern is not a regular expression: {exc}") from None
+        root = table.get("trusted_root")
+        return cls(
+            issuer=table["issuer"],
+            identity=table.get("identity"),
+            identity_pattern=table.get("identity_pattern"),
+            trusted_root=Path(root) if root is not None else None,
+        )
+
+    @property
+    def signer(self) -> str:
+        return self.identity if self.identity is not None else f"identity matching {self.identity_pattern!r}"
+
+
+@dataclass(frozen=True)
 class Policy:
     """What a client accepts. The default accepts no real node (nothing is pinned) and no simulated one."""
 
@@ -246,14 +284,15 @@ class Policy:
     references: tuple[ReferenceValues, ...] = ()  # e.g. a verified release's reference_values
     # The client's own vendor collateral (`--collateral DIR`), used in place of the document's.
     collateral: LocalCollateral | None = None
+    release: ReleasePolicy | None = None  # `[release]`: the node must serve a release of this signer
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> "Policy":
         top = {"tdx", "sev_snp", "gpu", "config_digest", "allowed_tees", "allow_simulated", "accept_any_measurement",
-               "require_gpu", "require_post_quantum"}
+               "require_gpu", "require_post_quantum", "release"}
         _no_unknown(data, top, "the policy")
         kwargs: dict[str, Any] = {}
-        for key, kind in (("tdx", TdxPolicy), ("sev_snp", SnpPolicy), ("gpu", GpuPolicy)):
+        for key, kind in (("tdx", TdxPolicy), ("sev_snp", SnpPolicy), ("gpu", GpuPolicy), ("release", ReleasePolicy)):
             if key in data:
                 if not isinstance(data[key], Mapping):
                     raise PolicyError(f"[{key}] must be a table")
@@ -317,13 +356,20 @@ def _no_unknown(table: Mapping[str, Any], known: set[str], where: str) -> None:
 
 
 def load_policy(path: str | Path) -> Policy:
-    """A policy from a TOML file (docs/policy.md)."""
+    """A policy from a TOML file (docs/policy.md); a relative `[release] trusted_root` is read
+    beside the policy file."""
     try:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
         raise PolicyError(f"policy file {path} is not valid TOML: {exc}") from None
-    return Policy.from_mapping(data)
+    policy = Policy.from_mapping(data)
+    if policy.release is not None and policy.release.trusted_root is not None:
+        root = Path(path).parent / policy.release.trusted_root
+        if not root.is_file():
+            raise PolicyError(f"release.trusted_root {root} is not a file: give the Sigstore trusted root JSON (relative to the policy file)")
+        policy = replace(policy, release=replace(policy.release, trusted_root=root))
+    return policy
 
 
 @dataclass(frozen=True)
@@ -516,10 +562,38 @@ def _is_document(claims: Claims) -> bool:
     return claims.config_digest is not None  # bare evidence (`tee-node quote verify`) carries no document fields
 
 
+def _with_release(claims: Claims, policy: Policy, errors: list[str]) -> Policy:
+    """`[release]`: the node serves a release signed by the expected identity and issuer; the
+    policy plus that release's reference values as pins (both must hold)."""
+    wanted = policy.release
+    if wanted is None:
+        return policy
+    release = claims.release
+    if release is None:
+        errors.append(
+            "release is required by the policy ([release]) but the node serves no release bundle: refuse this "
+            "node, or have its operator serve the bundle of the release it runs (attestation.release_bundle)"
+        )
+        return policy
+    from .release import identity_policy, signer_mismatch
+
+    signer = identity_policy(issuer=wanted.issuer, identity=wanted.identity, identity_pattern=wanted.identity_pattern)
+    mismatch = signer_mismatch(release, signer)
+    if mismatch is not None:
+        errors.append(
+            f"release {release.version} was not signed by {wanted.signer} with issuer {wanted.issuer} ({mismatch}): "
+            "refuse this node, or add that signer to [release] if you trust its releases"
+        )
+        return policy
+    # Well-formed: checked when the bundle was verified.
+    return policy.with_reference_values(release.reference_values, f"release {release.version}")
+
+
 def appraise(claims: Claims, policy: Policy) -> Verdict:
     """Every trust decision about verified claims, default-deny (docs/policy.md)."""
     errors: list[str] = []
     warnings: list[str] = []
+    policy = _with_release(claims, policy, errors)
     if claims.simulated:
         if not policy.allow_simulated:
             errors.append("tee is simulated, which is not a TEE: pass --allow-simulated (allow_simulated = true) for testing only")

@@ -159,6 +159,41 @@ class GpuClaims(_Claims):
 
 
 @dataclass(frozen=True)
+class ReleaseClaims:
+    """A release whose Sigstore bundle verified (chain, SCT, log proofs, DSSE signature) and
+    whose statement is a tee-node release; whether its signer is the expected one is for
+    `appraise` to judge (`certificate` is kept for that)."""
+
+    version: str
+    source: dict[str, Any]  # {"repository": URL, "commit": 40 hex}
+    identities: tuple[str, ...]  # the signing certificate's SANs (the CI's OIDC identity)
+    issuer: str | None  # the OIDC issuer Fulcio recorded in the certificate
+    log_index: int
+    integrated_time: int | None  # Unix seconds, from the log entry (None: Rekor v2, timestamped by a TSA)
+    predicate: dict[str, Any]
+    certificate: Any = field(repr=False, compare=False, default=None)  # cryptography x509.Certificate
+
+    @property
+    def identity(self) -> str | None:
+        return self.identities[0] if self.identities else None
+
+    @property
+    def reference_values(self) -> dict[str, Any]:
+        return self.predicate["reference_values"]
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "source": self.source,
+            "identity": self.identity,
+            "issuer": self.issuer,
+            "log_index": self.log_index,
+            "integrated_time": self.integrated_time,
+            "predicate": self.predicate,
+        }
+
+
+@dataclass(frozen=True)
 class Claims:
     """Everything appraisal looks at for one node.
 
@@ -173,6 +208,7 @@ class Claims:
     gpu_evidence: int = 0
     gpus: tuple[GpuClaims, ...] = field(default=())
     kem_public_key: bytes | None = None  # the document's ML-KEM-768 key; None without one (or for bare evidence)
+    release: ReleaseClaims | None = None  # a verified release bundle the node served (policies with [release])
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -183,4 +219,5 @@ class Claims:
             "gpu_evidence": self.gpu_evidence,
             "gpus": [_jsonable(g) for g in self.gpus],
             "post_quantum": self.kem_public_key is not None,  # the key itself is in the document
+            "release": self.release.as_json() if self.release is not None else None,
         }

@@ -11,7 +11,7 @@ from typing import Any
 
 from . import binding, sevsnp, tdx
 from .appraisal import Policy, appraise, appraised_claims
-from .claims import Claims, GpuClaims
+from .claims import Claims, GpuClaims, ReleaseClaims
 from .collateral import AmdCollateral, LocalCollateral
 from .errors import (
     DocumentInvalid,
@@ -139,6 +139,11 @@ class VerifiedAttestation:
     def tcb_status(self) -> str:
         return self.claims.cpu.tcb_status
 
+    @property
+    def release(self) -> ReleaseClaims | None:
+        """The release the node serves, verified (only when the policy has `[release]`)."""
+        return self.claims.release
+
 
 def _field(doc: dict[str, Any], name: str, kind: type) -> Any:
     value = doc.get(name)
@@ -255,6 +260,16 @@ def _check_gpu(
     return tuple(claims)
 
 
+def _check_release(bundle: dict[str, Any] | None, trusted_root: Any) -> ReleaseClaims | None:
+    """The served release bundle, verified offline (public and self-authenticating, so not bound
+    into report_data: the release's reference values are what ties it to this evidence)."""
+    if bundle is None:
+        return None
+    from .release import verify_release
+
+    return verify_release(bundle, trusted_root=trusted_root)
+
+
 def verify_evidence(
     doc: dict[str, Any],
     *,
@@ -264,6 +279,8 @@ def verify_evidence(
     gpu_device_roots: tuple | None = None,
     tls_cert_sha256: bytes | None = None,
     local_collateral: LocalCollateral | None = None,
+    check_release: bool = False,
+    release_trusted_root: Any = None,
 ) -> VerifiedAttestation:
     """Check that the document is authentic: well-formed, bound to our nonce and its keys, evidence
     signed up to a pinned root (or the simulated one), bundled collateral signed and current at `at`.
@@ -271,6 +288,10 @@ def verify_evidence(
     `tls_cert_sha256` is the SHA-256 of the certificate the TLS connection that fetched the
     document presented (None over plain HTTP): the document must bind exactly that one.
     `local_collateral`, the client's own, replaces the document's collateral vendor by vendor.
+
+    `check_release`: the node's `release_bundle`, when it serves one, must verify under the
+    Sigstore trusted root `release_trusted_root` (a path; None: Sigstore's public-good root);
+    who signed it is appraised afterwards.
 
     Returns the document's contents with its claims (`verify_document` then appraises them).
     """
@@ -352,9 +373,16 @@ def verify_evidence(
 
     gpu_nonce = binding.gpu_nonce(nonce=expected_nonce, dh_public_key=dh_public_key, signing_public_key=signing_public_key)
     gpus = _check_gpu(gpu_entries, gpu_nonce, collateral, at, gpu_device_roots)
+    release = _check_release(release_bundle, release_trusted_root) if check_release else None
     claims = Claims(
-        tee=tee, simulated=simulated, cpu=cpu_claims, config_digest=config_digest, gpu_evidence=len(gpu_entries), gpus=gpus,
+        tee=tee,
+        simulated=simulated,
+        cpu=cpu_claims,
+        config_digest=config_digest,
+        gpu_evidence=len(gpu_entries),
+        gpus=gpus,
         kem_public_key=kem_public_key,
+        release=release,
     )
     return VerifiedAttestation(
         tee=tee,
@@ -398,6 +426,8 @@ def verify_document(
         gpu_device_roots=gpu_device_roots,
         tls_cert_sha256=tls_cert_sha256,
         local_collateral=policy.collateral,
+        check_release=policy.release is not None,
+        release_trusted_root=policy.release.trusted_root if policy.release is not None else None,
     )
     verdict = appraise(verified.claims, policy)
     if not verdict.accepted:

@@ -55,3 +55,7 @@ class AttestationUnavailable(AttestationError):
 
 class TlsCertificateMismatch(AttestationError):
     """The TLS certificate the connection presented is not the one the attestation binds."""
+
+
+class ReleaseInvalid(AttestationError):
+    """A release bundle does not verify (signature, certificate chain, SCT, log proofs) or does not carry a tee-node release."""

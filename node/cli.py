@@ -1,4 +1,4 @@
-"""`tee-node`: serve the node, prepare models, verify quotes and GPU reports, attest and chat with a node."""
+"""`tee-node`: serve the node, prepare models, verify quotes, GPU reports and releases, attest and chat with a node."""
 
 from __future__ import annotations
 
@@ -185,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     from_quote = policy.add_parser("from-quote", help="print a policy pinning the registers of known-good evidence")
     attestation_cli.add_from_quote_arguments(from_quote)
     from_quote.set_defaults(func=attestation_cli.run_from_quote)
+    from .cli_release import add_release_parser
+
+    add_release_parser(commands)
     gpu = commands.add_parser("gpu", help="NVIDIA GPU evidence").add_subparsers(dest="gpu_command", required=True)
     gpu_verify = gpu.add_parser("verify", help="verify an NVIDIA GPU attestation report offline")
     gpu_cli.add_arguments(gpu_verify)

@@ -188,6 +188,10 @@ class AttestationConfig(_Section):
     kds_url: str = "https://kdsintf.amd.com"
     collateral_refresh: float = Field(default=3600.0, gt=0)  # at most this long between refreshes
     collateral_retry: float = Field(default=60.0, gt=0)  # after a failed fetch
+    # The Sigstore bundle of the release this node runs (docs/releases.md), served verbatim in the
+    # document's release_bundle. Clients check it against the measurements; it is never measured
+    # itself (the release pins the config digest, which therefore cannot contain the release).
+    release_bundle: Path | None = None
 
 
 class NodeConfig(BaseSettings):

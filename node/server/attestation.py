@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -72,7 +74,9 @@ class AttestationService:
         # release bundle served verbatim (public and self-authenticating, so not measured).
         self.public_keys: dict[str, Callable[[], str | None]] = {name: _nothing for name in PUBLIC_KEY_NAMES}
         self.workers: Callable[[], list[dict[str, Any]] | None] = _nothing
-        self.release_bundle: dict[str, Any] | None = None
+        self.release_bundle: dict[str, Any] | None = (
+            load_release_bundle(settings.release_bundle) if settings.release_bundle is not None else None
+        )
         self.measured_config: dict[str, Any] | None = None
         self.config_digest: bytes | None = None
         self.cpu_collateral = CollateralCache()
@@ -142,6 +146,28 @@ class AttestationService:
             wait = min(wait, max(settings.collateral_retry, (expires.timestamp() - time.time()) / 2))
         log.info("collateral refreshed; valid until %s", expires.isoformat() if expires else "unknown")
         return wait
+
+
+def load_release_bundle(path: Path) -> dict[str, Any]:
+    """The configured release bundle, read once at start; a file that is not a Sigstore bundle stops the start."""
+    from attestation.release import parse_bundle
+
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"attestation.release_bundle {path} cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        bundle = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"attestation.release_bundle {path} is not valid JSON: {exc}") from None
+    if not isinstance(bundle, dict):
+        raise ValueError(f"attestation.release_bundle {path} is not a Sigstore bundle: not a JSON object")
+    try:
+        parse_bundle(bundle)
+    except AttestationError as exc:
+        raise ValueError(f"attestation.release_bundle {path} is {exc}") from None
+    log.info("release bundle loaded from %s", path)
+    return bundle
 
 
 def _client_of(state: NodeState, request: web.Request) -> str:
