@@ -3,14 +3,25 @@
 Layout: parsers and verifiers per TEE (tdx, sevsnp), NVIDIA GPUs (nvidia/: SPDM report, RIMs,
 OCSP, verifier, `gpu verify`), vendor collateral (intel), certificate trust (trust, roots/), the
 report_data commitment (binding), normalised claims (claims), the one policy decision
-(appraisal), the attestation document (document) and the `quote verify` and `policy from-quote`
+(appraisal), the attestation document (document), releases (release: the signed statement of a
+release's reference values, Sigstore bundles) and the `quote verify` and `policy from-quote`
 commands (cli). Evidence producers (configfs-tsm, NVML, the NVIDIA collateral service, the
 simulated TEE) live in `attestation.producers`, which no verifier imports.
 """
 
-from .appraisal import GpuPolicy, Policy, PolicyError, ReferenceValues, Verdict, appraise, appraise_gpu, load_policy
+from .appraisal import (
+    GpuPolicy,
+    Policy,
+    PolicyError,
+    ReferenceValues,
+    ReleasePolicy,
+    Verdict,
+    appraise,
+    appraise_gpu,
+    load_policy,
+)
 from .binding import canonical_json, gpu_nonce, report_data
-from .claims import Claims, GpuClaims, SnpClaims, TdxClaims
+from .claims import Claims, GpuClaims, ReleaseClaims, SnpClaims, TdxClaims
 from .document import VerifiedAttestation, build_document, verify_document, verify_evidence
 from .errors import (
     AttestationError,
@@ -23,6 +34,7 @@ from .errors import (
     NonceMismatch,
     ParseError,
     PolicyRefused,
+    ReleaseInvalid,
     ReportDataMismatch,
     SignatureInvalid,
 )
@@ -54,6 +66,9 @@ __all__ = [
     "PolicyError",
     "PolicyRefused",
     "ReferenceValues",
+    "ReleaseClaims",
+    "ReleaseInvalid",
+    "ReleasePolicy",
     "ReportDataMismatch",
     "SignatureInvalid",
     "SnpClaims",
