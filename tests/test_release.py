@@ -391,6 +391,8 @@ def test_a_document_serving_its_release_is_accepted_on_the_release_alone(doc, is
     release = verified.release
     assert (release.version, release.identity, release.issuer, release.log_index) == ("1.4.0", IDENTITY, GITHUB_ISSUER, 5)
     assert verified.claims.as_json()["release"]["predicate"]["version"] == "1.4.0"
+    by_pattern = replace(release_policy(root_file), release=ReleasePolicy(issuer=GITHUB_ISSUER, identity_pattern=PATTERN, trusted_root=root_file))
+    assert verify_document(with_bundle(doc, issued.bundle), expected_nonce=NONCE, policy=by_pattern).release.identity == IDENTITY
     # Without [release] the bundle is not looked at.
     assert verify_document(with_bundle(doc, issued.bundle), expected_nonce=NONCE, policy=Policy(allow_simulated=True)).release is None
 
