@@ -94,7 +94,8 @@ def b64d(text: str) -> bytes:
     through is non-zero unused bits in the character before the padding, so that character is
     checked: one byte string has exactly one accepted encoding.
     """
-    if not isinstance(text, str) or not text.isascii():
+    # binascii's strict mode still takes a '=' after a complete quantum ('0000='): lengths first.
+    if not isinstance(text, str) or not text.isascii() or len(text) % 4:
         raise Base64Error("not base64")
     try:
         if _pybase64 is not None and len(text) >= _SIMD_DECODE_FROM:

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import node.envelope as envelope
@@ -715,6 +715,7 @@ def _reference_b64d(text: str) -> bytes | None:
 @pytest.mark.parametrize("fast", [True, False], ids=["pybase64", "binascii"])
 @settings(max_examples=400, deadline=None)
 @given(text=_B64_TEXT)
+@example(text="0000=")  # a '=' after a complete quantum, once taken by binascii's strict mode
 def test_property_b64d_matches_reference(fast, text):
     import node.crypto as crypto
 
