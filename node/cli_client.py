@@ -45,11 +45,19 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("TEE_NODE_API_KEY"),
         help="bearer token (default: $TEE_NODE_API_KEY)",
     )
+    parser.add_argument(
+        "--collateral",
+        metavar="DIR",
+        help="verify with the Intel/AMD collateral in DIR instead of what the node's document bundles "
+        "(the layout of the node's attestation.collateral_dir, docs/policy.md)",
+    )
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default 600)")
 
 
 def _client_kwargs(args: argparse.Namespace, err: TextIO) -> dict[str, Any]:
-    """The policy from --policy, --allow-simulated, --accept-any-measurement, --measurement and --tee."""
+    """The policy from --policy, --allow-simulated, --accept-any-measurement, --measurement and
+    --tee, and the collateral of --collateral. ValueError (PolicyError), OSError or
+    CollateralInvalid when unusable."""
     from attestation.cli import policy_from_args
 
     policy = policy_from_args(args, err)
@@ -57,6 +65,8 @@ def _client_kwargs(args: argparse.Namespace, err: TextIO) -> dict[str, Any]:
         policy = policy.with_measurements(args.measurement)
     if args.tee:
         policy = replace(policy, allowed_tees=frozenset(args.tee))
+    if args.collateral:
+        policy = policy.with_collateral(args.collateral)
     return {"api_key": args.api_key, "policy": policy, "timeout": args.timeout}
 
 
@@ -191,7 +201,6 @@ def receipt_line(receipt: Any) -> str:
 
 
 def run_chat(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
-    from attestation.appraisal import PolicyError
     from attestation.errors import AttestationError
 
     from .client import Client, TeeNodeError
@@ -200,7 +209,7 @@ def run_chat(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | 
     err = err or sys.stderr
     try:
         client_kwargs = _client_kwargs(args, err)
-    except (OSError, PolicyError) as exc:
+    except (OSError, ValueError, AttestationError) as exc:  # PolicyError, CollateralInvalid
         err.write(f"error: {exc}\n")
         return EXIT_FAILED
     if args.prompt is None:
@@ -248,7 +257,6 @@ def add_attest_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run_attest(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
-    from attestation.appraisal import PolicyError
     from attestation.errors import AttestationError, PolicyRefused
 
     from .client import Client, TeeNodeError
@@ -257,7 +265,7 @@ def run_attest(args: argparse.Namespace, out: TextIO | None = None, err: TextIO 
     err = err or sys.stderr
     try:
         client_kwargs = _client_kwargs(args, err)
-    except (OSError, PolicyError) as exc:
+    except (OSError, ValueError, AttestationError) as exc:  # PolicyError, CollateralInvalid
         err.write(f"error: {exc}\n")
         return EXIT_FAILED
     try:

@@ -8,6 +8,7 @@ pinned keys, re-attestation) and `calls` (the namespaces, sealing, opening, stre
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -15,7 +16,7 @@ import aiohttp
 
 from .calls import Calls, Chat, Completions, Embeddings, Models
 from .credentials import Bearer, Credential
-from .errors import NodeAPIError, NotReadyError, OverloadedError
+from .errors import NotReadyError, OverloadedError, TeeNodeError
 from .session import AttestedSession, make_policy
 from .streams import AsyncStream
 from .transports import DirectRoute, HttpSession, PinnedTlsRoute, Route, scheme_of
@@ -41,7 +42,15 @@ class ConfidentialClient:
     `require_gpu`. The default policy refuses every node (default-deny, docs/policy.md).
 
     Credential: `api_key` (sent as `Authorization: Bearer`), or `credential=` any
-    `node.client.credentials.Credential`.
+    `node.client.credentials.Credential`. No credential goes with anything sent before the
+    node's attestation was verified and accepted (the attestation itself included): the first
+    request of any kind, `models.list()` too, attests first. The client follows no redirects
+    (`RedirectRefused`). Over plain `http://` a document that binds a TLS certificate is
+    refused (the node serves attested TLS: use `https://`), except on loopback.
+
+    Collateral: `collateral=DIR` verifies the node's evidence with the Intel/AMD collateral in
+    DIR (the node's `attestation.collateral_dir` layout) instead of what the document bundles
+    (`Policy.with_collateral`; CollateralInvalid when DIR holds none).
 
     Attested TLS: with an `https://` URL the attestation is fetched without CA validation and
     without the API key; the document must bind the certificate that connection presented
@@ -77,6 +86,7 @@ class ConfidentialClient:
         reattest_after: float | None = None,
         post_quantum: bool = True,
         length_hiding: bool = True,
+        collateral: str | os.PathLike[str] | None = None,
         session: aiohttp.ClientSession | None = None,
     ) -> None:
         if max_retries < 0:
@@ -94,21 +104,21 @@ class ConfidentialClient:
         http = HttpSession(session)
         route: Route = (PinnedTlsRoute if self.tls else DirectRoute)(http, self.base_url, timeout)
         credential = Bearer(api_key) if api_key else credential
+        built = make_policy(
+            policy,
+            allow_simulated=allow_simulated,
+            expected_measurements=expected_measurements,
+            allowed_tee=allowed_tee,
+            require_gpu=require_gpu,
+        )
         self._session = AttestedSession(
             route,
-            make_policy(
-                policy,
-                allow_simulated=allow_simulated,
-                expected_measurements=expected_measurements,
-                allowed_tee=allowed_tee,
-                require_gpu=require_gpu,
-            ),
+            built if collateral is None else built.with_collateral(collateral),
             retry=self._retry,
-            credential=credential,
             reattest_after=reattest_after,
             post_quantum=post_quantum,
         )
-        self._calls = Calls(self._session, credential, self._retry, length_hiding=length_hiding, attest_before_get=self.tls)
+        self._calls = Calls(self._session, credential, self._retry, length_hiding=length_hiding)
         self.chat = Chat(self._calls)
         self.completions = Completions(self._calls)
         self.embeddings = Embeddings(self._calls)
@@ -186,7 +196,7 @@ class ConfidentialClient:
 
     # --- retries ------------------------------------------------------------------------
 
-    async def _retry(self, error: NodeAPIError, attempt: int) -> bool:
+    async def _retry(self, error: TeeNodeError, attempt: int) -> bool:
         """429 OVERLOADED and 503 NOT_READY: wait as the node asks (Retry-After, else backing
         off), at most `max_retry_wait`, up to `max_retries` times."""
         if not isinstance(error, (OverloadedError, NotReadyError)) or attempt > self.max_retries:

@@ -20,8 +20,7 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
-from .credentials import Credential, Outgoing
-from .errors import NodeAPIError, error_from_response
+from .errors import TeeNodeError, error_from_response
 from .transports import Route, Transport
 from .types import NodeIdentity
 
@@ -31,7 +30,7 @@ ATTESTATION_NONCE_SIZE = 32
 
 # Whether to send again after this error as the `attempt`-th retry, having waited as the node
 # asked; False: raise the error.
-Retry = Callable[[NodeAPIError, int], Awaitable[bool]]
+Retry = Callable[[TeeNodeError, int], Awaitable[bool]]
 
 
 def make_policy(
@@ -78,7 +77,6 @@ class AttestedSession:
         policy: Any,
         *,
         retry: Retry,
-        credential: Credential | None,
         reattest_after: float | None,
         post_quantum: bool,
     ) -> None:
@@ -87,7 +85,6 @@ class AttestedSession:
         self.reattest_after = reattest_after
         self.post_quantum = post_quantum
         self._retry = retry
-        self._credential = credential
         self._pinned: Pinned | None = None
         self._lock: asyncio.Lock | None = None  # made in the event loop that uses it
         self.attestations = 0  # how many documents were fetched and verified
@@ -153,13 +150,11 @@ class AttestedSession:
             nonce = os.urandom(ATTESTATION_NONCE_SIZE)  # fresh for every fetch, retries included
             channel = await self.route.attestation_channel()
             path = f"/v1/attestation?nonce={nonce.hex()}"
-            headers = {"Accept": "application/json"}
-            if channel.tls_certificate is None and self._credential is not None:
-                headers.update(await self._credential.headers(Outgoing("GET", path, None)))
-            response = await channel.transport.request("GET", path, headers, None)
+            # No credential: nothing that authorises a request goes to a node not yet verified.
+            response = await channel.transport.request("GET", path, {"Accept": "application/json"}, None)
             if response.status == 200:
                 break
-            error = error_from_response(response)
+            error = error_from_response(response, channel.transport.url)
             if await self._retry(error, attempt + 1):
                 attempt += 1
                 continue
