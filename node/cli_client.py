@@ -11,7 +11,6 @@ import json
 import os
 import ssl
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -31,7 +30,23 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=None,
         metavar="HEX",
-        help="pin this MRTD / MEASUREMENT (repeatable; overrides the policy file's pins)",
+        help="pin this MRTD / MEASUREMENT (repeatable; overrides the policy file's pins); on TDX "
+        "RTMR0-3 must be pinned too (--pin)",
+    )
+    parser.add_argument(
+        "--pin",
+        action="append",
+        default=None,
+        type=_pin,
+        metavar="NAME=HEX",
+        help="pin a register by the policy file's name: mr_td, rtmr0..rtmr3, mr_seam, mr_config_id, mr_owner, "
+        "td_attributes, xfam, measurement, host_data (repeatable, a name twice allows either value; "
+        "overrides the policy file's pins of that register)",
+    )
+    parser.add_argument(
+        "--allow-classical",
+        action="store_true",
+        help="accept a node that offers no ML-KEM-768 key (X25519 alone, not post-quantum); refused by default",
     )
     parser.add_argument(
         "--tee",
@@ -54,19 +69,32 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default 600)")
 
 
+def _pin(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip() or not value.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=HEX (e.g. rtmr1=<96 hex>), got {text[:40]!r}")
+    return name.strip().lower(), value.strip()
+
+
 def _client_kwargs(args: argparse.Namespace, err: TextIO) -> dict[str, Any]:
-    """The policy from --policy, --allow-simulated, --accept-any-measurement, --measurement and
-    --tee, and the collateral of --collateral. ValueError (PolicyError), OSError or
+    """The policy from --policy, --allow-simulated, --accept-any-measurement, --measurement,
+    --pin, --tee, --allow-classical and --collateral. ValueError (PolicyError), OSError or
     CollateralInvalid when unusable."""
     from attestation.cli import policy_from_args
 
-    policy = policy_from_args(args, err)
-    if args.measurement:
-        policy = policy.with_measurements(args.measurement)
-    if args.tee:
-        policy = replace(policy, allowed_tees=frozenset(args.tee))
-    if args.collateral:
-        policy = policy.with_collateral(args.collateral)
+    from .client import make_policy
+
+    pins: dict[str, list[str]] = {}
+    for name, value in args.pin or ():
+        pins.setdefault(name, []).append(value)
+    policy = make_policy(
+        policy_from_args(args, err),
+        expected_measurements=args.measurement,
+        pins=pins,
+        allowed_tee=args.tee,
+        allow_classical=args.allow_classical,
+        collateral=args.collateral,
+    )
     return {"api_key": args.api_key, "policy": policy, "timeout": args.timeout}
 
 
@@ -151,7 +179,7 @@ def attest_and_choose_model(client: Any, requested: str | None, err: TextIO) -> 
         err.write(line + "\n")
     err.write(f"  model:         {model}\n")
     err.write(f"  key exchange:  {client.key_exchange}\n")
-    err.write("  length hiding: request and answer padded (PROTOCOL.md part C)\n")
+    err.write("  length hiding: request and answer padded\n")
     err.flush()
     return model
 

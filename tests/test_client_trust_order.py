@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import json
 import socket
 from pathlib import Path
 from typing import Any
@@ -341,3 +342,80 @@ async def test_attest_and_chat_take_collateral_on_the_command_line(aiohttp_serve
     code = await asyncio.to_thread(cli_main, ["attest", url, "--collateral", str(tmp_path)])
     assert code == 1 and f"error: collateral directory {tmp_path} holds none of the files" in capsys.readouterr().err
     assert node.seen == ["GET /v1/attestation", "GET /v1/attestation"]  # the empty directory stopped the third
+
+
+# --- pins and the post-quantum requirement from the command line ---------------------------------
+
+
+async def _cli(*argv: str) -> int:
+    return await asyncio.to_thread(cli_main, list(argv))
+
+
+async def test_pin_pins_registers_by_the_policy_files_names(recorded_node, capsys):
+    url, _, _ = await recorded_node()
+    assert await _cli("attest", url, "--allow-simulated", "--json") == 0
+    cpu = json.loads(capsys.readouterr().out)["claims"]["cpu"]
+    registers = {"mr_td": cpu["mr_td"], **{f"rtmr{i}": cpu["rtmrs"][i] for i in range(4)}}
+    pins = [arg for name, value in registers.items() for arg in ("--pin", f"{name}={value}")]
+    assert await _cli("attest", url, "--allow-simulated", *pins) == 0
+    assert await _cli("chat", url, "pinned hello", "--allow-simulated", "--api-key", TOKEN, *pins) == 0
+    assert capsys.readouterr().out.endswith("pinned hello\n")
+    # A second value for a register widens that register's allow list; another value refuses the node.
+    other = "ab" * 48
+    assert await _cli("attest", url, "--allow-simulated", *pins, "--pin", f"rtmr2={other}") == 0
+    capsys.readouterr()
+    assert await _cli("attest", url, "--allow-simulated", "--pin", f"RTMR2={other}") == 1
+    err = capsys.readouterr().err
+    assert "PolicyRefused" in err and f"rtmr2 differs from policy: the node reports {registers['rtmr2']}" in err
+    # --measurement still pins MRTD alone.
+    assert await _cli("attest", url, "--allow-simulated", "--measurement", other) == 1
+    assert "mr_td differs from policy" in capsys.readouterr().err
+    assert await _cli("attest", url, "--allow-simulated", "--pin", f"rtmr9={other}") == 1
+    assert "error: no register named 'rtmr9' to pin: use one of mr_td, rtmr0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        await _cli("attest", url, "--allow-simulated", "--pin", "rtmr1")
+    assert "expected NAME=HEX" in capsys.readouterr().err
+
+
+@pytest.fixture
+def classical_documents(monkeypatch):
+    """Nodes whose attestation documents offer no ML-KEM key (X25519 alone)."""
+    import node.server.attestation as serving_attestation
+
+    build = serving_attestation.build_document
+    monkeypatch.setattr(serving_attestation, "build_document", lambda *a, **kw: build(*a, **{**kw, "kem_public_key": None}))
+
+
+async def test_a_node_without_ml_kem_is_refused_unless_classical_is_allowed(recorded_node, classical_documents, capsys):
+    url, recorder, _ = await recorded_node()
+    async with ConfidentialClient(url, allow_simulated=True, api_key=TOKEN) as client:
+        with pytest.raises(PolicyRefused, match="kem_public_key is missing"):
+            await client.chat.completions.create(model=MODEL, messages=chat())
+    assert await _cli("chat", url, "hello", "--allow-simulated", "--api-key", TOKEN) == 1
+    assert "--allow-classical" in capsys.readouterr().err
+    assert all(auth is None for _, _, auth in recorder.seen)  # refused: nothing authorised was sent
+    async with ConfidentialClient(url, allow_simulated=True, api_key=TOKEN, allow_classical=True) as client:
+        reply = await client.chat.completions.create(model=MODEL, messages=chat())
+        assert reply.choices[0].message.content == PROMPT
+        assert client.key_exchange == "X25519 (the attested node offers no ML-KEM key)"
+    assert await _cli("chat", url, "classical hello", "--allow-simulated", "--allow-classical", "--api-key", TOKEN) == 0
+    captured = capsys.readouterr()
+    assert captured.out.endswith("classical hello\n") and "key exchange:  X25519" in captured.err
+    assert await _cli("attest", url, "--allow-simulated", "--allow-classical") == 0
+
+
+def test_make_policy_puts_the_shortcuts_on_top_of_a_policy(tmp_path):
+    from attestation.appraisal import Policy
+
+    from node.client import make_policy
+
+    base = Policy(allow_simulated=True, require_gpu=True)
+    built = make_policy(base, expected_measurements="aa" * 48, pins={"rtmr1": ["bb" * 48, "cc" * 48]}, allowed_tee="tdx",
+                        allow_classical=True, collateral=TESTDATA / "tdx")
+    assert built.allow_simulated and built.require_gpu and not built.require_post_quantum
+    assert built.tdx.mr_td == {"aa" * 48} and built.sev_snp.measurement == {"aa" * 48}
+    assert built.tdx.rtmr1 == {"bb" * 48, "cc" * 48} and not built.tdx.rtmr0
+    assert built.allowed_tees == {"tdx"} and built.collateral is not None
+    assert make_policy().require_post_quantum and not make_policy().allow_simulated  # default-deny stays the default
+    (tmp_path / "policy.toml").write_text("allow_simulated = true\n")
+    assert make_policy(tmp_path / "policy.toml", allow_classical=True).allow_simulated

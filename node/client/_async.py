@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -37,9 +37,12 @@ class ConfidentialClient:
     event and receipt must be signed by the pinned signing key.
 
     Policy: `policy=attestation.appraisal.Policy(...)` or the path of a TOML policy file
-    (docs/policy.md), or the shortcuts `allow_simulated`, `expected_measurements` (hex MRTD /
-    MEASUREMENT values), `allowed_tee` ("tdx", "sev-snp"; simulated needs `allow_simulated`),
-    `require_gpu`. The default policy refuses every node (default-deny, docs/policy.md).
+    (docs/policy.md), and on top of it (or of the default policy) the shortcuts
+    `allow_simulated`, `expected_measurements` (hex MRTD / MEASUREMENT values), `pins`
+    (`{"rtmr1": HEX, ...}` by the policy file's register names), `allowed_tee` ("tdx",
+    "sev-snp"; simulated needs `allow_simulated`), `require_gpu`, `allow_classical` (accept a
+    node without an ML-KEM key). The default policy refuses every node (default-deny,
+    docs/policy.md).
 
     Credential: `api_key` (sent as `Authorization: Bearer`), or `credential=` any
     `node.client.credentials.Credential`. No credential goes with anything sent before the
@@ -80,6 +83,8 @@ class ConfidentialClient:
         expected_measurements: Any = None,
         allowed_tee: Any = None,
         require_gpu: bool = False,
+        pins: Mapping[str, Any] | None = None,
+        allow_classical: bool = False,
         timeout: float = 600.0,
         max_retries: int = 2,
         max_retry_wait: float = 30.0,
@@ -104,16 +109,18 @@ class ConfidentialClient:
         http = HttpSession(session)
         route: Route = (PinnedTlsRoute if self.tls else DirectRoute)(http, self.base_url, timeout)
         credential = Bearer(api_key) if api_key else credential
-        built = make_policy(
-            policy,
-            allow_simulated=allow_simulated,
-            expected_measurements=expected_measurements,
-            allowed_tee=allowed_tee,
-            require_gpu=require_gpu,
-        )
         self._session = AttestedSession(
             route,
-            built if collateral is None else built.with_collateral(collateral),
+            make_policy(
+                policy,
+                allow_simulated=allow_simulated,
+                expected_measurements=expected_measurements,
+                allowed_tee=allowed_tee,
+                require_gpu=require_gpu,
+                pins=pins,
+                allow_classical=allow_classical,
+                collateral=collateral,
+            ),
             retry=self._retry,
             reattest_after=reattest_after,
             post_quantum=post_quantum,

@@ -52,7 +52,7 @@ _DECLARED: dict[str, type[NodeAPIError]] = {}
 
 
 class NodeAPIError(TeeNodeError):
-    """The node answered with an error (status and code from PROTOCOL.md's error table)."""
+    """The node answered with an error (status and code from the error table, node.wire.ERROR_TABLE)."""
 
     status = 0
     code = "UNKNOWN"

@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
@@ -40,22 +40,39 @@ def make_policy(
     expected_measurements: Any = None,
     allowed_tee: Any = None,
     require_gpu: bool = False,
+    pins: Mapping[str, Any] | None = None,
+    allow_classical: bool = False,
+    collateral: str | os.PathLike[str] | None = None,
 ) -> Any:
-    """An `attestation.appraisal.Policy` from the constructor's shortcuts (or `policy` as is).
+    """An `attestation.appraisal.Policy`: `policy` (a Policy, or the path of a TOML policy file,
+    docs/policy.md; None: the default policy) with the shortcuts given applied on top.
 
-    `policy` may also be a path to a TOML policy file (docs/policy.md).
+    `expected_measurements` pins MRTD / MEASUREMENT (hex; on TDX that alone is not pinned: RTMR0-3
+    must be too); `pins` pins registers by the policy file's names (`{"rtmr1": HEX}`, a value may
+    be a list), each replacing that register's pins; `allowed_tee` narrows the TEE types;
+    `allow_simulated` and `require_gpu` turn those on; `allow_classical` accepts a node that
+    offers no ML-KEM key (`require_post_quantum` off); `collateral` (a directory) is verified
+    with instead of the document's Intel/AMD collateral (CollateralInvalid when it holds none).
     """
     from attestation.appraisal import Policy, load_policy
 
-    if policy is not None:
-        if allow_simulated or expected_measurements is not None or allowed_tee is not None or require_gpu:
-            raise ValueError("pass either policy= or the policy shortcuts, not both")
-        return policy if isinstance(policy, Policy) else load_policy(policy)
-    built = Policy(allow_simulated=allow_simulated, require_gpu=require_gpu)
+    built = Policy() if policy is None else policy if isinstance(policy, Policy) else load_policy(policy)
+    changes: dict[str, Any] = {}
+    if allow_simulated:
+        changes["allow_simulated"] = True
+    if require_gpu:
+        changes["require_gpu"] = True
+    if allow_classical:
+        changes["require_post_quantum"] = False
+    if allowed_tee is not None:
+        changes["allowed_tees"] = frozenset([allowed_tee] if isinstance(allowed_tee, str) else allowed_tee)
+    built = replace(built, **changes)
     if expected_measurements is not None:
         built = built.with_measurements([expected_measurements] if isinstance(expected_measurements, str) else expected_measurements)
-    if allowed_tee is not None:
-        built = replace(built, allowed_tees=frozenset([allowed_tee] if isinstance(allowed_tee, str) else allowed_tee))
+    if pins:
+        built = built.with_pins(pins)
+    if collateral is not None:
+        built = built.with_collateral(collateral)
     return built
 
 
