@@ -168,7 +168,7 @@ class DirectRoute:
             https = public_url("https://" + self.url.split("://", 1)[1])
             raise TlsCertificateMismatch(
                 f"the attestation binds TLS certificate sha256 {verified.tls_cert_sha256.hex()}, but it was fetched "
-                f"over plain http:// where no certificate is checked; nothing was sent to the node: use {https}"
+                f"over plain http:// where no certificate is checked; nothing else was sent to it: use {https}"
             )
 
     def attested(self, identity: NodeIdentity) -> Transport:
