@@ -11,7 +11,6 @@ import json
 import os
 import ssl
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -31,7 +30,23 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=None,
         metavar="HEX",
-        help="pin this MRTD / MEASUREMENT (repeatable; overrides the policy file's pins)",
+        help="pin this MRTD / MEASUREMENT (repeatable; overrides the policy file's pins); on TDX "
+        "RTMR0-3 must be pinned too (--pin)",
+    )
+    parser.add_argument(
+        "--pin",
+        action="append",
+        default=None,
+        type=_pin,
+        metavar="NAME=HEX",
+        help="pin a register by the policy file's name: mr_td, rtmr0..rtmr3, mr_seam, mr_config_id, mr_owner, "
+        "td_attributes, xfam, measurement, host_data (repeatable, a name twice allows either value; "
+        "overrides the policy file's pins of that register)",
+    )
+    parser.add_argument(
+        "--allow-classical",
+        action="store_true",
+        help="accept a node that offers no ML-KEM-768 key (X25519 alone, not post-quantum); refused by default",
     )
     parser.add_argument(
         "--tee",
@@ -45,18 +60,41 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("TEE_NODE_API_KEY"),
         help="bearer token (default: $TEE_NODE_API_KEY)",
     )
+    parser.add_argument(
+        "--collateral",
+        metavar="DIR",
+        help="verify with the Intel/AMD collateral in DIR instead of what the node's document bundles "
+        "(the layout of the node's attestation.collateral_dir, docs/policy.md)",
+    )
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default 600)")
 
 
+def _pin(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip() or not value.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=HEX (e.g. rtmr1=<96 hex>), got {text[:40]!r}")
+    return name.strip().lower(), value.strip()
+
+
 def _client_kwargs(args: argparse.Namespace, err: TextIO) -> dict[str, Any]:
-    """The policy from --policy, --allow-simulated, --accept-any-measurement, --measurement and --tee."""
+    """The policy from --policy, --allow-simulated, --accept-any-measurement, --measurement,
+    --pin, --tee, --allow-classical and --collateral. ValueError (PolicyError), OSError or
+    CollateralInvalid when unusable."""
     from attestation.cli import policy_from_args
 
-    policy = policy_from_args(args, err)
-    if args.measurement:
-        policy = policy.with_measurements(args.measurement)
-    if args.tee:
-        policy = replace(policy, allowed_tees=frozenset(args.tee))
+    from .client import make_policy
+
+    pins: dict[str, list[str]] = {}
+    for name, value in args.pin or ():
+        pins.setdefault(name, []).append(value)
+    policy = make_policy(
+        policy_from_args(args, err),
+        expected_measurements=args.measurement,
+        pins=pins,
+        allowed_tee=args.tee,
+        allow_classical=args.allow_classical,
+        collateral=args.collateral,
+    )
     return {"api_key": args.api_key, "policy": policy, "timeout": args.timeout}
 
 
@@ -141,7 +179,7 @@ def attest_and_choose_model(client: Any, requested: str | None, err: TextIO) -> 
         err.write(line + "\n")
     err.write(f"  model:         {model}\n")
     err.write(f"  key exchange:  {client.key_exchange}\n")
-    err.write("  length hiding: request and answer padded (PROTOCOL.md part C)\n")
+    err.write("  length hiding: request and answer padded\n")
     err.flush()
     return model
 
@@ -191,7 +229,6 @@ def receipt_line(receipt: Any) -> str:
 
 
 def run_chat(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
-    from attestation.appraisal import PolicyError
     from attestation.errors import AttestationError
 
     from .client import Client, TeeNodeError
@@ -200,7 +237,7 @@ def run_chat(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | 
     err = err or sys.stderr
     try:
         client_kwargs = _client_kwargs(args, err)
-    except (OSError, PolicyError) as exc:
+    except (OSError, ValueError, AttestationError) as exc:  # PolicyError, CollateralInvalid
         err.write(f"error: {exc}\n")
         return EXIT_FAILED
     if args.prompt is None:
@@ -248,7 +285,6 @@ def add_attest_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run_attest(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
-    from attestation.appraisal import PolicyError
     from attestation.errors import AttestationError, PolicyRefused
 
     from .client import Client, TeeNodeError
@@ -257,7 +293,7 @@ def run_attest(args: argparse.Namespace, out: TextIO | None = None, err: TextIO 
     err = err or sys.stderr
     try:
         client_kwargs = _client_kwargs(args, err)
-    except (OSError, PolicyError) as exc:
+    except (OSError, ValueError, AttestationError) as exc:  # PolicyError, CollateralInvalid
         err.write(f"error: {exc}\n")
         return EXIT_FAILED
     try:

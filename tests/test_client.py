@@ -454,8 +454,10 @@ async def test_policy_measurement_and_tee_allow_lists(node):
             await client.chat.completions.create(model=MODEL, messages=chat_messages(SECRET_PROMPT))
     from attestation.appraisal import Policy
 
-    with pytest.raises(ValueError):
-        ConfidentialClient(node.url, policy=Policy(allow_simulated=True), allow_simulated=True)
+    # The shortcuts apply on top of a given policy (as the command line's flags on top of --policy).
+    async with ConfidentialClient(node.url, policy=Policy(), allow_simulated=True, expected_measurements=measurement) as client:
+        assert client.policy.allow_simulated and client.policy.tdx.mr_td == {measurement}
+        await client.attest()
     async with ConfidentialClient(node.url, policy=Policy(allowed_tees=frozenset({"tdx"}))) as client:
         with pytest.raises(PolicyRefused, match="tee is simulated"):
             await client.attest()

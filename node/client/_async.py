@@ -8,14 +8,15 @@ pinned keys, re-attestation) and `calls` (the namespaces, sealing, opening, stre
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import os
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import aiohttp
 
 from .calls import Calls, Chat, Completions, Embeddings, Models
 from .credentials import Bearer, Credential
-from .errors import NodeAPIError, NotReadyError, OverloadedError
+from .errors import NotReadyError, OverloadedError, TeeNodeError
 from .session import AttestedSession, make_policy
 from .streams import AsyncStream
 from .transports import DirectRoute, HttpSession, PinnedTlsRoute, Route, scheme_of
@@ -36,12 +37,23 @@ class ConfidentialClient:
     event and receipt must be signed by the pinned signing key.
 
     Policy: `policy=attestation.appraisal.Policy(...)` or the path of a TOML policy file
-    (docs/policy.md), or the shortcuts `allow_simulated`, `expected_measurements` (hex MRTD /
-    MEASUREMENT values), `allowed_tee` ("tdx", "sev-snp"; simulated needs `allow_simulated`),
-    `require_gpu`. The default policy refuses every node (default-deny, docs/policy.md).
+    (docs/policy.md), and on top of it (or of the default policy) the shortcuts
+    `allow_simulated`, `expected_measurements` (hex MRTD / MEASUREMENT values), `pins`
+    (`{"rtmr1": HEX, ...}` by the policy file's register names), `allowed_tee` ("tdx",
+    "sev-snp"; simulated needs `allow_simulated`), `require_gpu`, `allow_classical` (accept a
+    node without an ML-KEM key). The default policy refuses every node (default-deny,
+    docs/policy.md).
 
     Credential: `api_key` (sent as `Authorization: Bearer`), or `credential=` any
-    `node.client.credentials.Credential`.
+    `node.client.credentials.Credential`. No credential goes with anything sent before the
+    node's attestation was verified and accepted (the attestation itself included): the first
+    request of any kind, `models.list()` too, attests first. The client follows no redirects
+    (`RedirectRefused`). Over plain `http://` a document that binds a TLS certificate is
+    refused (the node serves attested TLS: use `https://`), except on loopback.
+
+    Collateral: `collateral=DIR` verifies the node's evidence with the Intel/AMD collateral in
+    DIR (the node's `attestation.collateral_dir` layout) instead of what the document bundles
+    (`Policy.with_collateral`; CollateralInvalid when DIR holds none).
 
     Attested TLS: with an `https://` URL the attestation is fetched without CA validation and
     without the API key; the document must bind the certificate that connection presented
@@ -71,12 +83,15 @@ class ConfidentialClient:
         expected_measurements: Any = None,
         allowed_tee: Any = None,
         require_gpu: bool = False,
+        pins: Mapping[str, Any] | None = None,
+        allow_classical: bool = False,
         timeout: float = 600.0,
         max_retries: int = 2,
         max_retry_wait: float = 30.0,
         reattest_after: float | None = None,
         post_quantum: bool = True,
         length_hiding: bool = True,
+        collateral: str | os.PathLike[str] | None = None,
         session: aiohttp.ClientSession | None = None,
     ) -> None:
         if max_retries < 0:
@@ -102,13 +117,15 @@ class ConfidentialClient:
                 expected_measurements=expected_measurements,
                 allowed_tee=allowed_tee,
                 require_gpu=require_gpu,
+                pins=pins,
+                allow_classical=allow_classical,
+                collateral=collateral,
             ),
             retry=self._retry,
-            credential=credential,
             reattest_after=reattest_after,
             post_quantum=post_quantum,
         )
-        self._calls = Calls(self._session, credential, self._retry, length_hiding=length_hiding, attest_before_get=self.tls)
+        self._calls = Calls(self._session, credential, self._retry, length_hiding=length_hiding)
         self.chat = Chat(self._calls)
         self.completions = Completions(self._calls)
         self.embeddings = Embeddings(self._calls)
@@ -186,7 +203,7 @@ class ConfidentialClient:
 
     # --- retries ------------------------------------------------------------------------
 
-    async def _retry(self, error: NodeAPIError, attempt: int) -> bool:
+    async def _retry(self, error: TeeNodeError, attempt: int) -> bool:
         """429 OVERLOADED and 503 NOT_READY: wait as the node asks (Retry-After, else backing
         off), at most `max_retry_wait`, up to `max_retries` times."""
         if not isinstance(error, (OverloadedError, NotReadyError)) or attempt > self.max_retries:

@@ -20,7 +20,7 @@ from .credentials import Credential, Outgoing
 from .errors import StaleNodeKeyError, UnexpectedResponse, error_from_response
 from .session import AttestedSession, Retry
 from .streams import AsyncStream, check_receipt, parse_plaintext
-from .transports import Response, Transport
+from .transports import Response
 from .types import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -49,37 +49,35 @@ class Calls:
         retry: Retry,
         *,
         length_hiding: bool,
-        attest_before_get: bool,
     ) -> None:
         self.session = session
         self.length_hiding = length_hiding
         self._credential = credential
         self._retry = retry
-        self._attest_before_get = attest_before_get
 
-    async def _headers(self, method: str, path: str, identity: NodeIdentity | None) -> dict[str, str]:
+    async def _headers(self, method: str, path: str, identity: NodeIdentity) -> dict[str, str]:
         headers = {"Accept": "application/json"}
         if self._credential is not None:
             headers.update(await self._credential.headers(Outgoing(method, path, identity)))
         return headers
 
     async def get_json(self, path: str) -> Any:
-        """GET `path`; over attested TLS only on a connection to the attested certificate."""
+        """GET `path` from the attested node (attested first: the credential goes to no other),
+        over attested TLS only on a connection to the attested certificate."""
         repinned = False
         while True:
-            pinned = await self.session.current() if self._attest_before_get else None
-            transport: Transport = pinned.transport if pinned else (await self.session.route.attestation_channel()).transport
-            headers = await self._headers("GET", path, pinned.identity if pinned else None)
+            pinned = await self.session.current()
+            headers = await self._headers("GET", path, pinned.identity)
             try:
-                response = await transport.request("GET", path, headers, None)
+                response = await pinned.transport.request("GET", path, headers, None)
                 break
             except TlsCertificateMismatch:
-                if repinned or pinned is None:
+                if repinned:
                     raise
                 repinned = True
                 await self.session.reattest(pinned)
         if response.status != 200:
-            raise error_from_response(response)
+            raise error_from_response(response, pinned.transport.url)
         try:
             return json.loads(response.body)
         except ValueError:
@@ -129,7 +127,7 @@ class Calls:
                 finally:
                     await response.aclose()
                 response = Response(response.status, response.headers, error_body)
-            error = error_from_response(response)
+            error = error_from_response(response, pinned.transport.url)
             if isinstance(error, StaleNodeKeyError) and not reattested:
                 reattested = True
                 await self.session.reattest(pinned)

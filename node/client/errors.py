@@ -39,6 +39,8 @@ import re
 from datetime import datetime, timezone
 from typing import Any
 
+from yarl import URL
+
 from ..errors import ReceiptInvalid, TeeNodeError, TranscriptMismatch, VerificationError
 from ..wire import ERRORS, declared_by_code
 
@@ -50,7 +52,7 @@ _DECLARED: dict[str, type[NodeAPIError]] = {}
 
 
 class NodeAPIError(TeeNodeError):
-    """The node answered with an error (status and code from PROTOCOL.md's error table)."""
+    """The node answered with an error (status and code from the error table, node.wire.ERROR_TABLE)."""
 
     status = 0
     code = "UNKNOWN"
@@ -204,8 +206,20 @@ def retry_after_seconds(value: str | None) -> float | None:
     return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
 
 
-def error_from_response(response: Any) -> NodeAPIError:
-    """The typed exception for an unsuccessful answer (`.status`, `.headers`, `.body` bytes)."""
+def public_url(url: str) -> str:
+    """The URL as an error may show it: never a user name or password."""
+    try:
+        parsed = URL(url)
+    except (ValueError, TypeError):
+        return "(an unreadable URL)"
+    return str(parsed.with_user(None)) if parsed.is_absolute() else url.rsplit("@", 1)[-1]
+
+
+def error_from_response(response: Any, url: str) -> NodeAPIError | RedirectRefused:
+    """The exception for an answer other than 200 (`.status`, `.headers`, `.body` bytes) from
+    the node at `url`: a redirect is refused, anything else is the node's typed error."""
+    if 300 <= response.status < 400:
+        return RedirectRefused(url=public_url(url), status=response.status, location=response.headers.get("Location"))
     try:
         parsed = json.loads(response.body)
     except (ValueError, UnicodeDecodeError):
@@ -233,6 +247,23 @@ class APIConnectionError(TeeNodeError):
 
 class APITimeoutError(APIConnectionError):
     message = "the node did not answer in time"
+
+
+class RedirectRefused(APIConnectionError):
+    """The node answered with a redirect (3xx). The client follows none: the node it attests
+    and talks to is the one at the URL it was given, and nothing was sent to `.location`."""
+
+    message = "the node answered with a redirect"
+
+    def __init__(self, *, url: str, status: int, location: str | None) -> None:
+        self.status = status
+        self.location = public_url(location)[:200] if location else None
+        to = f" to {self.location}" if self.location else ""
+        super().__init__(
+            url=url,
+            cause=f"HTTP {status}{to}; the client follows no redirects and sent nothing there: "
+            "give the URL of the node itself",
+        )
 
 
 class DuplicateEvent(TranscriptMismatch):
@@ -265,6 +296,7 @@ __all__ = [
     "MalformedEvent",
     "MethodNotAllowedError",
     "PlaintextDisabledError",
+    "RedirectRefused",
     "ModelNotFoundError",
     "NodeAPIError",
     "NotFoundError",

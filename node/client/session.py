@@ -15,13 +15,12 @@ import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
-from .credentials import Credential, Outgoing
-from .errors import NodeAPIError, error_from_response
+from .errors import TeeNodeError, error_from_response
 from .transports import Route, Transport
 from .types import NodeIdentity
 
@@ -31,7 +30,7 @@ ATTESTATION_NONCE_SIZE = 32
 
 # Whether to send again after this error as the `attempt`-th retry, having waited as the node
 # asked; False: raise the error.
-Retry = Callable[[NodeAPIError, int], Awaitable[bool]]
+Retry = Callable[[TeeNodeError, int], Awaitable[bool]]
 
 
 def make_policy(
@@ -41,22 +40,39 @@ def make_policy(
     expected_measurements: Any = None,
     allowed_tee: Any = None,
     require_gpu: bool = False,
+    pins: Mapping[str, Any] | None = None,
+    allow_classical: bool = False,
+    collateral: str | os.PathLike[str] | None = None,
 ) -> Any:
-    """An `attestation.appraisal.Policy` from the constructor's shortcuts (or `policy` as is).
+    """An `attestation.appraisal.Policy`: `policy` (a Policy, or the path of a TOML policy file,
+    docs/policy.md; None: the default policy) with the shortcuts given applied on top.
 
-    `policy` may also be a path to a TOML policy file (docs/policy.md).
+    `expected_measurements` pins MRTD / MEASUREMENT (hex; on TDX that alone is not pinned: RTMR0-3
+    must be too); `pins` pins registers by the policy file's names (`{"rtmr1": HEX}`, a value may
+    be a list), each replacing that register's pins; `allowed_tee` narrows the TEE types;
+    `allow_simulated` and `require_gpu` turn those on; `allow_classical` accepts a node that
+    offers no ML-KEM key (`require_post_quantum` off); `collateral` (a directory) is verified
+    with instead of the document's Intel/AMD collateral (CollateralInvalid when it holds none).
     """
     from attestation.appraisal import Policy, load_policy
 
-    if policy is not None:
-        if allow_simulated or expected_measurements is not None or allowed_tee is not None or require_gpu:
-            raise ValueError("pass either policy= or the policy shortcuts, not both")
-        return policy if isinstance(policy, Policy) else load_policy(policy)
-    built = Policy(allow_simulated=allow_simulated, require_gpu=require_gpu)
+    built = Policy() if policy is None else policy if isinstance(policy, Policy) else load_policy(policy)
+    changes: dict[str, Any] = {}
+    if allow_simulated:
+        changes["allow_simulated"] = True
+    if require_gpu:
+        changes["require_gpu"] = True
+    if allow_classical:
+        changes["require_post_quantum"] = False
+    if allowed_tee is not None:
+        changes["allowed_tees"] = frozenset([allowed_tee] if isinstance(allowed_tee, str) else allowed_tee)
+    built = replace(built, **changes)
     if expected_measurements is not None:
         built = built.with_measurements([expected_measurements] if isinstance(expected_measurements, str) else expected_measurements)
-    if allowed_tee is not None:
-        built = replace(built, allowed_tees=frozenset([allowed_tee] if isinstance(allowed_tee, str) else allowed_tee))
+    if pins:
+        built = built.with_pins(pins)
+    if collateral is not None:
+        built = built.with_collateral(collateral)
     return built
 
 
@@ -78,7 +94,6 @@ class AttestedSession:
         policy: Any,
         *,
         retry: Retry,
-        credential: Credential | None,
         reattest_after: float | None,
         post_quantum: bool,
     ) -> None:
@@ -87,7 +102,6 @@ class AttestedSession:
         self.reattest_after = reattest_after
         self.post_quantum = post_quantum
         self._retry = retry
-        self._credential = credential
         self._pinned: Pinned | None = None
         self._lock: asyncio.Lock | None = None  # made in the event loop that uses it
         self.attestations = 0  # how many documents were fetched and verified
@@ -153,13 +167,11 @@ class AttestedSession:
             nonce = os.urandom(ATTESTATION_NONCE_SIZE)  # fresh for every fetch, retries included
             channel = await self.route.attestation_channel()
             path = f"/v1/attestation?nonce={nonce.hex()}"
-            headers = {"Accept": "application/json"}
-            if channel.tls_certificate is None and self._credential is not None:
-                headers.update(await self._credential.headers(Outgoing("GET", path, None)))
-            response = await channel.transport.request("GET", path, headers, None)
+            # No credential: nothing that authorises a request goes to a node not yet verified.
+            response = await channel.transport.request("GET", path, {"Accept": "application/json"}, None)
             if response.status == 200:
                 break
-            error = error_from_response(response)
+            error = error_from_response(response, channel.transport.url)
             if await self._retry(error, attempt + 1):
                 attempt += 1
                 continue

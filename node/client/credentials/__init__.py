@@ -21,7 +21,7 @@ class Outgoing:
 
     method: str
     path: str
-    identity: NodeIdentity | None  # the attested node it goes to
+    identity: NodeIdentity  # the attested node it goes to (verified and accepted)
 
 
 class Credential(Protocol):

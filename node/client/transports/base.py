@@ -14,9 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import urlsplit
 
-from yarl import URL
-
-from ..errors import APIConnectionError
+from ..errors import APIConnectionError, public_url
 
 if TYPE_CHECKING:
     from ..types import NodeIdentity
@@ -94,15 +92,6 @@ class Route(Protocol):
         ...
 
     async def aclose(self) -> None: ...
-
-
-def public_url(url: str) -> str:
-    """The URL as an error may show it: never a user name or password."""
-    try:
-        parsed = URL(url)
-    except (ValueError, TypeError):
-        return "(an unreadable URL)"
-    return str(parsed.with_user(None)) if parsed.is_absolute() else url.rsplit("@", 1)[-1]
 
 
 def scheme_of(url: str) -> str:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import ssl
 from collections.abc import AsyncGenerator, Mapping
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import aiohttp
 from yarl import URL
+
+from attestation.errors import TlsCertificateMismatch
 
 from ..errors import APIConnectionError, APITimeoutError, UnexpectedResponse
 from .base import MAX_RESPONSE_BYTES, AttestationChannel, Response, Transport, public_url
@@ -101,7 +105,7 @@ class DirectTransport:
         self._base_url = base_url
         self._timeout = timeout
         self._tls = tls
-        self.url = base_url
+        self.url = public_url(base_url)
 
     def _failure(self, exc: Exception) -> Exception:
         """The error to raise for an aiohttp failure (a pinned transport adds its own)."""
@@ -116,6 +120,7 @@ class DirectTransport:
                 headers=dict(headers),
                 timeout=aiohttp.ClientTimeout(total=self._timeout),
                 ssl=self._tls,
+                allow_redirects=False,  # a 3xx is answered to the caller, which refuses it
             ) as response:
                 if response.content_length is not None and response.content_length > MAX_RESPONSE_BYTES:
                     raise UnexpectedResponse("response too large")
@@ -131,7 +136,13 @@ class DirectTransport:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._timeout, sock_read=self._timeout)
         try:
             response = await self._http.get().request(
-                method, self._base_url + path, data=body, headers=dict(headers), timeout=timeout, ssl=self._tls
+                method,
+                self._base_url + path,
+                data=body,
+                headers=dict(headers),
+                timeout=timeout,
+                ssl=self._tls,
+                allow_redirects=False,
             )
         except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
             raise self._failure(exc) from None
@@ -139,18 +150,39 @@ class DirectTransport:
 
 
 class DirectRoute:
-    """Straight to the node: the attestation and every request on the same transport."""
+    """Straight to the node over plain http://: the attestation and every request on one transport."""
 
     def __init__(self, http: HttpSession, base_url: str, timeout: float) -> None:
         self.url = base_url
         self._http = http
         self._transport = DirectTransport(http, base_url, timeout)
+        self._loopback = is_loopback(urlsplit(base_url).hostname or "")
 
     async def attestation_channel(self) -> AttestationChannel:
-        return AttestationChannel(self._transport)
+        return AttestationChannel(self._transport, check_binding=None if self._loopback else self._refuse_attested_tls)
+
+    def _refuse_attested_tls(self, verified: Any) -> None:
+        """A node whose document binds a TLS certificate serves attested TLS: reached over plain
+        HTTP, no certificate was checked and anyone on the path could have answered for it."""
+        if verified.tls_cert_sha256 is not None:
+            https = public_url("https://" + self.url.split("://", 1)[1])
+            raise TlsCertificateMismatch(
+                f"the attestation binds TLS certificate sha256 {verified.tls_cert_sha256.hex()}, but it was fetched "
+                f"over plain http:// where no certificate is checked; nothing else was sent to it: use {https}"
+            )
 
     def attested(self, identity: NodeIdentity) -> Transport:
         return self._transport
 
     async def aclose(self) -> None:
         await self._http.aclose()
+
+
+def is_loopback(host: str) -> bool:
+    """localhost, 127.0.0.0/8 or ::1: a connection that never leaves the machine."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
