@@ -108,6 +108,12 @@ def _identity_lines(identity: Any) -> list[str]:
     ]
     if identity.tcb_status:
         lines.append(f"  TCB status:    {identity.tcb_status}")
+    if identity.release:
+        release, source = identity.release, identity.release["source"]
+        lines.append(
+            f"  release:       {release['version']} from {source.get('repository')} at {source.get('commit')}, "
+            f"signed by {release['identity']}, log index {release['log_index']}"
+        )
     if identity.tls_cert_sha256:
         lines.append(f"  TLS cert:      sha256 {identity.tls_cert_sha256.hex()} (attested, pinned)")
     lines.extend(f"  note:          {note}" for note in identity.notes)

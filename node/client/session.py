@@ -192,6 +192,7 @@ class AttestedSession:
         for warning in verified.warnings:  # e.g. accept_any_measurement: said on every attestation
             log.warning("attestation accepted with a warning: %s", warning)
         self.attestations += 1
+        release = verified.release
         identity = NodeIdentity(
             tee=verified.tee,
             simulated=bool(verified.simulated),
@@ -209,5 +210,8 @@ class AttestedSession:
             tls_cert_sha256=certificate_sha256,
             tls_certificate=certificate,
             document=document,
+            release=None
+            if release is None
+            else {"version": release.version, "source": release.source, "identity": release.identity, "log_index": release.log_index},
         )
         return Pinned(identity, self.route.attested(identity))

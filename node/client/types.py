@@ -44,6 +44,9 @@ class NodeIdentity:
     tls_cert_sha256: bytes | None = field(default=None, repr=False)
     tls_certificate: bytes | None = field(default=None, repr=False, compare=False)
     document: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
+    # The release the node serves, when the policy has [release] and its bundle verified:
+    # version, source (repository, commit), identity (the signer) and log_index.
+    release: dict[str, Any] | None = field(default=None, compare=False)
 
     def summary(self) -> dict[str, Any]:
         import base64
@@ -63,6 +66,7 @@ class NodeIdentity:
             "notes": list(self.notes),
             "claims": self.claims,
             "tls_cert_sha256": self.tls_cert_sha256.hex() if self.tls_cert_sha256 else None,
+            "release": self.release,
         }
 
 
