@@ -12,22 +12,25 @@ import json
 import socket
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.abc import AbstractResolver
-from aiohttp.test_utils import TestServer
 from cryptography.hazmat.primitives.serialization import Encoding
 from server_support import MODEL, NodeTestServer, echo_config, echo_engine, wait_for
 
 from attestation import binding
+from attestation.appraisal import Policy
 from attestation.document import DOCUMENT_VERSION
 from attestation.errors import ChainInvalid, CollateralInvalid, PolicyRefused, ReportDataMismatch, TlsCertificateMismatch
 from attestation.sevsnp import load_amd_certificates
 from node.cli import main as cli_main
-from node.client import ConfidentialClient, RedirectRefused
+from node.client import ConfidentialClient, RedirectRefused, make_policy
+from node.client.transports.direct import is_loopback
 from node.server import create_app
+from node.server.state import NODE
 
 TOKEN = "trust-order-token"
 TOKEN_SHA256 = hashlib.sha256(TOKEN.encode()).hexdigest()
@@ -101,8 +104,6 @@ async def test_a_refused_attestation_sends_no_token_at_all(recorded_node):
 
 async def test_re_attestation_carries_no_token_either(recorded_node):
     url, recorder, app = await recorded_node()
-    from node.server.state import NODE
-
     async with ConfidentialClient(url, allow_simulated=True, api_key=TOKEN) as client:
         await client.chat.completions.create(model=MODEL, messages=chat())
         app[NODE].keyring.rotate()
@@ -222,8 +223,6 @@ async def test_an_attested_tls_document_over_plain_http_is_refused_off_loopback(
     finally:
         await session.close()
     message = str(info.value)
-    from node.server.state import NODE
-
     assert app[NODE].tls.sha256.hex() in message
     assert "plain http://" in message and f"use https://node.example:{port}" in message
     assert front.seen == ["GET /v1/attestation None"]  # nothing after the document
@@ -236,17 +235,11 @@ async def test_an_attested_tls_document_over_plain_http_is_refused_off_loopback(
 
 @pytest.mark.parametrize("host", ["127.0.0.2", "localhost", "[::1]"])
 def test_loopback_hosts(host):
-    from node.client.transports.direct import is_loopback
-    from urllib.parse import urlsplit
-
     assert is_loopback(urlsplit(f"http://{host}:8080").hostname)
 
 
 @pytest.mark.parametrize("host", ["node.example", "10.0.0.1", "128.0.0.1", "[::2]", "localhost.example"])
 def test_not_loopback_hosts(host):
-    from node.client.transports.direct import is_loopback
-    from urllib.parse import urlsplit
-
     assert not is_loopback(urlsplit(f"http://{host}:8080").hostname)
 
 
@@ -405,10 +398,6 @@ async def test_a_node_without_ml_kem_is_refused_unless_classical_is_allowed(reco
 
 
 def test_make_policy_puts_the_shortcuts_on_top_of_a_policy(tmp_path):
-    from attestation.appraisal import Policy
-
-    from node.client import make_policy
-
     base = Policy(allow_simulated=True, require_gpu=True)
     built = make_policy(base, expected_measurements="aa" * 48, pins={"rtmr1": ["bb" * 48, "cc" * 48]}, allowed_tee="tdx",
                         allow_classical=True, collateral=TESTDATA / "tdx")
