@@ -14,7 +14,9 @@ import os
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM768PrivateKey, MLKEM768PublicKey
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from pyhpke import AEADId, CipherSuite, KDFId, KEMId, KEMKey, KEMKeyInterface, KEMKeyPair
 
 SALT_SIZE = 16
 NONCE_SIZE = 12
@@ -31,6 +33,15 @@ HKDF_INFO = b""
 KEM_PUBLIC_KEY_SIZE = 1184
 KEM_CIPHERTEXT_SIZE = 1088
 HYBRID_INFO_LABEL = b"tee-node/hybrid/v1"
+# Oblivious HTTP (RFC 9458; chunked: draft-ietf-ohai-chunked-ohttp) over HPKE (RFC 9180).
+OHTTP_KEM = KEMId.DHKEM_X25519_HKDF_SHA256
+OHTTP_KDF = KDFId.HKDF_SHA256
+OHTTP_AEADS = (AEADId.AES128_GCM, AEADId.CHACHA20_POLY1305)  # the gateway's preference order
+OHTTP_REQUEST_LABEL = b"message/bhttp request"
+OHTTP_RESPONSE_LABEL = b"message/bhttp response"
+OHTTP_CHUNKED_REQUEST_LABEL = b"message/bhttp chunked request"
+OHTTP_CHUNKED_RESPONSE_LABEL = b"message/bhttp chunked response"
+OHTTP_FINAL_CHUNK_AAD = b"final"
 
 __all__ = [
     "AES_KEY_SIZE",
@@ -42,6 +53,18 @@ __all__ = [
     "KEM_PUBLIC_KEY_SIZE",
     "KemKeyPair",
     "NONCE_SIZE",
+    "OHTTP_AEADS",
+    "OHTTP_CHUNKED_REQUEST_LABEL",
+    "OHTTP_CHUNKED_RESPONSE_LABEL",
+    "OHTTP_FINAL_CHUNK_AAD",
+    "OHTTP_KDF",
+    "OHTTP_KEM",
+    "OHTTP_REQUEST_LABEL",
+    "OHTTP_RESPONSE_LABEL",
+    "OhttpResponseAead",
+    "hpke_suite",
+    "hpke_x25519_key_pair",
+    "hpke_x25519_public_key",
     "SALT_SIZE",
     "SUI_ED25519_FLAG",
     "SUI_SIGNATURE_SIZE",
@@ -219,3 +242,71 @@ class Aead:
 
     def __repr__(self) -> str:
         return "Aead(<key hidden>)"
+
+
+# --- Oblivious HTTP's HPKE suites and response keys (RFC 9458 section 4.4) ----------------------
+
+_HPKE_SUITES: dict[tuple[KEMId, KDFId, AEADId], CipherSuite] = {}
+
+
+def hpke_suite(kem: KEMId, kdf: KDFId, aead: AEADId) -> CipherSuite:
+    """pyhpke's suite object for these ids (made once each: building one derives nothing)."""
+    key = (kem, kdf, aead)
+    suite = _HPKE_SUITES.get(key)
+    if suite is None:
+        suite = _HPKE_SUITES[key] = CipherSuite.new(kem, kdf, aead)
+    return suite
+
+
+def hpke_x25519_key_pair(raw: bytes | None = None) -> KEMKeyPair:
+    """An HPKE X25519 key pair: fresh, or from the private key's 32 raw bytes (test vectors)."""
+    private = X25519PrivateKey.generate() if raw is None else X25519PrivateKey.from_private_bytes(raw)
+    return KEMKeyPair(KEMKey.from_pyca_cryptography_key(private), KEMKey.from_pyca_cryptography_key(private.public_key()))
+
+
+def hpke_x25519_public_key(raw: bytes) -> KEMKeyInterface:
+    """ValueError for a key of the wrong length."""
+    if len(raw) != X25519_KEY_SIZE:
+        raise ValueError("X25519 public key must be 32 bytes")
+    return hpke_suite(OHTTP_KEM, OHTTP_KDF, OHTTP_AEADS[0]).kem.deserialize_public_key(raw)
+
+
+_OHTTP_AEAD_SIZES = {AEADId.AES128_GCM: (16, 12), AEADId.CHACHA20_POLY1305: (32, 12)}  # (Nk, Nn)
+
+
+class OhttpResponseAead:
+    """The AEAD of an OHTTP response: key and nonce from the HPKE context's exported secret, the
+    encapsulated key and the response nonce (RFC 9458 section 4.4); chunk `counter` XORed into
+    the nonce for chunked responses (counter 0 is the non-chunked nonce)."""
+
+    __slots__ = ("_aead", "_nonce", "key_size")
+
+    def __init__(self, aead_id: AEADId, secret: bytes, enc: bytes, response_nonce: bytes) -> None:
+        key_size, nonce_size = _OHTTP_AEAD_SIZES[aead_id]
+        prk = hmac.digest(enc + response_nonce, secret, "sha256")  # Extract(salt, secret)
+        key = hmac.digest(prk, b"key\x01", "sha256")[:key_size]  # Expand: Nk, Nn <= 32 is one block
+        self._nonce = hmac.digest(prk, b"nonce\x01", "sha256")[:nonce_size]
+        self._aead = AESGCM(key) if aead_id == AEADId.AES128_GCM else ChaCha20Poly1305(key)
+        self.key_size = key_size
+
+    @staticmethod
+    def nonce_size(aead_id: AEADId) -> int:
+        """The response nonce's length: max(Nn, Nk)."""
+        return max(_OHTTP_AEAD_SIZES[aead_id])
+
+    def _chunk_nonce(self, counter: int) -> bytes:
+        size = len(self._nonce)
+        return (int.from_bytes(self._nonce, "big") ^ counter).to_bytes(size, "big")
+
+    def seal(self, plaintext: bytes, counter: int = 0, aad: bytes = b"") -> bytes:
+        return self._aead.encrypt(self._chunk_nonce(counter), plaintext, aad)
+
+    def open(self, ciphertext: bytes, counter: int = 0, aad: bytes = b"") -> bytes | None:
+        """The plaintext, or None when the tag does not verify."""
+        try:
+            return self._aead.decrypt(self._chunk_nonce(counter), ciphertext, aad)
+        except InvalidTag:
+            return None
+
+    def __repr__(self) -> str:
+        return "OhttpResponseAead(<key hidden>)"
