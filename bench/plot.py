@@ -220,7 +220,35 @@ def markdown(ratios: list[Ratio]) -> str:
         ]
         if server.get("notes"):
             lines += ["", str(server["notes"])]
+    lines += _ohttp_section(server)
     return "\n".join(lines) + "\n"
+
+
+def _ohttp_section(server: dict[str, Any] | None) -> list[str]:
+    """The OHTTP load: from server.json's summary, else from `bench/server.py --only ohttp --name server-ohttp`."""
+    source = server if (server or {}).get("summary", {}).get("ohttp") else _load("server-ohttp")
+    ohttp = ((source or {}).get("summary") or {}).get("ohttp")
+    if not ohttp:
+        return []
+    rps, cpu, ratio = ohttp["requests_per_s"], ohttp["node_cpu_us_per_request"], ohttp["node_cpu_ratio_vs_direct"]
+    pin = source.get("pinning") or {}
+    return [
+        "",
+        "## Oblivious HTTP (bench/server.py, kind ohttp)",
+        "",
+        "The same sealed confidential chat requests (64 connections), sent directly, wrapped in Oblivious HTTP to the",
+        "node's gateway, and through `tee-node relay` (on the generator's CPU). Node CPU per request against the",
+        "direct confidential route in the same run.",
+        "",
+        "| figure | direct confidential | OHTTP to the node | OHTTP through the relay |",
+        "| --- | ---: | ---: | ---: |",
+        f"| requests/s | {rps['confidential']:,.0f} | {rps['ohttp']:,.0f} | {rps['ohttp_relay']:,.0f} |",
+        f"| node CPU µs per request | {cpu['confidential']:.0f} | {cpu['ohttp']:.0f} | {cpu['ohttp_relay']:.0f} |",
+        f"| node CPU vs direct | 1.00x | {ratio['ohttp']:.2f}x | {ratio['ohttp_relay']:.2f}x |",
+        "",
+        f"Node pinned to CPUs {pin.get('node_cpus')}, generator and relay to {pin.get('client_cpus')}; "
+        f"{source.get('rounds')} windows of {source.get('seconds')} s per figure, median. Run {source.get('time')}.",
+    ]
 
 
 def main() -> int:

@@ -14,6 +14,10 @@ same run:
   upstream   the requests load, plain and confidential, on a second node whose engine is the
              UpstreamEngine in front of bench/echo_upstream.py (an instant OpenAI echo server
              on the generator's CPU): the CPU per request of the node and of the upstream
+  ohttp      the requests load, confidential, three ways in one run: direct (the baseline),
+             wrapped in Oblivious HTTP to the node's gateway (client -> node), and the same
+             through `tee-node relay` on the generator's CPU (client -> relay -> node): the
+             node's CPU per request of each (`--only ohttp`)
 
 Fairness of the load generator:
   * it runs in separate processes (`--clients`, default 1) speaking raw HTTP/1.1 over
@@ -84,6 +88,9 @@ PLAIN_PATH = "/v1/chat/completions"
 ROUTES = {"plain": False, "confidential": True, "confidential_unpadded": False}
 # Through the UpstreamEngine: the hop's cost shows on plain requests; confidential ones for the record.
 UPSTREAM_ROUTES = {"plain": False, "confidential": True}
+# The OHTTP load: the confidential request as is, then the same wrapped in OHTTP (padded, as above).
+OHTTP_ROUTES = {"confidential": True, "ohttp": True, "ohttp_relay": True}
+OHTTP_PATH = "/v1/ohttp"
 
 
 def _prompt(words: int) -> str:
@@ -97,9 +104,9 @@ def _plaintext(model: str, stream: bool, words: int, route: str) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
-def _http_request(path: str, body: bytes) -> bytes:
+def _http_request(path: str, body: bytes, content_type: str = "application/json") -> bytes:
     head = (
-        f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+        f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: {content_type}\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     )
     return head.encode() + body
@@ -135,13 +142,21 @@ def start_node(port: int, cpus: str | None, state_dir: str, engine: tuple[str, .
     return _start([str(TEE_NODE), "serve", *engine], cpus, env, port, "/ready")
 
 
+def start_relay(port: int, gateway_port: int, cpus: str | None) -> subprocess.Popen:
+    """`tee-node relay` in front of the node's gateway, its per-address limit above the load."""
+    cmd = [str(TEE_NODE), "relay", "--gateway", f"http://127.0.0.1:{gateway_port}{OHTTP_PATH}", "--port", str(port),
+           "--per-address-per-minute", "100000000", "--log-level", "WARNING"]  # fmt: skip
+    return _start(cmd, cpus, dict(os.environ), port, None)
+
+
 def start_upstream(port: int, cpus: str | None) -> subprocess.Popen:
     """bench/echo_upstream.py: the instant OpenAI server behind the node's UpstreamEngine."""
     cmd = [sys.executable, str(Path(__file__).with_name("echo_upstream.py")), "--port", str(port)]
     return _start(cmd, cpus, dict(os.environ), port, "/health")
 
 
-def _start(cmd: list[str], cpus: str | None, env: dict[str, str], port: int, ready_path: str) -> subprocess.Popen:
+def _start(cmd: list[str], cpus: str | None, env: dict[str, str], port: int, ready_path: str | None) -> subprocess.Popen:
+    """Start `cmd`; ready once `ready_path` answers (without one: once the port takes connections)."""
     if cpus is not None:
         cmd = ["taskset", "-c", cpus, *cmd]
     process = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -150,7 +165,10 @@ def _start(cmd: list[str], cpus: str | None, env: dict[str, str], port: int, rea
         if process.poll() is not None:
             raise RuntimeError(f"{cmd[0]} exited: {process.stderr.read().decode(errors='replace')[-2000:]}")
         try:
-            _get(port, ready_path)
+            if ready_path is None:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            else:
+                _get(port, ready_path)
             return process
         except OSError:
             time.sleep(0.2)
@@ -240,6 +258,30 @@ def _seal_pool(
     return pool
 
 
+class _Ohttp:
+    """What a sampled OHTTP answer is opened with: the exchange, then the envelope's opener."""
+
+    def __init__(self, exchange: Any, opener: Any) -> None:
+        self.exchange, self.opener = exchange, opener
+
+
+def _ohttp_pool(pool: list[tuple[bytes, Any]], key_configs: bytes, path: str) -> list[tuple[bytes, Any]]:
+    """Each sealed confidential request wrapped in Oblivious HTTP (a fresh HPKE context each)."""
+    from node.ohttp import bhttp
+    from node.ohttp.encapsulation import MEDIA_REQUEST, RequestEncapsulator, decode_key_configs
+
+    config = decode_key_configs(key_configs)[0]
+    wrapped = []
+    for data, opener in pool:
+        body = data.split(b"\r\n\r\n", 1)[1]
+        inner = bhttp.encode_request(
+            bhttp.Request("POST", "https", "", CONFIDENTIAL_PATH, [(b"content-type", b"application/json")], body)
+        )
+        exchange = RequestEncapsulator(config, chunked=False)
+        wrapped.append((_http_request(path, exchange.encapsulate(inner), MEDIA_REQUEST), _Ohttp(exchange, opener)))
+    return wrapped
+
+
 async def _run_client(job: dict[str, Any], start_at: float) -> dict[str, Any]:
     connections, seconds, kind, route = job["connections"], job["seconds"], job["kind"], job["route"]
     pool: list[tuple[bytes, Any]] = job["pool"]
@@ -325,8 +367,10 @@ def _client_main(job: dict[str, Any], conn) -> None:
     if job["route"] != "plain":
         job["pool"] = _seal_pool(
             job["plaintext"], job["pool_size"], job["node_key"], job["model"], job["kind"] == "streams",
-            job["signing_key"], ROUTES[job["route"]],
+            job["signing_key"], job["padding"],
         )  # fmt: skip
+        if job["route"].startswith("ohttp"):
+            job["pool"] = _ohttp_pool(job["pool"], job["key_configs"], "/" if job["route"] == "ohttp_relay" else OHTTP_PATH)
     else:
         job["plain_request"] = _http_request(PLAIN_PATH, job["plaintext"])
     conn.send(("ready", None))
@@ -358,7 +402,14 @@ def _verify(job: dict[str, Any], samples: list[dict[str, Any]]) -> dict[str, Any
     checked = failures = events = tokens = 0
     for sample in samples:
         try:
-            if "body" in sample:
+            if "body" in sample and isinstance(sample["opener"], _Ohttp):
+                from node.ohttp import bhttp
+
+                inner = bhttp.decode_response(sample["opener"].exchange.open_response(sample["body"]))
+                assert inner.status == 200
+                text = json.loads(sample["opener"].opener.open_response(json.loads(inner.content)))
+                assert text["choices"][0]["message"]["content"] == expected
+            elif "body" in sample:
                 body = json.loads(sample["body"])
                 text = json.loads(sample["opener"].open_response(body)) if sample["opener"] else body
                 assert text["object"] == "chat.completion"
@@ -467,6 +518,10 @@ def run_window(
     }
 
 
+def routes_first(routes: dict[str, bool]) -> str:
+    return next(iter(routes))
+
+
 def _measure(
     node: subprocess.Popen,
     port: int,
@@ -480,13 +535,17 @@ def _measure(
     client_cpus: set[int] | None,
     windows: list[dict[str, Any]],
     upstream: subprocess.Popen | None = None,
+    route_ports: dict[str, int] | None = None,
 ) -> None:
     """`rounds` windows of each kind on each route against `node`, appended to `windows`.
-    Kind "upstream" is the requests load on a node whose engine is `upstream`."""
+    Kind "upstream" is the requests load on a node whose engine is `upstream`; a route of
+    `route_ports` is sent to that port (the relay) instead of the node's."""
     model = _get(port, "/v1/models")["data"][0]["id"]
     node_key = base64.b64decode(_get(port, "/v1/nodes/lock", {"model": model})["public_key"])
     nonce = os.urandom(32).hex()
-    signing_key = base64.b64decode(_get(port, f"/v1/attestation?nonce={nonce}")["signing_public_key"])
+    document = _get(port, f"/v1/attestation?nonce={nonce}")
+    signing_key = base64.b64decode(document["signing_public_key"])
+    key_configs = base64.b64decode(document["public_keys"]["ohttp"])
     pool_rate = {"requests": 8000.0, "streams": 600.0}
     for kind in kinds:
         load = "streams" if kind == "streams" else "requests"
@@ -494,9 +553,11 @@ def _measure(
         for round_ in range(rounds):
             for route in routes:
                 job = {
-                    "port": port,
+                    "port": (route_ports or {}).get(route, port),
                     "kind": load,
                     "route": route,
+                    "padding": routes[route],
+                    "key_configs": key_configs,
                     "seconds": seconds,
                     "connections": connections,
                     "words": PROMPT_WORDS,
@@ -509,7 +570,7 @@ def _measure(
                 }
                 window = run_window(ctx, node, job, args.clients, client_cpus, args.profile, upstream)
                 window["kind"] = kind
-                if route == "plain":  # confidential is at most this fast: size its pool by it
+                if route == routes_first(routes):  # the others are at most this fast: size their pools by it
                     rate = window["requests_per_s"] if load == "requests" else window["streams_per_s"]
                     pool_rate[load] = max(rate * 1.2, 50.0)
                 windows.append(window)
@@ -534,7 +595,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=None, help="windows per route and kind (median kept)")
     parser.add_argument("--no-pin", action="store_true", help="do not pin node and generator to separate CPUs")
     parser.add_argument("--clients", type=int, default=1, help="load generator processes")
-    parser.add_argument("--only", choices=["requests", "streams", "upstream"], default=None)
+    parser.add_argument("--only", choices=["requests", "streams", "upstream", "ohttp"], default=None)
     parser.add_argument("--no-write", action="store_true", help="print only, do not write server.json")
     parser.add_argument("--profile", metavar="DIR", default=None, help="py-spy the node in each window (raw stacks)")
     parser.add_argument("--label", default=None, help="a note stored with the results")
@@ -550,11 +611,11 @@ def main() -> int:
     started = time.perf_counter()
     ctx = mp.get_context("spawn")
     port = _free_port()
-    kinds = [args.only] if args.only else ["requests", "streams", "upstream"]
+    kinds = [args.only] if args.only else ["requests", "streams", "upstream", "ohttp"]
     windows: list[dict[str, Any]] = []
     measure = dict(ctx=ctx, seconds=seconds, rounds=rounds, args=args, client_cpus=client_cpus, windows=windows)
     with tempfile.TemporaryDirectory() as state_dir:
-        echo_kinds = [kind for kind in kinds if kind != "upstream"]
+        echo_kinds = [kind for kind in kinds if kind in ("requests", "streams")]
         if echo_kinds:
             node = start_node(port, node_cpus, state_dir)
             try:
@@ -574,6 +635,19 @@ def main() -> int:
                     stop(node)
             finally:
                 stop(upstream)
+
+        if "ohttp" in kinds:
+            # The relay is someone else's machine: it runs on the generator's CPU, not the node's.
+            relay_port = _free_port()
+            node = start_node(port, node_cpus, state_dir)
+            try:
+                relay = start_relay(relay_port, port, ",".join(map(str, sorted(client_cpus))) if pin else None)
+                try:
+                    _measure(node, port, ["ohttp"], OHTTP_ROUTES, route_ports={"ohttp_relay": relay_port}, **measure)
+                finally:
+                    stop(relay)
+            finally:
+                stop(node)
 
     def med(kind: str, route: str, key: str) -> float:
         values = [w[key] for w in windows if w["kind"] == kind and w["route"] == route and w[key] is not None]
@@ -654,6 +728,17 @@ def main() -> int:
         rows.append(["  node CPU µs/request", f"{node_plain:.0f}", f"{node_conf:.0f}", "", "", "", ""])
         rows.append(["  upstream CPU µs/request", f"{upstream_plain:.0f}", f"{upstream_conf:.0f}", "", "", "", ""])
         rows.append(["  node / upstream CPU (plain)", "", "", "", f"{hop:.2f}x", f"<= {GOALS['upstream_hop_ratio']}x", met])
+    if "ohttp" in kinds:
+        cpu = {route: round(med("ohttp", route, "node_cpu_us_per_request"), 1) for route in OHTTP_ROUTES}
+        rate = {route: round(med("ohttp", route, "requests_per_s"), 1) for route in OHTTP_ROUTES}
+        summary["ohttp"] = {
+            "requests_per_s": rate,
+            "node_cpu_us_per_request": cpu,
+            "node_cpu_ratio_vs_direct": {route: round(cpu[route] / cpu["confidential"], 3) for route in ("ohttp", "ohttp_relay")},
+        }
+        rows.append(["OHTTP: requests/s (direct | ohttp | via relay)", "", f"{rate['confidential']:.0f}", "", f"{rate['ohttp']:.0f} | {rate['ohttp_relay']:.0f}", "", ""])
+        rows.append(["  node CPU µs/request", "", f"{cpu['confidential']:.0f}", "", f"{cpu['ohttp']:.0f} | {cpu['ohttp_relay']:.0f}", "", ""])
+        rows.append(["  node CPU vs direct confidential", "", "", "", f"{cpu['ohttp'] / cpu['confidential']:.2f}x | {cpu['ohttp_relay'] / cpu['confidential']:.2f}x", "", ""])
     print()
     print_table(["", "plain", "confidential", "padding off", "ratio", "goal", "met"], rows)
     failures = sum(w["samples"]["failures"] for w in windows)

@@ -95,6 +95,26 @@ def _serve(args: argparse.Namespace) -> int:
     os._exit(0)
 
 
+def _relay(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from .relay import RelaySettings, create_relay_app
+
+    logging.basicConfig(level=args.log_level or "INFO", format=LOG_FORMAT)
+    settings = RelaySettings(
+        gateway=args.gateway, max_body_bytes=args.max_body_bytes, per_address_per_minute=args.per_address_per_minute
+    )
+    logging.getLogger("tee_node.relay").info(
+        "relaying Oblivious HTTP on %s:%d to %s (no client header but Content-Type; no addresses logged)",
+        args.host,
+        args.port,
+        args.gateway,
+    )
+    # No access log: it would write every client's address.
+    web.run_app(create_relay_app(settings), host=args.host, port=args.port, access_log=None, print=None, loop=_event_loop())
+    return 0
+
+
 def _models_prepare(args: argparse.Namespace) -> int:
     from .models import prepare_all
 
@@ -168,6 +188,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="the node's log level (default INFO); at DEBUG vLLM logs at its own level too, else at WARNING",
     )
     serve.set_defaults(func=_serve)
+
+    relay = commands.add_parser(
+        "relay", help="run an Oblivious HTTP relay in front of one node (worth it only when run by someone else than the node's operator)"
+    )
+    relay.add_argument("--gateway", required=True, help="the node's gateway URL, e.g. https://node.example/v1/ohttp")
+    relay.add_argument("--host", default="127.0.0.1")
+    relay.add_argument("--port", type=int, default=8090)
+    relay.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
+    relay.add_argument("--per-address-per-minute", type=int, default=120, help="requests a minute from one client address")
+    relay.add_argument("--log-level", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    relay.set_defaults(func=_relay)
 
     models = commands.add_parser("models", help="model cache").add_subparsers(dest="models_command", required=True)
     prepare = with_config(models.add_parser("prepare", help="prepare the configured models ahead of time"))

@@ -163,6 +163,18 @@ class PlaintextDisabled(NodeError, code="PLAINTEXT_DISABLED"):
     pass
 
 
+class OhttpDecapsulationFailed(NodeError, code="OHTTP_DECAPSULATION_FAILED"):
+    pass
+
+
+class OhttpKeyUnknown(NodeError, code="OHTTP_KEY_UNKNOWN"):
+    pass
+
+
+class UnsupportedMediaType(NodeError, code="UNSUPPORTED_MEDIA_TYPE"):
+    pass
+
+
 class EngineError(InternalError):
     """The engine failed while serving a request; answered as INTERNAL_ERROR with no detail."""
 

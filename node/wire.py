@@ -114,6 +114,9 @@ class ErrorKind:
     client_message: str  # what the client's exception says
     retry_after: bool = False  # the answer carries Retry-After
     routing: bool = False  # answered in place of a route (none there, or turned off), not by an operation
+    # Answered as application/problem+json (RFC 9457) with this `type`, the code kept in `error`.
+    problem_type: str | None = None
+    gateway: bool = False  # answered only by the Oblivious HTTP gateway (POST /v1/ohttp)
 
 
 ERROR_TABLE: tuple[ErrorKind, ...] = (
@@ -156,6 +159,27 @@ ERROR_TABLE: tuple[ErrorKind, ...] = (
         "plain OpenAI routes are off on this node (allow_plaintext = false): send the request sealed to "
         "/v1/confidential/...",
         "the node serves only its confidential routes (/v1/confidential/...)", routing=True,
+    ),
+    ErrorKind(
+        "OHTTP_DECAPSULATION_FAILED", 400,
+        "an Oblivious HTTP request that does not decapsulate (encapsulated key, ciphertext, chunk framing: "
+        "the answer never says which part)",
+        "Oblivious HTTP request does not decapsulate", "the node could not decapsulate the Oblivious HTTP request",
+        problem_type="about:blank", gateway=True,
+    ),
+    ErrorKind(
+        "OHTTP_KEY_UNKNOWN", 400,
+        "an Oblivious HTTP request to a key id or algorithms the node does not hold (rotated away): "
+        "fetch GET /v1/ohttp/keys again",
+        "Oblivious HTTP key configuration not acceptable",
+        "the node does not hold that Oblivious HTTP key (rotated): fetch its keys again",
+        problem_type="https://iana.org/assignments/http-problem-types#ohttp-key", gateway=True,
+    ),
+    ErrorKind(
+        "UNSUPPORTED_MEDIA_TYPE", 415,
+        "POST /v1/ohttp with a Content-Type other than message/ohttp-req or message/ohttp-chunked-req",
+        "unsupported media type: send message/ohttp-req or message/ohttp-chunked-req",
+        "the node refused the request's media type", gateway=True,
     ),
 )
 ERRORS: dict[str, ErrorKind] = {kind.code: kind for kind in ERROR_TABLE}

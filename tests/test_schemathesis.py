@@ -29,6 +29,9 @@ CHECKS = [
     response_schema_conformance,
 ]
 MODES = [schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE]
+# POST /v1/ohttp takes binary bodies: the fuzzer sends them as it sends application/octet-stream.
+for _media in ("message/ohttp-req", "message/ohttp-chunked-req"):
+    schemathesis.serializer.alias(_media, "application/octet-stream")
 
 
 @pytest.fixture(scope="module")

@@ -117,7 +117,13 @@ def test_encoder_round_trips():
 
 
 def test_protocol_codes_keep_their_status():
-    assert {k.code: k.status for k in ERROR_TABLE if not k.routing} == PROTOCOL_ERRORS
+    assert {k.code: k.status for k in ERROR_TABLE if not k.routing and not k.gateway} == PROTOCOL_ERRORS
+    # The Oblivious HTTP gateway's own answers (RFC 9458 section 5.3's 400 with a problem type).
+    assert {k.code: (k.status, k.problem_type) for k in ERROR_TABLE if k.gateway} == {
+        "OHTTP_DECAPSULATION_FAILED": (400, "about:blank"),
+        "OHTTP_KEY_UNKNOWN": (400, "https://iana.org/assignments/http-problem-types#ohttp-key"),
+        "UNSUPPORTED_MEDIA_TYPE": (415, None),
+    }
     assert {k.code: k.status for k in ERROR_TABLE if k.routing} == {
         "NOT_FOUND": 404,
         "METHOD_NOT_ALLOWED": 405,
@@ -145,11 +151,17 @@ def test_openapi_error_responses_come_from_the_table():
     doc = openapi_document(load_config(None))
     responses = doc["paths"]["/v1/confidential/chat/completions"]["post"]["responses"]
     for kind in ERROR_TABLE:
-        if kind.routing:
+        if kind.routing or kind.gateway:
             continue
         description = responses[str(kind.status)]["description"]
         assert f"{kind.code}: {kind.when}" in description
     assert "Retry-After" in responses["429"]["headers"]
+    gateway = doc["paths"]["/v1/ohttp"]["post"]["responses"]
+    for kind in ERROR_TABLE:
+        if kind.gateway:
+            assert f"{kind.code}: {kind.when}" in gateway[str(kind.status)]["description"]
+            media = "application/problem+json" if kind.problem_type else "application/json"
+            assert media in gateway[str(kind.status)]["content"]
     assert set(responses) == {"200"} | {str(s) for s in PROTOCOL_ERRORS.values()}
     models = doc["paths"]["/v1/models"]["get"]
     assert models["security"] == [{"bearerAuth": []}] and set(models["responses"]) == {"200", "401"}

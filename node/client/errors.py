@@ -21,7 +21,10 @@ unprinted, in `.server_message`.
     │   ├── InternalServerError       500 INTERNAL_ERROR
     │   ├── NotFoundError             404 NOT_FOUND (no such path: not a tee-node?)
     │   ├── MethodNotAllowedError     405 METHOD_NOT_ALLOWED
-    │   └── PlaintextDisabledError    404 PLAINTEXT_DISABLED (a plain route on a node without them)
+    │   ├── PlaintextDisabledError    404 PLAINTEXT_DISABLED (a plain route on a node without them)
+    │   ├── OhttpDecapsulationFailedError 400 OHTTP_DECAPSULATION_FAILED (the relayed request did not decapsulate)
+    │   ├── OhttpKeyUnknownError      400 OHTTP_KEY_UNKNOWN (the gateway key rotated: attest again)
+    │   └── UnsupportedMediaTypeError 415 UNSUPPORTED_MEDIA_TYPE
     ├── APIConnectionError / APITimeoutError
     └── VerificationError (node.errors: ResponseDecryptionFailed, ResponseHashMismatch,
         BadSignature, MissingField, ReceiptInvalid > TranscriptMismatch, MissingReceipt,
@@ -155,6 +158,18 @@ class MethodNotAllowedError(NodeAPIError, code="METHOD_NOT_ALLOWED"):
 
 
 class PlaintextDisabledError(NodeAPIError, code="PLAINTEXT_DISABLED"):
+    pass
+
+
+class OhttpDecapsulationFailedError(NodeAPIError, code="OHTTP_DECAPSULATION_FAILED"):
+    pass
+
+
+class OhttpKeyUnknownError(NodeAPIError, code="OHTTP_KEY_UNKNOWN"):
+    pass
+
+
+class UnsupportedMediaTypeError(NodeAPIError, code="UNSUPPORTED_MEDIA_TYPE"):
     pass
 
 
@@ -301,11 +316,14 @@ __all__ = [
     "NodeAPIError",
     "NotFoundError",
     "NotReadyError",
+    "OhttpDecapsulationFailedError",
+    "OhttpKeyUnknownError",
     "OverloadedError",
     "ReplayedRequestError",
     "StaleNodeKeyError",
     "UnauthorizedError",
     "UnexpectedResponse",
+    "UnsupportedMediaTypeError",
     "UsageMismatch",
     "error_from_body",
 ]

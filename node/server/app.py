@@ -19,6 +19,7 @@ from ..errors import MalformedJson, ModelNotFound, NotReady, PlaintextDisabled, 
 from ..protocol import NodesCreateLockRequest
 from .attestation import AttestationService, attestation_document, collateral_lifecycle
 from .middleware import CONTEXT, error_middleware
+from .ohttp import add_gateway
 from .openapi import openapi_document
 from .serving import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint, check_auth, read_body, serve_confidential, serve_plain
 from .state import NODE, NodeState
@@ -232,6 +233,8 @@ def create_app(config: NodeConfig, engine: Engine | None = None) -> web.Applicat
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi)
     app.router.add_get("/v1/attestation", attestation_document)
+    ohttp_keys = add_gateway(app, state.keyring)
+    state.attestation.public_keys["ohttp"] = ohttp_keys.key_configs_b64  # bound in report_data v3
     app.on_shutdown.append(_stopping)
     app.cleanup_ctx.append(_announce)
     app.cleanup_ctx.append(_engine_lifecycle)

@@ -49,11 +49,14 @@ CONTEXT: web.RequestKey[RequestContext] = web.RequestKey("tee_node.context", Req
 
 
 def error_response(exc: NodeError, request_id: str) -> web.Response:
-    body = {"error": {"code": exc.code, "message": exc.safe_message, **exc.extra()}}
+    error = {"code": exc.code, "message": exc.safe_message, **exc.extra()}
     headers = {"X-Request-Id": request_id}
     if isinstance(exc, Overloaded):
         headers["Retry-After"] = str(exc.retry_after)
-    return web.Response(status=exc.status, body=orjson.dumps(body), content_type="application/json", headers=headers)
+    if exc.kind.problem_type is not None:  # RFC 9457, with our code kept in `error` for clients that read it
+        problem = {"type": exc.kind.problem_type, "title": exc.safe_message, "status": exc.status, "error": error}
+        return web.Response(status=exc.status, body=orjson.dumps(problem), content_type="application/problem+json", headers=headers)
+    return web.Response(status=exc.status, body=orjson.dumps({"error": error}), content_type="application/json", headers=headers)
 
 
 # aiohttp's own refusals (no such route, method or a broken request line) by status.

@@ -32,13 +32,19 @@ def _errors(codes: tuple[str, ...] | None = None) -> dict[str, Any]:
     one per status, its description naming each code and when it is answered."""
     by_status: dict[int, list[ErrorKind]] = {}
     for kind in ERROR_TABLE:
-        if not kind.routing and (codes is None or kind.code in codes):
-            by_status.setdefault(kind.status, []).append(kind)
+        if codes is None and (kind.routing or kind.gateway) or codes is not None and kind.code not in codes:
+            continue
+        by_status.setdefault(kind.status, []).append(kind)
     responses: dict[str, Any] = {}
     for status, kinds in sorted(by_status.items()):
+        content: dict[str, Any] = {}
+        if any(kind.problem_type is None for kind in kinds):
+            content["application/json"] = {"schema": _ref("ErrorBody")}
+        if any(kind.problem_type is not None for kind in kinds):
+            content["application/problem+json"] = {"schema": {"type": "object", "required": ["type", "title", "status"]}}
         response: dict[str, Any] = {
             "description": "; ".join(f"{kind.code}: {kind.when}" for kind in kinds),
-            "content": {"application/json": {"schema": _ref("ErrorBody")}},
+            "content": content,
         }
         if any(kind.retry_after for kind in kinds):
             response["headers"] = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}}
@@ -136,6 +142,26 @@ def openapi_document(config: NodeConfig, plain_paths: Iterable[str] = ()) -> dic
                     }
                 ],
                 "responses": {"200": {"description": "Attestation document", "content": {"application/json": {}}}, **_errors()},
+            }
+        },
+        "/v1/ohttp/keys": _get("Oblivious HTTP key configurations (RFC 9458), as the attestation binds them", "application/ohttp-keys"),
+        "/v1/ohttp": {
+            "post": {
+                "summary": "Oblivious HTTP gateway: an encapsulated Binary HTTP request for any route of the node",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        media: {"schema": {"type": "string", "format": "binary"}}
+                        for media in ("message/ohttp-req", "message/ohttp-chunked-req")
+                    },
+                },
+                "responses": {
+                    "200": {
+                        "description": "The encapsulated answer (chunked for a chunked request)",
+                        "content": {media: {} for media in ("message/ohttp-res", "message/ohttp-chunked-res")},
+                    },
+                    **_errors(("INVALID_BODY", "BODY_TOO_LARGE", *(kind.code for kind in ERROR_TABLE if kind.gateway))),
+                },
             }
         },
     }

@@ -1,0 +1,189 @@
+"""Three processes on loopback: a client written from the RFCs (tests/ohttp_reference.py, none
+of the node's OHTTP code) → `tee-node relay` → `tee-node serve --engine echo`. Models,
+attestation, the lock, a confidential chat (whole and streamed) and embeddings round-trip; the
+node's log for them shows no client address; the relay's upstream sees no client header."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+from server_support import (
+    CONFIDENTIAL_CHAT,
+    CONFIDENTIAL_EMBEDDINGS,
+    MODEL,
+    TEE_NODE,
+    NodeProcess,
+    chat_body,
+    embedding_body,
+    free_port,
+    http_get,
+    seal_with_secrets,
+    spawn_node,
+)
+
+import ohttp_reference as ref
+from node.crypto import b64d
+from node.relay import RelaySettings, create_relay_app
+
+REQ, CHUNKED_REQ = "message/ohttp-req", "message/ohttp-chunked-req"
+
+
+def spawn_relay(gateway: str) -> NodeProcess:
+    port = free_port()
+    log_file = tempfile.NamedTemporaryFile(prefix="tee-node-relay-", suffix=".log", delete=False)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TEE_NODE_")}
+    proc = subprocess.Popen(
+        [str(TEE_NODE), "relay", "--gateway", gateway, "--port", str(port)], stdout=log_file, stderr=subprocess.STDOUT, env=env
+    )
+    log_file.close()
+    relay = NodeProcess(proc, port, Path(log_file.name))
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if http_get(relay.url + "/", timeout=1)[0] == 405:  # up: it answers GET with 405
+                return relay
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            relay.stop()
+            raise RuntimeError(f"relay did not start:\n{relay.log()}")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def three() -> Iterator[tuple[NodeProcess, NodeProcess]]:
+    node = spawn_node(env={"TEE_NODE_LOG_LEVEL": "DEBUG"})
+    relay = None
+    try:
+        relay = spawn_relay(node.url + "/v1/ohttp")
+        yield node, relay
+    finally:
+        if relay is not None:
+            relay.stop()
+        node.stop()
+
+
+async def relayed(
+    session: aiohttp.ClientSession, relay: str, config: ref.Config, method: str, path: str,
+    body: object = None, chunked: bool = False, aead: int = 0x0001,
+) -> tuple[ref.Answer, list[bytes]]:  # fmt: skip
+    """One request through the relay; the answer and, chunked, each piece as it arrived."""
+    exchange = ref.Exchange(config, aead=aead, chunked=chunked)
+    headers = [("content-type", "application/json")] if body is not None else []
+    content = orjson.dumps(body) if body is not None else b""
+    outer = exchange.request(ref.encode_request(method, path, headers, content))
+    async with session.post(relay + "/anything", data=outer, headers={"Content-Type": CHUNKED_REQ if chunked else REQ}) as response:
+        assert response.status == 200, await response.text()
+        if not chunked:
+            assert response.content_type == "message/ohttp-res"
+            return ref.decode_response(exchange.open(await response.read())), []
+        assert response.content_type == "message/ohttp-chunked-res"
+        pieces = [piece async for piece in response.content.iter_any()]
+    chunks = exchange.open_chunks(pieces)
+    return ref.decode_response(b"".join(chunks)), chunks
+
+
+async def test_round_trips_through_the_relay(three) -> None:
+    node, relay = three
+    async with aiohttp.ClientSession() as session:
+        async with session.get(relay.url + "/v1/ohttp/keys") as response:  # the relay fetches them from the gateway
+            assert response.content_type == "application/ohttp-keys"
+            keys = await response.read()
+        (config,) = ref.parse_key_configs(keys)
+
+        models, _ = await relayed(session, relay.url, config, "GET", "/v1/models")
+        assert models.status == 200 and json.loads(models.content)["data"][0]["id"] == MODEL
+
+        nonce = os.urandom(32).hex()
+        attested, _ = await relayed(session, relay.url, config, "GET", f"/v1/attestation?nonce={nonce}", aead=0x0003)
+        document = json.loads(attested.content)
+        assert attested.status == 200 and document["nonce"] == nonce
+        assert b64d(document["public_keys"]["ohttp"]) == keys  # the key configuration is attested
+
+        lock, _ = await relayed(session, relay.url, config, "POST", "/v1/nodes/lock", {"model": MODEL})
+        node_key = b64d(json.loads(lock.content)["public_key"])
+
+        prompt = "Oblivious llamas graze unseen"
+        sealed = seal_with_secrets(orjson.dumps(chat_body(prompt)), node_key, MODEL)
+        answer, _ = await relayed(session, relay.url, config, "POST", CONFIDENTIAL_CHAT, sealed.outer)
+        assert answer.status == 200
+        plain = json.loads(sealed.opener.open_response(json.loads(answer.content)))
+        assert plain["choices"][0]["message"]["content"] == prompt
+
+        sealed = seal_with_secrets(orjson.dumps(chat_body(prompt, stream=True)), node_key, MODEL, stream=True)
+        answer, chunks = await relayed(session, relay.url, config, "POST", CONFIDENTIAL_CHAT, sealed.outer, chunked=True)
+        assert answer.status == 200 and answer.headers["content-type"] == "text/event-stream"
+        events = [json.loads(block[len("data: "):]) for block in answer.content.decode().split("\n\n") if block.startswith("data: ")]
+        words = []
+        for event in events:
+            chunk = json.loads(sealed.opener.open_event(event))
+            words += [c["delta"].get("content", "") for c in chunk["choices"]]
+        sealed.opener.finish()
+        assert "".join(words).strip() == prompt
+        # Sealed OHTTP chunks: the head, the node's writes of events (a write carries the events
+        # ready by then), the end. tests/test_ohttp_gateway.py shows one event leaving at a time.
+        assert len(chunks) >= 3 and chunks[-1] == b"\x00\x00"
+
+        sealed = seal_with_secrets(orjson.dumps(embedding_body("llamas")), node_key, MODEL)
+        answer, _ = await relayed(session, relay.url, config, "POST", CONFIDENTIAL_EMBEDDINGS, sealed.outer)
+        assert answer.status == 200
+        assert json.loads(sealed.opener.open_response(json.loads(answer.content)))["data"][0]["embedding"]
+
+    # The node logged these requests (DEBUG included) without any address: only the relay's
+    # connections reached it, and even those are not named.
+    log = node.log()
+    assert "route=/v1/confidential/chat/completions" in log and "route=/v1/ohttp" in log
+    assert "127.0.0.1" not in log.replace(f"http://127.0.0.1:{node.port}", "")
+    assert "127.0.0.1" not in relay.log().replace(node.url, "").replace(f"127.0.0.1:{relay.port}", "")
+
+
+async def test_relay_forwards_no_client_header(aiohttp_client) -> None:
+    seen: list[dict[str, str]] = []
+
+    async def gateway(request: web.Request) -> web.Response:
+        seen.append(dict(request.headers))
+        return web.Response(body=b"sealed", content_type="message/ohttp-res")
+
+    upstream_app = web.Application()
+    upstream_app.router.add_post("/v1/ohttp", gateway)
+    upstream = await aiohttp_client(upstream_app)
+    relay = await aiohttp_client(create_relay_app(RelaySettings(gateway=str(upstream.make_url("/v1/ohttp")))))
+    identifying = {
+        "User-Agent": "curl/8.0 (Alice's laptop)", "Cookie": "session=alice", "Authorization": "Bearer alice",
+        "X-Forwarded-For": "203.0.113.7", "Forwarded": "for=203.0.113.7", "Accept-Language": "fr-CH",
+        "X-Request-Id": "alice-1", "Via": "1.1 alice",
+    }  # fmt: skip
+    response = await relay.post("/", data=b"x" * 100, headers={**identifying, "Content-Type": REQ})
+    assert response.status == 200 and await response.read() == b"sealed"
+    (headers,) = seen
+    assert {name.lower() for name in headers} == {"host", "content-type", "content-length"}
+    assert headers["Content-Type"] == REQ
+
+    wrong = await relay.post("/", data=b"x", headers={"Content-Type": "application/json"})
+    assert wrong.status == 415
+    assert (await relay.get("/")).status == 405
+    too_big = await relay.post("/", data=b"x" * (4 * 1024 * 1024 + 1), headers={"Content-Type": REQ})
+    assert too_big.status == 413
+    assert len(seen) == 1  # none of the refusals reached the gateway
+
+
+async def test_relay_rate_limits_per_address(aiohttp_client) -> None:
+    async def gateway(request: web.Request) -> web.Response:
+        return web.Response(body=b"sealed", content_type="message/ohttp-res")
+
+    upstream_app = web.Application()
+    upstream_app.router.add_post("/", gateway)
+    upstream = await aiohttp_client(upstream_app)
+    relay = await aiohttp_client(create_relay_app(RelaySettings(gateway=str(upstream.make_url("/")), per_address_per_minute=3)))
+    statuses = [(await relay.post("/", data=b"x", headers={"Content-Type": REQ})).status for _ in range(5)]
+    assert statuses == [200, 200, 200, 429, 429]
