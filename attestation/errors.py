@@ -57,5 +57,9 @@ class TlsCertificateMismatch(AttestationError):
     """The TLS certificate the connection presented is not the one the attestation binds."""
 
 
+class OhttpKeyMismatch(AttestationError):
+    """The Oblivious HTTP key configuration a request went to is not one the attestation binds."""
+
+
 class ReleaseInvalid(AttestationError):
     """A release bundle does not verify (signature, certificate chain, SCT, log proofs) or does not carry a tee-node release."""

@@ -67,6 +67,12 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         "(the layout of the node's attestation.collateral_dir, docs/policy.md)",
     )
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default 600)")
+    parser.add_argument(
+        "--relay",
+        metavar="RELAY_URL",
+        help="send everything (keys, attestation, requests) as Oblivious HTTP through this relay: the node never "
+        "sees your address (docs/ohttp.md; worth it when someone other than the node's operator runs the relay)",
+    )
 
 
 def _pin(text: str) -> tuple[str, str]:
@@ -95,7 +101,7 @@ def _client_kwargs(args: argparse.Namespace, err: TextIO) -> dict[str, Any]:
         allow_classical=args.allow_classical,
         collateral=args.collateral,
     )
-    return {"api_key": args.api_key, "policy": policy, "timeout": args.timeout}
+    return {"api_key": args.api_key, "policy": policy, "timeout": args.timeout, "relay": args.relay}
 
 
 def _identity_lines(identity: Any) -> list[str]:

@@ -187,3 +187,82 @@ async def test_relay_rate_limits_per_address(aiohttp_client) -> None:
     relay = await aiohttp_client(create_relay_app(RelaySettings(gateway=str(upstream.make_url("/")), per_address_per_minute=3)))
     statuses = [(await relay.post("/", data=b"x", headers={"Content-Type": REQ})).status for _ in range(5)]
     assert statuses == [200, 200, 200, 429, 429]
+
+
+# --- the project's own client through the relay ------------------------------------------------
+
+
+async def test_client_through_the_relay(three) -> None:
+    from node.client import ConfidentialClient
+
+    node, relay = three
+    before = node.log()
+    async with ConfidentialClient(node.url, relay=relay.url, allow_simulated=True) as client:
+        models = await client.models.list()
+        assert models.data[0].id == MODEL
+        assert client.key_exchange == "hybrid ML-KEM-768 + X25519"  # post-quantum inside, unchanged
+        answer = await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "unlinkable words"}])
+        assert answer.choices[0].message.content == "unlinkable words" and answer.receipt.key_epoch == client.attestation.key_epoch
+        stream = await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "streamed unlinkable words"}], stream=True)
+        text = "".join([choice.delta.content or "" async for chunk in stream for choice in chunk.choices])
+        assert text == "streamed unlinkable words" and stream.receipt is not None
+        embedded = await client.embeddings.create(model=MODEL, input="llamas")
+        assert embedded.data[0].embedding and embedded.receipt is not None
+    # Every one of these went through the relay: the node's log grew only by relayed requests.
+    added = node.log()[len(before):]
+    assert added.count("route=/v1/ohttp ") >= 5 and "route=/v1/attestation" in added
+
+
+def test_cli_chat_through_the_relay(three) -> None:
+    node, relay = three
+    before = len(node.log())
+    done = subprocess.run(
+        [str(TEE_NODE), "chat", node.url, "hello through the relay", "--relay", relay.url, "--allow-simulated"],
+        capture_output=True, text=True, timeout=120, env={k: v for k, v in os.environ.items() if not k.startswith("TEE_NODE_")},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "hello through the relay" in done.stdout
+    added = node.log()[before:]
+    assert "route=/v1/confidential/chat/completions" in added and "route=/v1/ohttp" in added
+    assert "127.0.0.1" not in added  # the access log of the relayed chat names no address
+    attest = subprocess.run(
+        [str(TEE_NODE), "attest", node.url, "--relay", relay.url, "--allow-simulated"],
+        capture_output=True, text=True, timeout=120, env={k: v for k, v in os.environ.items() if not k.startswith("TEE_NODE_")},
+    )  # fmt: skip
+    assert attest.returncode == 0 and "attestation verified" in attest.stdout, attest.stderr
+
+
+async def test_client_refuses_a_relay_that_hands_out_its_own_key(three, aiohttp_client) -> None:
+    """A relay in the middle with its own gateway key: it can open what the client sends it
+    (only the attestation request, before the check), and re-encapsulate to the node; the
+    document it passes on binds the node's key, not the relay's, so the client stops there."""
+    from attestation.errors import OhttpKeyMismatch
+    from node.client import ConfidentialClient
+    from node.ohttp.encapsulation import GatewayKey, RequestEncapsulator, decapsulate_request, decode_key_configs, encode_key_configs
+
+    node, _ = three
+    own = GatewayKey.generate(9)
+    opened_paths = []
+
+    async def keys(request: web.Request) -> web.Response:
+        return web.Response(body=encode_key_configs([own.config]), content_type="application/ohttp-keys")
+
+    async def forward(request: web.Request) -> web.Response:
+        inner, responder = decapsulate_request(await request.read(), {9: own}.get)
+        opened_paths.append(inner)
+        async with aiohttp.ClientSession() as session:
+            async with session.get(node.url + "/v1/ohttp/keys") as response:
+                real = decode_key_configs(await response.read())[0]
+            exchange = RequestEncapsulator(real, chunked=False)
+            async with session.post(node.url + "/v1/ohttp", data=exchange.encapsulate(inner), headers={"Content-Type": REQ}) as response:
+                answer = exchange.open_response(await response.read())
+        return web.Response(body=responder.seal(answer), content_type="message/ohttp-res")
+
+    app = web.Application()
+    app.router.add_get("/v1/ohttp/keys", keys)
+    app.router.add_post("/{path:.*}", forward)
+    evil = await aiohttp_client(app)
+    async with ConfidentialClient(node.url, relay=str(evil.make_url("")), allow_simulated=True, api_key="secret") as client:
+        with pytest.raises(OhttpKeyMismatch):
+            await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "never sent"}])
+    assert len(opened_paths) == 1  # the attestation request, and nothing after it

@@ -19,7 +19,7 @@ from .credentials import Bearer, Credential
 from .errors import NotReadyError, OverloadedError, TeeNodeError
 from .session import AttestedSession, make_policy
 from .streams import AsyncStream
-from .transports import DirectRoute, HttpSession, PinnedTlsRoute, Route, scheme_of
+from .transports import DirectRoute, HttpSession, OhttpRelayRoute, PinnedTlsRoute, Route, scheme_of
 from .types import NodeIdentity
 
 
@@ -59,7 +59,14 @@ class ConfidentialClient:
     without the API key; the document must bind the certificate that connection presented
     (`tls_cert_sha256`), and every later connection must present that same certificate
     (pinned by its SHA-256), else `TlsCertificateMismatch` (an AttestationError). A node that
-    presents another certificate is attested again once (a restarted node has a new one). Retries: 429 OVERLOADED and
+    presents another certificate is attested again once (a restarted node has a new one).
+
+    Relay: with `relay="https://relay.example"` nothing goes to `base_url` directly: the key
+    configuration, the attestation and every request travel as Oblivious HTTP through that
+    relay (docs/ohttp.md), the node seeing none of the client's addresses. The gateway key the
+    attestation request went to must be one the verified document binds (`public_keys.ohttp`,
+    else `OhttpKeyMismatch`); later requests use the attested key configuration. Everything
+    inside (envelope, receipts, padding, post-quantum key agreement, policy) is unchanged. Retries: 429 OVERLOADED and
     503 NOT_READY up to `max_retries` times, waiting Retry-After (at most `max_retry_wait`
     seconds each); 422 STALE_NODE_KEY re-attests and retries once with a fresh envelope (the
     key in the 422 body is never used: only attested keys are). `reattest_after` (seconds)
@@ -92,6 +99,7 @@ class ConfidentialClient:
         post_quantum: bool = True,
         length_hiding: bool = True,
         collateral: str | os.PathLike[str] | None = None,
+        relay: str | None = None,
         session: aiohttp.ClientSession | None = None,
     ) -> None:
         if max_retries < 0:
@@ -107,7 +115,13 @@ class ConfidentialClient:
         # The waiting function for retries; tests replace it to observe delays without waiting.
         self._sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep
         http = HttpSession(session)
-        route: Route = (PinnedTlsRoute if self.tls else DirectRoute)(http, self.base_url, timeout)
+        self.relay = relay.rstrip("/") if relay else None
+        route: Route
+        if self.relay is not None:
+            scheme_of(self.relay)
+            route = OhttpRelayRoute(http, self.base_url, self.relay, timeout)
+        else:
+            route = (PinnedTlsRoute if self.tls else DirectRoute)(http, self.base_url, timeout)
         credential = Bearer(api_key) if api_key else credential
         self._session = AttestedSession(
             route,

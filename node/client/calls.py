@@ -17,7 +17,7 @@ from attestation.errors import TlsCertificateMismatch
 
 from ..envelope import OBFUSCATION_FIELD, seal_request
 from .credentials import Credential, Outgoing
-from .errors import StaleNodeKeyError, UnexpectedResponse, error_from_response
+from .errors import OhttpKeyUnknownError, StaleNodeKeyError, UnexpectedResponse, error_from_response
 from .session import AttestedSession, Retry
 from .streams import AsyncStream, check_receipt, parse_plaintext
 from .transports import Response
@@ -128,7 +128,8 @@ class Calls:
                     await response.aclose()
                 response = Response(response.status, response.headers, error_body)
             error = error_from_response(response, pinned.transport.url)
-            if isinstance(error, StaleNodeKeyError) and not reattested:
+            # A rotated envelope key, or gateway key behind a relay: attest again, send again once.
+            if isinstance(error, (StaleNodeKeyError, OhttpKeyUnknownError)) and not reattested:
                 reattested = True
                 await self.session.reattest(pinned)
                 continue
