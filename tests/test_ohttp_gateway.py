@@ -132,11 +132,12 @@ async def test_refusals_have_their_documented_answers_and_the_node_serves_on(aio
     assert response.status == 400 and problem["type"] == "https://iana.org/assignments/http-problem-types#ohttp-key"
     assert problem["error"]["code"] == "OHTTP_KEY_UNKNOWN"
 
-    # A request that decapsulates but is no Binary HTTP request: an encapsulated 400.
-    exchange = ref.Exchange(config)
-    response = await client.post("/v1/ohttp", data=exchange.request(b"\x05junk"), headers={"Content-Type": REQ})
-    inner = ref.decode_response(exchange.open(await response.read()))
-    assert inner.status == 400 and json.loads(inner.content)["error"]["code"] == "INVALID_BODY"
+    # A request that decapsulates but is no Binary HTTP request for a path here: an encapsulated 400.
+    for bad in (b"\x05junk", ref.encode_request("GET", "//elsewhere.example/x", []), ref.encode_request("GET", "*", [])):
+        exchange = ref.Exchange(config)
+        response = await client.post("/v1/ohttp", data=exchange.request(bad), headers={"Content-Type": REQ})
+        inner = ref.decode_response(exchange.open(await response.read()))
+        assert inner.status == 400 and json.loads(inner.content)["error"]["code"] == "INVALID_BODY"
 
     assert (await _call(client, config, "GET", "/health")).status == 200
 
