@@ -266,3 +266,39 @@ async def test_client_refuses_a_relay_that_hands_out_its_own_key(three, aiohttp_
         with pytest.raises(OhttpKeyMismatch):
             await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "never sent"}])
     assert len(opened_paths) == 1  # the attestation request, and nothing after it
+
+
+async def test_client_refuses_answers_a_relay_tampered_with(three, aiohttp_client) -> None:
+    """A relay that flips one byte of each answer once the client has attested: the whole
+    answer, and a streamed one, fail to open (ResponseDecryptionFailed), never pass as data."""
+    from node.client import ConfidentialClient
+    from node.errors import ResponseDecryptionFailed
+
+    node, relay = three
+    tamper = {"on": False}
+
+    async def keys(request: web.Request) -> web.Response:
+        async with aiohttp.ClientSession() as session, session.get(relay.url + "/v1/ohttp/keys") as response:
+            return web.Response(body=await response.read(), content_type="application/ohttp-keys")
+
+    async def forward(request: web.Request) -> web.StreamResponse:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(relay.url + "/", data=await request.read(), headers={"Content-Type": request.content_type}) as response:
+                body = bytearray(await response.read())
+                if tamper["on"]:
+                    body[len(body) // 2] ^= 0x01
+                return web.Response(body=bytes(body), content_type=response.content_type)
+
+    app = web.Application()
+    app.router.add_get("/v1/ohttp/keys", keys)
+    app.router.add_post("/{path:.*}", forward)
+    evil = await aiohttp_client(app)
+    async with ConfidentialClient(node.url, relay=str(evil.make_url("")), allow_simulated=True) as client:
+        await client.attest()
+        tamper["on"] = True
+        with pytest.raises(ResponseDecryptionFailed):
+            await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "whole"}])
+        with pytest.raises(ResponseDecryptionFailed):
+            stream = await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "streamed"}], stream=True)
+            async for _ in stream:
+                pass
