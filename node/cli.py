@@ -95,6 +95,15 @@ def _serve(args: argparse.Namespace) -> int:
     os._exit(0)
 
 
+def _sha256_hex(text: str) -> str:
+    try:
+        if len(bytes.fromhex(text)) == 32:
+            return text
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError("expected 64 hex characters (a SHA-256)")
+
+
 def _relay(args: argparse.Namespace) -> int:
     from aiohttp import web
 
@@ -102,7 +111,10 @@ def _relay(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level or "INFO", format=LOG_FORMAT)
     settings = RelaySettings(
-        gateway=args.gateway, max_body_bytes=args.max_body_bytes, per_address_per_minute=args.per_address_per_minute
+        gateway=args.gateway,
+        gateway_cert_sha256=bytes.fromhex(args.gateway_cert_sha256) if args.gateway_cert_sha256 else None,
+        max_body_bytes=args.max_body_bytes,
+        per_address_per_minute=args.per_address_per_minute,
     )
     logging.getLogger("tee_node.relay").info(
         "relaying Oblivious HTTP on %s:%d to %s (no client header but Content-Type; no addresses logged)",
@@ -193,6 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
         "relay", help="run an Oblivious HTTP relay in front of one node (worth it only when run by someone else than the node's operator)"
     )
     relay.add_argument("--gateway", required=True, help="the node's gateway URL, e.g. https://node.example/v1/ohttp")
+    relay.add_argument(
+        "--gateway-cert-sha256",
+        metavar="HEX",
+        type=_sha256_hex,
+        help="pin the certificate of a node serving attested TLS (self-signed; `tee-node attest` prints its sha256) "
+        "instead of validating it against the system's CAs",
+    )
     relay.add_argument("--host", default="127.0.0.1")
     relay.add_argument("--port", type=int, default=8090)
     relay.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)

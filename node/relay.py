@@ -45,6 +45,9 @@ _ANSWER_MEDIA = frozenset({MEDIA_RESPONSE, MEDIA_CHUNKED_RESPONSE, "application/
 @dataclass(frozen=True)
 class RelaySettings:
     gateway: str
+    # The SHA-256 of the certificate an https:// gateway presents, when it serves attested TLS
+    # (self-signed, trusted through its attestation: `tee-node attest` prints it); None: CA-validated.
+    gateway_cert_sha256: bytes | None = None
     max_body_bytes: int = 4 * 1024 * 1024
     per_address_per_minute: int = 120
     per_minute: int = 6000
@@ -144,10 +147,12 @@ async def _session(app: web.Application) -> AsyncIterator[None]:
     relay = app[RELAY]
     # No User-Agent, Accept or Accept-Encoding of aiohttp's own: the gateway sees the same few
     # headers from every client (Host, Content-Type, Content-Length).
+    pin = relay.settings.gateway_cert_sha256
     relay.session = aiohttp.ClientSession(
         timeout=aiohttp.ClientTimeout(total=relay.settings.timeout),
         skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
         auto_decompress=False,
+        connector=aiohttp.TCPConnector(ssl=aiohttp.Fingerprint(pin) if pin else True),
     )
     yield
     with contextlib.suppress(Exception):

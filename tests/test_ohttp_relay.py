@@ -5,8 +5,11 @@ node's log for them shows no client address; the relay's upstream sees no client
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -38,13 +41,14 @@ from node.relay import RelaySettings, create_relay_app
 REQ, CHUNKED_REQ = "message/ohttp-req", "message/ohttp-chunked-req"
 
 
-def spawn_relay(gateway: str) -> NodeProcess:
+def spawn_relay(gateway: str, *extra: str) -> NodeProcess:
     port = free_port()
     log_file = tempfile.NamedTemporaryFile(prefix="tee-node-relay-", suffix=".log", delete=False)
     env = {k: v for k, v in os.environ.items() if not k.startswith("TEE_NODE_")}
     proc = subprocess.Popen(
-        [str(TEE_NODE), "relay", "--gateway", gateway, "--port", str(port)], stdout=log_file, stderr=subprocess.STDOUT, env=env
-    )
+        [str(TEE_NODE), "relay", "--gateway", gateway, "--port", str(port), *extra],
+        stdout=log_file, stderr=subprocess.STDOUT, env=env,
+    )  # fmt: skip
     log_file.close()
     relay = NodeProcess(proc, port, Path(log_file.name))
     deadline = time.monotonic() + 30
@@ -302,3 +306,32 @@ async def test_client_refuses_answers_a_relay_tampered_with(three, aiohttp_clien
             stream = await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "streamed"}], stream=True)
             async for _ in stream:
                 pass
+
+
+async def test_relay_pins_a_node_serving_attested_tls() -> None:
+    """A node on attested TLS (self-signed): the relay pins its certificate; unpinned, it refuses
+    to forward (502) and the client says the relay could not reach the gateway."""
+    from node.client import APIConnectionError, ConfidentialClient
+
+    node = spawn_node(extra_args=["--tls"])
+    relays = []
+    try:
+        unverified = ssl.create_default_context()
+        unverified.check_hostname, unverified.verify_mode = False, ssl.CERT_NONE
+        with socket.create_connection(("127.0.0.1", node.port)) as raw:
+            with unverified.wrap_socket(raw) as tls:
+                certificate = tls.getpeercert(binary_form=True)
+        pinned = spawn_relay(node.url + "/v1/ohttp", "--gateway-cert-sha256", hashlib.sha256(certificate).hexdigest())
+        relays.append(pinned)
+        async with ConfidentialClient(node.url, relay=pinned.url, allow_simulated=True) as client:
+            answer = await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "over attested TLS"}])
+            assert answer.choices[0].message.content == "over attested TLS"
+        unpinned = spawn_relay(node.url + "/v1/ohttp")
+        relays.append(unpinned)
+        async with ConfidentialClient(node.url, relay=unpinned.url, allow_simulated=True) as client:
+            with pytest.raises(APIConnectionError):
+                await client.attest()
+    finally:
+        for relay in relays:
+            relay.stop()
+        node.stop()
