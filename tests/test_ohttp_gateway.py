@@ -133,7 +133,8 @@ async def test_refusals_have_their_documented_answers_and_the_node_serves_on(aio
     assert problem["error"]["code"] == "OHTTP_KEY_UNKNOWN"
 
     # A request that decapsulates but is no Binary HTTP request for a path here: an encapsulated 400.
-    for bad in (b"\x05junk", ref.encode_request("GET", "//elsewhere.example/x", []), ref.encode_request("GET", "*", [])):
+    nested = ref.encode_request("POST", "/v1/ohttp", [("content-type", REQ)], good)  # OHTTP inside OHTTP: refused
+    for bad in (b"\x05junk", ref.encode_request("GET", "//elsewhere.example/x", []), ref.encode_request("GET", "*", []), nested):
         exchange = ref.Exchange(config)
         response = await client.post("/v1/ohttp", data=exchange.request(bad), headers={"Content-Type": REQ})
         inner = ref.decode_response(exchange.open(await response.read()))

@@ -50,6 +50,7 @@ from .middleware import CONTEXT
 from .serving import read_body
 from .state import NODE
 
+GATEWAY_PATH = "/v1/ohttp"
 # What a relayed request's `remote` says: handlers, rate limits and logs see this, not an address.
 RELAYED = "relayed"
 # Hop-by-hop and framing fields never cross the gateway (BHTTP frames the content itself).
@@ -185,12 +186,14 @@ def _decode_inner(plaintext: bytes, limit: int) -> bhttp.Request | None:
         return None
     if not inner.path.startswith("/") or inner.path.startswith("//"):  # origin-form only
         return None
+    if URL(inner.path).path == GATEWAY_PATH:  # no nesting: each layer would cost a decapsulation and a stack frame
+        return None
     return inner
 
 
 _INVALID_INNER = bhttp.Response(
     400, [(b"content-type", b"application/json")],
-    b'{"error":{"code":"INVALID_BODY","message":"the inner request is not a valid binary HTTP request"}}',
+    b'{"error":{"code":"INVALID_BODY","message":"the inner request is not a binary HTTP request for a route of this node"}}',
 )  # fmt: skip
 
 
@@ -278,5 +281,5 @@ async def _answer_chunked(outer: web.Request, inner: bhttp.Request | None, encap
 def add_gateway(app: web.Application, keyring: KeyRing) -> GatewayKeys:
     keys = app[OHTTP_KEYS] = GatewayKeys(keyring)
     app.router.add_get("/v1/ohttp/keys", ohttp_keys)
-    app.router.add_post("/v1/ohttp", ohttp_gateway)
+    app.router.add_post(GATEWAY_PATH, ohttp_gateway)
     return keys
