@@ -65,7 +65,8 @@ async def test_every_route_is_dispatched_as_if_direct(aiohttp_client) -> None:
     assert (await _call(client, key, "GET", "/openapi.json")).status == 200
     assert (await _call(client, key, "GET", "/no/such/path")).status == 404
     assert (await _call(client, key, "DELETE", "/v1/models")).status == 405
-    plain = await _call(client, key, "POST", "/v1/chat/completions", chat_body("plain words"), headers=bearer)
+    framing = [("expect", "100-continue"), ("transfer-encoding", "chunked"), ("content-length", "1"), ("connection", "close")]
+    plain = await _call(client, key, "POST", "/v1/chat/completions", chat_body("plain words"), headers=bearer + framing, chunked=True)
     assert json.loads(plain.content)["choices"][0]["message"]["content"] == "plain words"
     lock = await _call(client, key, "POST", "/v1/nodes/lock", {"model": MODEL}, headers=bearer)
     node_key = b64d(json.loads(lock.content)["public_key"])

@@ -53,8 +53,11 @@ from .state import NODE
 GATEWAY_PATH = "/v1/ohttp"
 # What a relayed request's `remote` says: handlers, rate limits and logs see this, not an address.
 RELAYED = "relayed"
-# Hop-by-hop and framing fields never cross the gateway (BHTTP frames the content itself).
-_HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "upgrade", "te", "trailer", "content-length", "proxy-connection"})
+# Hop-by-hop and framing fields never cross the gateway (BHTTP frames the content itself; the
+# whole content is there, so an `expect: 100-continue` has nothing to wait for).
+_HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "transfer-encoding", "upgrade", "te", "trailer", "content-length", "proxy-connection", "expect"}
+)
 _DROPPED_RESPONSE_FIELDS = _HOP_BY_HOP | {"date", "server"}
 
 
