@@ -194,3 +194,31 @@ def test_fuzz_decapsulation_over_http(node, data) -> None:
         assert headers["content-type"].startswith("application/problem+json")
         assert json.loads(answer)["error"]["code"] in ("OHTTP_DECAPSULATION_FAILED", "OHTTP_KEY_UNKNOWN")
     assert node.get("/health")[0] == 200
+
+
+_TOKEN = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-!#$%&'*+.^_`|~", min_size=1, max_size=12)
+_PATHS = st.sampled_from(["/health", "/v1/models", "/v1/attestation", "/v1/nodes/lock", "/v1/confidential/chat/completions", "/v1/ohttp/keys", "/metrics"]) | st.text(
+    alphabet="".join(chr(c) for c in range(0x21, 0x7F)), max_size=40
+).map(lambda tail: "/" + tail)
+
+
+@FUZZ
+@given(
+    method=st.sampled_from(["GET", "POST", "PUT", "HEAD", "OPTIONS", "DELETE"]) | _TOKEN.map(str.upper),
+    path=_PATHS,
+    headers=st.lists(st.tuples(_TOKEN, st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789 ;=/-", max_size=20).map(str.strip)), max_size=5),
+    content=st.binary(max_size=300) | st.just(b'{"model":"echo-model"}'),
+    chunked=st.booleans(),
+    raw=st.none() | st.binary(max_size=120),
+)
+def test_fuzz_inner_requests_never_fail_the_node(node, method, path, headers, content, chunked, raw) -> None:
+    """Well encapsulated, anything inside: a Binary HTTP request for any method, path, fields
+    and content (or raw bytes). The answer is always encapsulated, never a 500 inside or out."""
+    status, keys = node.get("/v1/ohttp/keys")
+    exchange = ref.Exchange(ref.parse_key_configs(keys)[0], chunked=chunked)
+    inner = raw if raw is not None else ref.encode_request(method, path, headers, content)
+    status, _, answer = node.post("/v1/ohttp", exchange.request(inner), {"Content-Type": CHUNKED_REQ if chunked else REQ}, timeout=10)
+    assert status == 200, answer[:200]
+    opened = ref.decode_response(b"".join(exchange.open_chunks([answer])) if chunked else exchange.open(answer))
+    assert opened.status != 500 and opened.status < 600, (method, path, opened.status)
+    assert node.get("/health")[0] == 200
