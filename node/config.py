@@ -109,6 +109,24 @@ class EngineConfig(_Section):
         return self
 
 
+class PrivacyPassConfig(_Section):
+    """Anonymous tokens (docs/privacy-pass.md): the node issues them to accounts (bearer tokens)
+    and accepts them in place of a bearer token."""
+
+    enabled: bool = False
+    # Tokens one account (one bearer token) may be issued per hour, over all its requests.
+    tokens_per_hour: int = Field(default=1000, ge=1)
+    # Tokens one token request may ask for.
+    max_batch: int = Field(default=100, ge=1, le=1000)
+    # The token key is replaced this often; the previous one keeps redeeming for `key_overlap`
+    # (a client's unspent tokens), then retires with its spent-nonce set.
+    key_rotation_interval: float = Field(default=7 * 24 * 3600.0, gt=0)
+    key_overlap: float = Field(default=24 * 3600.0, ge=0)
+    # The issuer name in the node's TokenChallenge (RFC 9577): one fixed challenge for every
+    # client, so tokens fetched ahead of time redeem and the challenge tells no client apart.
+    issuer_name: str = Field(default="tee-node", min_length=1, max_length=255)
+
+
 class AuthConfig(_Section):
     # SHA-256 (hex) of each accepted bearer token; the tokens themselves are never stored.
     api_token_sha256: list[str] = Field(default_factory=list)
@@ -116,6 +134,7 @@ class AuthConfig(_Section):
     trusted_proxy_keys: list[str] = Field(default_factory=list)
     # /metrics without a token even when tokens are required (a scraper on a private network).
     metrics_public: bool = False
+    privacy_pass: PrivacyPassConfig = Field(default_factory=PrivacyPassConfig)
 
     @field_validator("api_token_sha256")
     @classmethod
@@ -148,6 +167,13 @@ class LimitsConfig(_Section):
     # else an address), so one client's burst leaves the rest for the others.
     attestation_per_minute: int = Field(default=120, ge=1)
     attestation_per_client_per_minute: int = Field(default=30, ge=1)
+
+
+class PrivacyConfig(_Section):
+    # What a confidential answer's clear `usage` (and its receipt) shows: counts rounded up to
+    # the next power of two, at least 16 ("bucketed"), the exact counts, or none (null).
+    # The exact usage always travels inside the encrypted answer.
+    clear_usage: Literal["bucketed", "exact", "none"] = "bucketed"
 
 
 class KeysConfig(_Section):
@@ -210,8 +236,18 @@ class NodeConfig(BaseSettings):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     keys: KeysConfig = Field(default_factory=KeysConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     tls: TlsConfig = Field(default_factory=TlsConfig)
     attestation: AttestationConfig = Field(default_factory=AttestationConfig)
+
+    @model_validator(mode="after")
+    def _privacy_pass_needs_accounts(self) -> NodeConfig:
+        if self.auth.privacy_pass.enabled and not self.auth.api_token_sha256:
+            raise ValueError(
+                "auth.privacy_pass.enabled needs auth.api_token_sha256: tokens are issued to accounts, "
+                "and a node open to everyone has nothing for a token to stand in for"
+            )
+        return self
 
     @property
     def tls_enabled(self) -> bool:
@@ -266,6 +302,8 @@ class NodeConfig(BaseSettings):
             "tee_mode": self.tee_mode,
             "allow_plaintext": self.allow_plaintext,
             "tokens_required": bool(self.auth.api_token_sha256),
+            "privacy_pass": self.auth.privacy_pass.enabled,
+            "clear_usage": self.privacy.clear_usage,
             "trusted_proxy_keys": sorted(self.auth.trusted_proxy_keys),
             "engine": {
                 "kind": self.engine.kind,

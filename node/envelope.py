@@ -12,7 +12,7 @@ from __future__ import annotations
 import binascii
 import hashlib
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import ValidationError
 
@@ -328,6 +328,41 @@ def take_obfuscation(payload: dict[str, Any]) -> bool:
         raise InvalidPlaintext()
     payload["stream_options"] = {k: v for k, v in options.items() if k != "include_obfuscation"}
     return include
+
+
+# --- usage in clear -----------------------------------------------------------------------
+
+ClearUsage = Literal["bucketed", "exact", "none"]
+USAGE_BUCKET_MIN = 16
+
+
+def usage_bucket(count: int) -> int:
+    """`count` rounded up to the next power of two, at least USAGE_BUCKET_MIN; 0 stays 0 (a
+    count that is always 0 for the endpoint, such as an embedding's completion, tells nothing)."""
+    return 0 if count <= 0 else max(USAGE_BUCKET_MIN, 1 << (count - 1).bit_length())
+
+
+def usage_in_clear(usage: dict[str, Any] | None, mode: ClearUsage) -> dict[str, Any] | None:
+    """What an answer's clear `usage` and its receipt show (`privacy.clear_usage`) for the exact
+    `usage` (the seeds' Usage shape), which stays inside the encrypted answer.
+
+    Bucketed: every count rounded up by `usage_bucket`, so counts give lengths away no finer than
+    the padding does; `total_tokens` is the sum of the rounded prompt and completion counts, so a
+    proxy that checks total = prompt + completion still can.
+    """
+    if usage is None or mode == "none":
+        return None
+    if mode == "exact":
+        return usage
+    clear = {key: _bucketed(value) for key, value in usage.items()}
+    clear["total_tokens"] = clear["prompt_tokens"] + clear["completion_tokens"]
+    return clear
+
+
+def _bucketed(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _bucketed(item) for key, item in value.items()}
+    return usage_bucket(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 # --- receipts -----------------------------------------------------------------------------

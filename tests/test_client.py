@@ -175,7 +175,7 @@ async def test_chat_non_streaming_verified(node):
         assert identity.dh_public_key == node.state.keyring.current.public_key
         receipt = response.receipt
         assert receipt.events == 1 and receipt.model == MODEL and receipt.key_epoch == identity.key_epoch
-        assert receipt.usage.completion_tokens == len(PROMPT.split())
+        assert receipt.usage.completion_tokens == 16  # the receipt signs the clear usage: bucketed by default
         assert response.attestation is identity
         assert client.attestations == 1
 
@@ -191,7 +191,7 @@ async def test_chat_streaming_verified(node):
         assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(PROMPT.split())
         assert stream.completed
         assert stream.receipt.events == len(chunks)
-        assert stream.usage.total_tokens == stream.receipt.usage.total_tokens
+        assert stream.usage.total_tokens == 20 and stream.receipt.usage.total_tokens == 32  # 11 + 9, in clear 16 + 16
         assert stream.attestation.key_epoch == stream.receipt.key_epoch
 
 

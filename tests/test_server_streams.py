@@ -80,7 +80,8 @@ async def test_stream_events_are_sealed_signed_and_receipted(node_client):
     assert b64d(receipt["transcript_hash"]) == envelope.transcript_hash(hashes)
     # usage in clear: only the event carrying it (the final one) and it matches the receipt
     assert all("usage" not in e for e in events[:-1])
-    assert events[-1]["usage"] == receipt["usage"] == Usage.from_openai(chunks[-1]["usage"]).model_dump()
+    exact = Usage.from_openai(chunks[-1]["usage"]).model_dump()
+    assert events[-1]["usage"] == receipt["usage"] == envelope.usage_in_clear(exact, "bucketed")
 
 
 async def test_completions_stream(node_client):
@@ -170,7 +171,7 @@ class ContinuousUsageEcho(GatedEcho):
 
 
 async def test_usage_in_clear_from_the_first_event_that_has_it(make_node):
-    node = await make_node(ContinuousUsageEcho())
+    node = await make_node(ContinuousUsageEcho(), privacy={"clear_usage": "exact"})
     sse, sealed = await sealed_stream(node, chat_body("a b c", stream=True))
     chunks, receipt = open_all(fresh_opener(node, sealed), sse.events)
     assert len(sse.events) == 4

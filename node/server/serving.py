@@ -156,7 +156,8 @@ async def serve_confidential(request: web.Request, endpoint: Endpoint) -> web.St
         if not stream:
             usage = usage_of(result)
             _count_tokens(state, usage)
-            sealed = opened.sealer.seal_response(orjson.dumps(result), model, usage)
+            clear = envelope.usage_in_clear(usage, state.config.privacy.clear_usage)
+            sealed = opened.sealer.seal_response(orjson.dumps(result), model, clear)
             return web.Response(body=orjson.dumps(sealed), content_type="application/json", headers={"X-Request-Id": ctx.request_id})
         sealer = opened.sealer
         cadence_ms = state.config.limits.stream_cadence_ms
@@ -175,7 +176,9 @@ class _SealedEncoder:
         self._state = state
         self._sealer = sealer
         self._model = model
-        self._usage: dict[str, Any] | None = None
+        self._clear_usage = state.config.privacy.clear_usage
+        self._usage: dict[str, Any] | None = None  # exact: counted in the metrics
+        self._clear: dict[str, Any] | None = None  # what events and the receipt show
         self._held: dict[str, Any] | None = None
         self._last: dict[str, Any] = {}
 
@@ -184,25 +187,26 @@ class _SealedEncoder:
         for chunk in chunks:
             self._last = chunk
             if self._held is not None:
-                events.append(_sse(self._sealer.seal_event(orjson.dumps(self._held), self._usage)))
+                events.append(_sse(self._sealer.seal_event(orjson.dumps(self._held), self._clear)))
                 self._held = None
             if isinstance(chunk.get("usage"), dict):
                 self._usage = Usage.from_openai(chunk["usage"]).model_dump()
+                self._clear = envelope.usage_in_clear(self._usage, self._clear_usage)
                 self._held = chunk
                 continue
-            events.append(_sse(self._sealer.seal_event(orjson.dumps(chunk), self._usage)))
+            events.append(_sse(self._sealer.seal_event(orjson.dumps(chunk), self._clear)))
         return events
 
     def end(self) -> list[bytes]:
         # Without a usage chunk last from the engine, the receipt still needs a final event.
         held = self._held if self._held is not None else self._empty_chunk()
         _count_tokens(self._state, self._usage)
-        return [_sse(self._sealer.seal_final_event(orjson.dumps(held), self._model, self._usage))]
+        return [_sse(self._sealer.seal_final_event(orjson.dumps(held), self._model, self._clear))]
 
     def filler(self) -> list[bytes]:
         """An event with no text, for a cadence tick with nothing ready (padded, it has the
         size of a one-token event)."""
-        return [_sse(self._sealer.seal_event(orjson.dumps(self._empty_chunk()), self._usage))]
+        return [_sse(self._sealer.seal_event(orjson.dumps(self._empty_chunk()), self._clear))]
 
     def _empty_chunk(self) -> dict[str, Any]:
         """A chunk without choices, which clients skip (the shape of the usage chunk)."""
