@@ -10,6 +10,7 @@ whatever the ratio's direction. Run:
 from __future__ import annotations
 
 import json
+import statistics
 import math
 import sys
 from pathlib import Path
@@ -221,6 +222,7 @@ def markdown(ratios: list[Ratio]) -> str:
         if server.get("notes"):
             lines += ["", str(server["notes"])]
     lines += _ohttp_section(server)
+    lines += _privacy_pass_section()
     return "\n".join(lines) + "\n"
 
 
@@ -249,6 +251,40 @@ def _ohttp_section(server: dict[str, Any] | None) -> list[str]:
         f"Node pinned to CPUs {pin.get('node_cpus')}, generator and relay to {pin.get('client_cpus')}; "
         f"{source.get('rounds')} windows of {source.get('seconds')} s per figure, median. Run {source.get('time')}.",
     ]
+
+
+def _privacy_pass_section() -> list[str]:
+    """privacy-pass.json (bench/server.py --only privacy-pass): issuance and redemption costs,
+    redemption against the same requests with a bearer token in the same run."""
+    data = _load("privacy-pass")
+    summary = (data or {}).get("summary") or {}
+    if not summary:
+        return []
+    rate, cpu = summary["issuance_tokens_per_s"], summary["issuance_node_cpu_us_per_token"]
+    rounds = data.get("redemption") or []
+    bearer = statistics.median(r["bearer"]["node_cpu_us_per_request"] for r in rounds)
+    token = statistics.median(r["token"]["node_cpu_us_per_request"] for r in rounds)
+    lines = [
+        "", "## Privacy Pass (bench/server.py --only privacy-pass)", "",
+        "| figure | value |", "| --- | ---: |",
+    ]
+    for batch in rate:
+        size = batch.removeprefix("batch_")
+        lines.append(f"| tokens issued/s, batches of {size} | {rate[batch]:,.0f} |")
+        lines.append(f"| node CPU µs per token issued, batches of {size} | {cpu[batch]:,.0f} |")
+    lines += [
+        f"| node CPU µs per confidential request, bearer token (baseline) | {bearer:,.0f} |",
+        f"| node CPU µs per confidential request, PrivateToken | {token:,.0f} |",
+        f"| redemption CPU per request (token − bearer) | {summary['redemption_cpu_us_per_request']:,.0f} µs |",
+        f"| PrivateToken / bearer node CPU per request | {summary['redemption_token_over_bearer_cpu']:.2f}x |",
+        "",
+        f"{data.get('requests_per_round')} requests per credential and round, {data.get('rounds')} rounds (median), "
+        f"{data.get('connections')} connections; node pinned to CPUs {(data.get('pinning') or {}).get('node_cpus')}. "
+        f"Run {data.get('time')}.",
+    ]
+    if data.get("notes"):
+        lines += ["", str(data["notes"])]
+    return lines
 
 
 def main() -> int:

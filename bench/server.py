@@ -121,14 +121,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _get(port: int, path: str, body: dict | None = None) -> Any:
+def _get(port: int, path: str, body: dict | None = None, headers: dict[str, str] | None = None) -> Any:
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json", **(headers or {})}
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, headers=headers)
     with urllib.request.urlopen(req, timeout=10) as response:
         return json.loads(response.read())
 
 
-def start_node(port: int, cpus: str | None, state_dir: str, engine: tuple[str, ...] = ("--engine", "echo")) -> subprocess.Popen:
+def start_node(
+    port: int, cpus: str | None, state_dir: str, engine: tuple[str, ...] = ("--engine", "echo"), extra_env: dict[str, str] | None = None
+) -> subprocess.Popen:
     env = {
         **os.environ,
         "TEE_NODE_ALLOW_PLAINTEXT": "true",
@@ -138,6 +141,7 @@ def start_node(port: int, cpus: str | None, state_dir: str, engine: tuple[str, .
         "TEE_NODE_HOST": "127.0.0.1",
         "TEE_NODE_PORT": str(port),
         "TEE_NODE_ATTESTATION__STATE_DIR": state_dir,
+        **(extra_env or {}),
     }
     return _start([str(TEE_NODE), "serve", *engine], cpus, env, port, "/ready")
 
@@ -588,6 +592,126 @@ def _measure(
                 )
 
 
+# --- privacy pass: issuance and redemption -----------------------------------------------------
+
+PP_API_KEY = "bench-account-key"
+PP_BATCHES = (1, 32)
+PP_CONNECTIONS = 16
+
+
+def _pp_env() -> dict[str, str]:
+    import hashlib
+
+    return {
+        "TEE_NODE_AUTH__API_TOKEN_SHA256": json.dumps([hashlib.sha256(PP_API_KEY.encode()).hexdigest()]),
+        "TEE_NODE_AUTH__PRIVACY_PASS__ENABLED": "true",
+        "TEE_NODE_AUTH__PRIVACY_PASS__TOKENS_PER_HOUR": str(10**9),
+        "TEE_NODE_AUTH__PRIVACY_PASS__MAX_BATCH": str(max(PP_BATCHES)),
+    }
+
+
+def _raw_post(path: str, body: bytes, headers: dict[str, str]) -> bytes:
+    head = f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Length: {len(body)}\r\n"
+    head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    return (head + "\r\n").encode() + body
+
+
+async def _send_all(port: int, requests: list[bytes], connections: int) -> list[tuple[int, bytes]]:
+    """Send every request over `connections` keep-alive connections; the answers in order."""
+    conns = []
+    for _ in range(connections):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
+        conns.append(_Conn(reader, writer))
+    answers: list[tuple[int, bytes] | None] = [None] * len(requests)
+    next_index = 0
+
+    async def worker(conn: _Conn) -> None:
+        nonlocal next_index
+        while next_index < len(requests):
+            index = next_index
+            next_index += 1
+            answers[index] = await conn.request(requests[index])
+
+    await asyncio.gather(*(worker(c) for c in conns))
+    for conn in conns:
+        conn.writer.close()
+    return answers  # type: ignore[return-value]
+
+
+def _timed(node: subprocess.Popen, port: int, requests: list[bytes], connections: int) -> tuple[float, float, list[tuple[int, bytes]]]:
+    """(wall seconds, node CPU seconds, answers) of sending `requests`."""
+    cpu0, wall0 = cpu_seconds(node.pid), time.perf_counter()
+    answers = asyncio.run(_send_all(port, requests, connections))
+    return time.perf_counter() - wall0, cpu_seconds(node.pid) - cpu0, answers
+
+
+def measure_privacy_pass(node_cpus: str | None, client_cpus: set[int] | None, count: int, rounds: int) -> dict[str, Any]:
+    """Issuance: tokens/s and node CPU per token, in batches of 1 and 32. Redemption: node CPU
+    per confidential request with a PrivateToken against the same requests with a bearer token
+    (the baseline), `count` requests each, `PP_CONNECTIONS` connections."""
+    from node import envelope
+    from node import privacypass as pp
+    from node.crypto import b64url_d
+
+    if client_cpus:
+        os.sched_setaffinity(0, client_cpus)
+    bearer = {"Authorization": f"Bearer {PP_API_KEY}"}
+    results: dict[str, Any] = {"issuance": {}, "redemption": []}
+    with tempfile.TemporaryDirectory() as state_dir:
+        port = _free_port()
+        node = start_node(port, node_cpus, state_dir, extra_env=_pp_env())
+        try:
+            model = _get(port, "/v1/models", headers=bearer)["data"][0]["id"]
+            node_key = base64.b64decode(_get(port, "/v1/nodes/lock", {"model": model}, headers=bearer)["public_key"])
+            directory = _get(port, "/v1/privacy-pass/token-keys")
+            token_key = b64url_d(directory["token-keys"][0]["token-key"])
+            challenge = pp.TokenChallenge("tee-node").to_bytes()
+            issue_headers = {**bearer, "Content-Type": pp.REQUEST_MEDIA_TYPE}
+            tokens: list[bytes] = []
+            for batch in PP_BATCHES:
+                # Blinding is the client's work: done before the timed part, finalised after.
+                # The batched run also makes the tokens the redemption rounds spend.
+                wanted = count // 2 if batch == 1 else count * rounds
+                pending = [pp.PendingIssuance(token_key, challenge, batch, batched=batch > 1) for _ in range(max(4, -(-wanted // batch)))]
+                requests = [_raw_post("/v1/privacy-pass/token-request", p.request.to_bytes(), issue_headers) for p in pending]
+                wall, cpu, answers = _timed(node, port, requests, 2)
+                issued = batch * len(pending)
+                assert all(status == 200 for status, _ in answers), "token request refused"
+                for p, (_, body) in zip(pending, answers):
+                    tokens += p.finalize(body)  # every issuance verified (its DLEQ proof)
+                results["issuance"][f"batch_{batch}"] = {
+                    "tokens": issued,
+                    "tokens_per_s": round(issued / wall, 1),
+                    "node_cpu_us_per_token": round(cpu / issued * 1e6, 1),
+                }
+                print(f"  issuance batch {batch:3d}: {issued / wall:7.0f} tokens/s, node cpu {cpu / issued * 1e6:6.0f} us/token", flush=True)
+            plaintext = _plaintext(model, False, 16, "confidential")
+            for round_ in range(rounds):
+                row = {}
+                for credential in ("bearer", "token"):
+                    requests = []
+                    for _ in range(count):
+                        outer, _ = envelope.seal_request(plaintext, node_key, model, padding=True)
+                        auth = bearer if credential == "bearer" else {"Authorization": pp.authorization(tokens.pop())}
+                        body = json.dumps(outer, separators=(",", ":")).encode()
+                        requests.append(_raw_post(CONFIDENTIAL_PATH, body, {**auth, "Content-Type": "application/json"}))
+                    wall, cpu, answers = _timed(node, port, requests, PP_CONNECTIONS)
+                    assert all(status == 200 for status, _ in answers), f"{credential} request refused"
+                    row[credential] = {"requests_per_s": round(count / wall, 1), "node_cpu_us_per_request": round(cpu / count * 1e6, 1)}
+                row["token_over_bearer_cpu"] = round(row["token"]["node_cpu_us_per_request"] / row["bearer"]["node_cpu_us_per_request"], 3)
+                row["redemption_cpu_us"] = round(row["token"]["node_cpu_us_per_request"] - row["bearer"]["node_cpu_us_per_request"], 1)
+                results["redemption"].append(row)
+                print(
+                    f"  redemption round {round_ + 1}: bearer {row['bearer']['node_cpu_us_per_request']:.0f} us/request, "
+                    f"token {row['token']['node_cpu_us_per_request']:.0f} us/request ({row['token_over_bearer_cpu']:.2f}x, "
+                    f"+{row['redemption_cpu_us']:.0f} us)",
+                    flush=True,
+                )
+        finally:
+            stop(node)
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="shorter windows, one round")
@@ -595,7 +719,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=None, help="windows per route and kind (median kept)")
     parser.add_argument("--no-pin", action="store_true", help="do not pin node and generator to separate CPUs")
     parser.add_argument("--clients", type=int, default=1, help="load generator processes")
-    parser.add_argument("--only", choices=["requests", "streams", "upstream", "ohttp"], default=None)
+    parser.add_argument("--only", choices=["requests", "streams", "upstream", "ohttp", "privacy-pass"], default=None)
     parser.add_argument("--no-write", action="store_true", help="print only, do not write server.json")
     parser.add_argument("--profile", metavar="DIR", default=None, help="py-spy the node in each window (raw stacks)")
     parser.add_argument("--label", default=None, help="a note stored with the results")
@@ -612,6 +736,8 @@ def main() -> int:
     ctx = mp.get_context("spawn")
     port = _free_port()
     kinds = [args.only] if args.only else ["requests", "streams", "upstream", "ohttp"]
+    if args.only == "privacy-pass":
+        return _privacy_pass_main(args, node_cpus, client_cpus, rounds, started)
     windows: list[dict[str, Any]] = []
     measure = dict(ctx=ctx, seconds=seconds, rounds=rounds, args=args, client_cpus=client_cpus, windows=windows)
     with tempfile.TemporaryDirectory() as state_dir:
@@ -782,6 +908,45 @@ def main() -> int:
         )
         print(f"wrote {path.relative_to(REPO)}")
     return 1 if failures or errors else 0
+
+
+def _privacy_pass_main(args: argparse.Namespace, node_cpus: str | None, client_cpus: set[int] | None, rounds: int, started: float) -> int:
+    count = 300 if args.quick else 1000
+    results = measure_privacy_pass(node_cpus, client_cpus, count, rounds)
+    median = {
+        key: float(statistics.median(r[key] for r in results["redemption"]))
+        for key in ("token_over_bearer_cpu", "redemption_cpu_us")
+    }
+    results["summary"] = {
+        "issuance_tokens_per_s": {k: v["tokens_per_s"] for k, v in results["issuance"].items()},
+        "issuance_node_cpu_us_per_token": {k: v["node_cpu_us_per_token"] for k, v in results["issuance"].items()},
+        "redemption_token_over_bearer_cpu": median["token_over_bearer_cpu"],
+        "redemption_cpu_us_per_request": median["redemption_cpu_us"],
+    }
+    print(json.dumps(results["summary"], indent=1))
+    print(f"took {time.perf_counter() - started:.0f} s")
+    if not args.no_write:
+        path = write_results(
+            "privacy-pass" if args.name == "server" else args.name,
+            {
+                "quick": args.quick,
+                "label": args.label,
+                "requests_per_round": count,
+                "rounds": rounds,
+                "connections": PP_CONNECTIONS,
+                "pinning": {"node_cpus": node_cpus, "client_cpus": sorted(client_cpus) if client_cpus else None},
+                "notes": (
+                    "Issuance: pre-blinded token requests sent over 2 connections, node CPU per token issued "
+                    "(VOPRF BlindEvaluate and its DLEQ proof, one proof per batch). Redemption: the same "
+                    "confidential requests (16-token prompt, padded) with a bearer token (baseline) and with a "
+                    "PrivateToken (VOPRF evaluation, constant-time compare, the spent nonce appended and "
+                    "fdatasync'ed in a thread), node CPU per request; the difference is the redemption's cost."
+                ),
+                **results,
+            },
+        )
+        print(f"wrote {path.relative_to(REPO)}")
+    return 0
 
 
 if __name__ == "__main__":

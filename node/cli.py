@@ -81,7 +81,6 @@ def _serve(args: argparse.Namespace) -> int:
         host=config.host,
         port=config.port,
         shutdown_timeout=config.shutdown_grace,
-        access_log=None,
         print=None,
         ssl_context=tls.context if tls else None,
         loop=_event_loop(),

@@ -138,6 +138,22 @@ def b64d(text: str) -> bytes:
     return data
 
 
+_URLSAFE_TO_STANDARD = str.maketrans("-_", "+/")
+
+
+def b64url_e(data: bytes) -> str:
+    """base64url (RFC 4648 section 5) with padding, as Privacy Pass writes token keys and tokens."""
+    return b64e(data).replace("+", "-").replace("/", "_")
+
+
+def b64url_d(text: str) -> bytes:
+    """Strict base64url, padding optional (RFC 9577 tokens are written both ways): only the
+    url-safe alphabet, canonical form, as `b64d` checks it."""
+    if not isinstance(text, str) or "+" in text or "/" in text:
+        raise Base64Error("not base64url")
+    return b64d(text.translate(_URLSAFE_TO_STANDARD) + "=" * (-len(text) % 4 if not text.endswith("=") else 0))
+
+
 def blake2b_256(data: bytes) -> bytes:
     return hashlib.blake2b(data, digest_size=HASH_SIZE).digest()
 

@@ -143,6 +143,32 @@ class Overloaded(NodeError, code="OVERLOADED"):
         self.retry_after = retry_after
 
 
+class TokenSpent(NodeError, code="TOKEN_SPENT"):
+    pass
+
+
+class InvalidToken(NodeError, code="INVALID_TOKEN"):
+    pass
+
+
+class TokenKeyRetired(NodeError, code="TOKEN_KEY_RETIRED"):
+    pass
+
+
+class InvalidTokenRequest(NodeError, code="INVALID_TOKEN_REQUEST"):
+    pass
+
+
+class TokenBatchTooLarge(NodeError, code="TOKEN_BATCH_TOO_LARGE"):
+    pass
+
+
+class TokenQuotaExceeded(NodeError, code="TOKEN_QUOTA_EXCEEDED"):
+    def __init__(self, retry_after: int) -> None:
+        super().__init__()
+        self.retry_after = retry_after
+
+
 class NotReady(NodeError, code="NOT_READY"):
     pass
 
@@ -226,6 +252,10 @@ class MissingReceipt(ReceiptInvalid):
 
 class EventAfterEnd(ReceiptInvalid):
     message = "event received after the final event"
+
+
+class TokenIssuanceInvalid(VerificationError):
+    message = "the token issuance does not verify"
 
 
 class PaddingMissing(VerificationError):

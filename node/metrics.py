@@ -34,6 +34,8 @@ class Metrics:
         self.key_rotations = Counter("tee_node_key_rotations", "Key rotations", registry=r)
         self.in_flight = Gauge("tee_node_in_flight", "Requests holding an engine slot", registry=r)
         self.queued = Gauge("tee_node_queued", "Requests waiting for a slot", registry=r)
+        self.tokens_issued = Counter("tee_node_privacy_pass_issued", "Privacy Pass tokens issued", registry=r)
+        self.tokens_redeemed = Counter("tee_node_privacy_pass_redeemed", "Privacy Pass tokens redeemed", registry=r)
         self.stream_events = Counter("tee_node_stream_events", "Sealed stream events sent", registry=r)
         self.engine_ready = Gauge("tee_node_engine_ready", "1 when the engine can serve", registry=r)
         self.engine_running = Gauge("tee_node_engine_running", "Requests the engine still holds", registry=r)

@@ -149,6 +149,34 @@ ERROR_TABLE: tuple[ErrorKind, ...] = (
     ErrorKind("OVERLOADED", 429, "admission or rate limit reached; Retry-After says when to come back",
               "too many requests: come back after Retry-After seconds", "the node is overloaded",
               retry_after=True),
+    ErrorKind("TOKEN_SPENT", 401, "the PrivateToken was redeemed before (each token is good for one request)",
+              "token already spent", "the node has seen this token before: spend another"),
+    ErrorKind(
+        "INVALID_TOKEN", 401,
+        "the PrivateToken credential is malformed (not one base64url token of type 0x0001 and 146 bytes), was "
+        "made for another challenge, or its authenticator does not verify",
+        "invalid token", "the node refused the token",
+    ),
+    ErrorKind(
+        "TOKEN_KEY_RETIRED", 401,
+        "the PrivateToken's key is not one of the node's live token keys (retired after its overlap, or never "
+        "this node's)",
+        "token key retired or unknown: fetch new tokens",
+        "the token's key is retired: fetch new tokens",
+    ),
+    ErrorKind(
+        "INVALID_TOKEN_REQUEST", 422,
+        "a token request that is not application/private-token-request, not token type 0x0001, of a wrong "
+        "size, for another key than the current token key, or with a blinded element that is not a P-384 point",
+        "invalid token request", "the node refused the token request",
+    ),
+    ErrorKind("TOKEN_BATCH_TOO_LARGE", 422,
+              "a token request asking for more tokens than auth.privacy_pass.max_batch or an hour's quota",
+              "too many tokens in one request", "the node issues fewer tokens per request"),
+    ErrorKind("TOKEN_QUOTA_EXCEEDED", 429,
+              "the account has been issued auth.privacy_pass.tokens_per_hour tokens; Retry-After says when "
+              "the batch asked for is available", "token quota exceeded: come back after Retry-After seconds",
+              "the account's token quota is used up", retry_after=True),
     ErrorKind("NOT_READY", 503, "engine not ready", "engine not ready", "the node's engine is not ready"),
     ErrorKind("INTERNAL_ERROR", 500, "anything else (no detail)", "internal error", "the node failed"),
     ErrorKind("NOT_FOUND", 404, "no such path", "not found", "the node has no such path", routing=True),

@@ -29,6 +29,11 @@ PROTOCOL_ERRORS = {
     "HASH_MISMATCH": 400, "MODEL_NOT_FOUND": 404, "BODY_TOO_LARGE": 413, "REPLAYED_REQUEST": 409,
     "STALE_NODE_KEY": 422, "OVERLOADED": 429, "NOT_READY": 503, "INTERNAL_ERROR": 500,
 }
+# Anonymous tokens (docs/privacy-pass.md): TOKEN_SPENT is the protocol's, the others this node's.
+PRIVACY_PASS_ERRORS = {
+    "TOKEN_SPENT": 401, "INVALID_TOKEN": 401, "TOKEN_KEY_RETIRED": 401, "INVALID_TOKEN_REQUEST": 422,
+    "TOKEN_BATCH_TOO_LARGE": 422, "TOKEN_QUOTA_EXCEEDED": 429,
+}
 
 
 # --- canonical JSON ---------------------------------------------------------------------------------
@@ -117,7 +122,7 @@ def test_encoder_round_trips():
 
 
 def test_protocol_codes_keep_their_status():
-    assert {k.code: k.status for k in ERROR_TABLE if not k.routing and not k.gateway} == PROTOCOL_ERRORS
+    assert {k.code: k.status for k in ERROR_TABLE if not k.routing and not k.gateway} == {**PROTOCOL_ERRORS, **PRIVACY_PASS_ERRORS}
     # The Oblivious HTTP gateway's own answers (RFC 9458 section 5.3's 400 with a problem type).
     assert {k.code: (k.status, k.problem_type) for k in ERROR_TABLE if k.gateway} == {
         "OHTTP_DECAPSULATION_FAILED": (400, "about:blank"),

@@ -145,6 +145,30 @@ class NotReadyError(_Retryable, code="NOT_READY"):
     pass
 
 
+class TokenSpentError(NodeAPIError, code="TOKEN_SPENT"):
+    pass
+
+
+class InvalidTokenError(NodeAPIError, code="INVALID_TOKEN"):
+    pass
+
+
+class TokenKeyRetiredError(NodeAPIError, code="TOKEN_KEY_RETIRED"):
+    pass
+
+
+class InvalidTokenRequestError(NodeAPIError, code="INVALID_TOKEN_REQUEST"):
+    pass
+
+
+class TokenBatchTooLargeError(NodeAPIError, code="TOKEN_BATCH_TOO_LARGE"):
+    pass
+
+
+class TokenQuotaExceededError(NodeAPIError, code="TOKEN_QUOTA_EXCEEDED"):
+    """Not retried by the client: the quota refills over the hour (Retry-After says when)."""
+
+
 class InternalServerError(NodeAPIError, code="INTERNAL_ERROR"):
     pass
 

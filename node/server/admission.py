@@ -63,13 +63,14 @@ class Admission:
 
 
 class TokenBucket:
-    """`per_minute` requests a minute, bursts up to `per_minute`; the caller passes the time."""
+    """`per_minute` requests a minute (or per `period` seconds), bursts up to `per_minute`; the
+    caller passes the time."""
 
     __slots__ = ("capacity", "rate", "tokens", "updated")
 
-    def __init__(self, per_minute: int, now: float) -> None:
+    def __init__(self, per_minute: int, now: float, period: float = 60.0) -> None:
         self.capacity = float(per_minute)
-        self.rate = per_minute / 60.0
+        self.rate = per_minute / period
         self.tokens = self.capacity
         self.updated = now
 
@@ -77,9 +78,9 @@ class TokenBucket:
         self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
         self.updated = now
 
-    def wait(self) -> int:
-        """Whole seconds until one token is there (0: one is there now)."""
-        return 0 if self.tokens >= 1 else int((1 - self.tokens) / self.rate) + 1
+    def wait(self, count: int = 1) -> int:
+        """Whole seconds until `count` tokens are there (0: they are there now)."""
+        return 0 if self.tokens >= count else int((count - self.tokens) / self.rate) + 1
 
 
 class RateLimiter:

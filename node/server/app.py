@@ -15,14 +15,17 @@ from pydantic import ValidationError
 
 from ..config import NodeConfig
 from ..engine import Engine, build_engine
-from ..errors import MalformedJson, ModelNotFound, NotReady, PlaintextDisabled, SchemaViolation
+from .. import privacypass as pp
+from ..crypto import b64e
+from ..errors import InvalidTokenRequest, MalformedJson, ModelNotFound, NotReady, PlaintextDisabled, SchemaViolation, Unauthorized
 from ..protocol import NodesCreateLockRequest
 from .attestation import AttestationService, attestation_document, collateral_lifecycle
 from .middleware import CONTEXT, error_middleware
 from .ohttp import add_gateway
 from .openapi import openapi_document
-from .serving import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint, check_auth, read_body, serve_confidential, serve_plain
-from .state import NODE, NodeState
+from .privacy_pass import DIRECTORY_PATH, ISSUANCE_PATH, PrivacyPass, privacy_pass_lifecycle
+from .serving import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint, authorize, read_body, serve_confidential, serve_plain
+from .state import NODE, NodeState, bearer_token
 from .tls import TlsIdentity
 
 log = logging.getLogger("tee_node.server")
@@ -61,7 +64,7 @@ def _plain(endpoint: Endpoint):
 async def nodes_lock(request: web.Request) -> web.Response:
     """Key discovery for clients pointed straight at the node (Atoma's proxy answers it there)."""
     state = request.app[NODE]
-    check_auth(state, request)
+    await authorize(state, request)
     body = await read_body(state, request, request[CONTEXT])
     try:
         lock = NodesCreateLockRequest.model_validate_json(body)
@@ -86,9 +89,32 @@ async def nodes_lock(request: web.Request) -> web.Response:
 
 async def list_models(request: web.Request) -> web.Response:
     state = request.app[NODE]
-    check_auth(state, request)
+    await authorize(state, request)
     created = int(state.started_at)
     return _json({"object": "list", "data": [card.to_openai(created) for card in state.engine.models()]})
+
+
+async def token_keys(request: web.Request) -> web.Response:
+    """The issuer directory (RFC 9578 section 4); public, like the attestation."""
+    issuer: PrivacyPass = request.app[NODE].privacy_pass
+    return web.Response(body=orjson.dumps(issuer.directory()), content_type=pp.DIRECTORY_MEDIA_TYPE)
+
+
+async def token_request(request: web.Request) -> web.Response:
+    """Issuance (RFC 9578 section 5, or its batched form) to an account, within its quota.
+    Only a bearer token authenticates here: a token buys no tokens."""
+    state = request.app[NODE]
+    account = state.token_digest(bearer_token(request))
+    if account is None:
+        raise Unauthorized()
+    if request.content_type != pp.REQUEST_MEDIA_TYPE:
+        raise InvalidTokenRequest()
+    body = await read_body(state, request, request[CONTEXT])
+    # On the loop: the voprf package holds the GIL, so a thread would not let the loop run
+    # (about 1 ms of CPU per token; auth.privacy_pass.max_batch bounds a request's share).
+    response, count = state.privacy_pass.issue(account, body)
+    state.metrics.tokens_issued.inc(count)
+    return web.Response(body=response, content_type=pp.RESPONSE_MEDIA_TYPE)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -105,7 +131,7 @@ async def ready(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     state = request.app[NODE]
     if not state.config.auth.metrics_public:
-        check_auth(state, request)
+        await authorize(state, request)
     state.metrics.engine_ready.set(1 if state.engine.ready else 0)
     state.metrics.in_flight.set(state.admission.in_flight)
     state.metrics.queued.set(state.admission.queued)
@@ -207,7 +233,9 @@ async def _key_maintenance(app: web.Application) -> AsyncIterator[None]:
 
 def server_settings(config: NodeConfig) -> dict[str, Any]:
     """Keyword arguments of aiohttp's server runner (`web.run_app`, `AppRunner`) for this config."""
-    return {"keepalive_timeout": config.limits.header_timeout}
+    # aiohttp's own access log writes each client's address; the node's (the error middleware's)
+    # writes none, so a request that came anonymously stays so in the logs.
+    return {"keepalive_timeout": config.limits.header_timeout, "access_log": None}
 
 
 def create_app(config: NodeConfig, engine: Engine | None = None) -> web.Application:
@@ -235,9 +263,17 @@ def create_app(config: NodeConfig, engine: Engine | None = None) -> web.Applicat
     app.router.add_get("/v1/attestation", attestation_document)
     ohttp_keys = add_gateway(app, state.keyring)
     state.attestation.public_keys["ohttp"] = ohttp_keys.key_configs_b64  # bound in report_data v3
+    if config.auth.privacy_pass.enabled:
+        issuer = state.privacy_pass = PrivacyPass(config)
+        # Every client sees the same token key: a key per user would link that user's tokens.
+        state.attestation.public_keys["privacy_pass"] = lambda: b64e(issuer.token_key())
+        app.router.add_get(DIRECTORY_PATH, token_keys)
+        app.router.add_post(ISSUANCE_PATH, token_request)
     app.on_shutdown.append(_stopping)
     app.cleanup_ctx.append(_announce)
     app.cleanup_ctx.append(_engine_lifecycle)
     app.cleanup_ctx.append(_key_maintenance)
     app.cleanup_ctx.append(collateral_lifecycle)
+    if state.privacy_pass is not None:
+        app.cleanup_ctx.append(lambda app: privacy_pass_lifecycle(app, state.privacy_pass))
     return app

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import orjson
 from aiohttp import web
 
-from ..errors import BodyTooLarge, InternalError, InvalidBody, MethodNotAllowed, NodeError, NotFound, Overloaded
+from ..errors import BodyTooLarge, InternalError, InvalidBody, MethodNotAllowed, NodeError, NotFound
 from .state import NODE
 
 log = logging.getLogger("tee_node.access")
@@ -51,8 +51,8 @@ CONTEXT: web.RequestKey[RequestContext] = web.RequestKey("tee_node.context", Req
 def error_response(exc: NodeError, request_id: str) -> web.Response:
     error = {"code": exc.code, "message": exc.safe_message, **exc.extra()}
     headers = {"X-Request-Id": request_id}
-    if isinstance(exc, Overloaded):
-        headers["Retry-After"] = str(exc.retry_after)
+    if exc.kind.retry_after:
+        headers["Retry-After"] = str(getattr(exc, "retry_after", 1))
     if exc.kind.problem_type is not None:  # RFC 9457, with our code kept in `error` for clients that read it
         problem = {"type": exc.kind.problem_type, "title": exc.safe_message, "status": exc.status, "error": error}
         return web.Response(status=exc.status, body=orjson.dumps(problem), content_type="application/problem+json", headers=headers)
@@ -96,6 +96,9 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         response = error_response(InternalError(), request_id)
     if not response.prepared:
         response.headers.setdefault("X-Request-Id", request_id)
+        issuer = request.app[NODE].privacy_pass
+        if response.status == 401 and issuer is not None:  # RFC 9577: say how to get in anonymously
+            response.headers["WWW-Authenticate"] = issuer.www_authenticate()
         if response.body is not None and hasattr(response.body, "__len__"):
             ctx.response_bytes = len(response.body)
     _account(request, ctx, response.status)

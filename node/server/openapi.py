@@ -17,6 +17,7 @@ from ..protocol import (
     NodesCreateLockRequest,
     NodesCreateLockResponse,
 )
+from ..privacypass import DIRECTORY_MEDIA_TYPE, REQUEST_MEDIA_TYPE, RESPONSE_MEDIA_TYPE
 from ..wire import ERROR_TABLE, ERRORS, ErrorKind
 
 REF = "#/components/schemas/{model}"
@@ -89,6 +90,25 @@ def _plaintext_disabled_operation() -> dict[str, Any]:
                 }
             },
         }
+    }
+
+
+def _privacy_pass_paths() -> dict[str, Any]:
+    """Issuance (docs/privacy-pass.md); redemption is the PrivateToken scheme on the bearer routes."""
+    issuance_errors = ("UNAUTHORIZED", "INVALID_TOKEN_REQUEST", "TOKEN_BATCH_TOO_LARGE", "TOKEN_QUOTA_EXCEEDED", "BODY_TOO_LARGE")
+    return {
+        "/v1/privacy-pass/token-keys": _get("Privacy Pass issuer directory (RFC 9578): the token keys", DIRECTORY_MEDIA_TYPE),
+        "/v1/privacy-pass/token-request": {
+            "post": {
+                "summary": "Privacy Pass token issuance to an account (RFC 9578 section 5, or a batch)",
+                "requestBody": {"required": True, "content": {REQUEST_MEDIA_TYPE: {}}},
+                "responses": {
+                    "200": {"description": "TokenResponse", "content": {RESPONSE_MEDIA_TYPE: {}}},
+                    **_errors(issuance_errors),
+                },
+                "security": BEARER,
+            }
+        },
     }
 
 
@@ -167,6 +187,8 @@ def openapi_document(config: NodeConfig, plain_paths: Iterable[str] = ()) -> dic
     }
     if not config.allow_plaintext:
         paths.update({path: _plaintext_disabled_operation() for path in plain_paths})
+    if config.auth.privacy_pass.enabled:
+        paths.update(_privacy_pass_paths())
     return {
         "openapi": "3.1.0",
         "info": {"title": "tee-node", "version": __version__, "description": f"TEE mode: {config.tee_mode}"},

@@ -28,12 +28,14 @@ from ..errors import (
     NotReady,
     ReplayedRequest,
     StaleNodeKey,
+    TokenSpent,
     Unauthorized,
 )
 from ..protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, Usage
 from ..wire import SSE_DONE, SSE_KEEPALIVE, sse_event
 from .coalesce import coalesce
 from .middleware import CONTEXT, RequestContext
+from .privacy_pass import authorization_token
 from .state import NODE, NodeState, bearer_token
 
 log = logging.getLogger("tee_node.serving")
@@ -63,7 +65,19 @@ COMPLETIONS = Endpoint("completions", CompletionRequest, True)
 EMBEDDINGS = Endpoint("embeddings", EmbeddingRequest, False)
 
 
-def check_auth(state: NodeState, request: web.Request) -> None:
+async def authorize(state: NodeState, request: web.Request) -> None:
+    """A bearer token of an account, or (`auth.privacy_pass.enabled`) an unspent PrivateToken,
+    which this spends. Open when the node has no accounts (simulated only)."""
+    if state.privacy_pass is not None:
+        token = authorization_token(request)
+        if token is not None:
+            try:
+                await state.privacy_pass.redeem(token)
+            except TokenSpent:
+                state.metrics.refusals.labels("token_spent").inc()
+                raise
+            state.metrics.tokens_redeemed.inc()
+            return
     if not state.token_allowed(bearer_token(request)):
         raise Unauthorized()
 
@@ -126,7 +140,7 @@ def _prepare_payload(payload: dict[str, Any], endpoint: Endpoint) -> bool:
 async def serve_confidential(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
     state = request.app[NODE]
     ctx = request[CONTEXT]
-    check_auth(state, request)
+    await authorize(state, request)
     body = await read_body(state, request, ctx)
     outer = envelope.parse_request(body)
     decoded = envelope.decode_request(outer)
@@ -407,7 +421,7 @@ async def _stream(
 async def serve_plain(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
     state = request.app[NODE]
     ctx = request[CONTEXT]
-    check_auth(state, request)
+    await authorize(state, request)
     payload = parse_plaintext(await read_body(state, request, ctx), endpoint)
     if not state.engine.ready:
         raise NotReady()

@@ -31,6 +31,7 @@ class NodeState:
     token_digests: tuple[bytes, ...]
     attestation: Any = None  # AttestationService, set by the app factory
     tls: TlsIdentity | None = None  # attested TLS (tls.enabled): made at start, memory only
+    privacy_pass: Any = None  # PrivacyPass (auth.privacy_pass.enabled), set by the app factory
     started_at: float = field(default_factory=time.time)
 
     @classmethod
