@@ -64,10 +64,10 @@ def run_session(args: argparse.Namespace, client_kwargs: dict[str, Any], out: Te
             err.flush()
             while (text := _read_turn(out)) is not None:
                 messages.append({"role": "user", "content": text})
-                reply_text, receipt = reply(client, model, messages, params, not args.no_stream, answer)
+                reply_text, verified = reply(client, model, messages, params, not args.no_stream, answer)
                 messages.append({"role": "assistant", "content": reply_text})
                 answer.printed = False  # verified: nothing on screen is in doubt
-                err.write(receipt_line(receipt))
+                err.write(receipt_line(verified))
                 err.flush()
             return EXIT_OK
     except KeyboardInterrupt:

@@ -1,6 +1,7 @@
-"""`tee-node chat` and `tee-node attest`: talk to a node only after verifying its attestation.
+"""`tee-node chat`, `tee-node attest` and `tee-node tokens fetch`: talk to a node only after
+verifying its attestation.
 
-Both are built on `node.client.Client`: the same attestation, key pinning and response checks
+All are built on `node.client.Client`: the same attestation, key pinning and response checks
 as the library. Exit status 0 only when everything verified.
 """
 
@@ -18,13 +19,21 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
+def _add_common(parser: argparse.ArgumentParser, tokens: bool = True) -> None:
     from attestation.cli import add_policy_arguments
 
     parser.add_argument(
         "url", help="the node's base URL: https://HOST:PORT (attested TLS) or http://127.0.0.1:8080 (loopback)"
     )
     add_policy_arguments(parser)
+    if tokens:
+        parser.add_argument(
+            "--tokens",
+            metavar="WALLET",
+            default=None,
+            help="spend one Privacy Pass token of this wallet per request instead of the API key, which is "
+            "then never sent (fill it with `tee-node tokens fetch`)",
+        )
     parser.add_argument(
         "--measurement",
         action="append",
@@ -101,6 +110,10 @@ def _client_kwargs(args: argparse.Namespace, err: TextIO) -> dict[str, Any]:
         allow_classical=args.allow_classical,
         collateral=args.collateral,
     )
+    if getattr(args, "tokens", None):
+        from .client import Wallet
+
+        return {"tokens": Wallet(args.tokens), "policy": policy, "timeout": args.timeout, "relay": args.relay}
     return {"api_key": args.api_key, "policy": policy, "timeout": args.timeout, "relay": args.relay}
 
 
@@ -213,14 +226,15 @@ class AnswerOut:
 
 
 def reply(client: Any, model: str, messages: list[dict[str, Any]], params: dict[str, Any], stream: bool, out: AnswerOut) -> tuple[str, Any]:
-    """Send one verified chat request and print its answer: (text, receipt). The receipt is
-    verified before this returns; an exception means the printed text must be discarded."""
+    """Send one verified chat request and print its answer: (text, the verified answer, whose
+    `receipt` and `usage` are read by `receipt_line`). The receipt is verified before this
+    returns; an exception means the printed text must be discarded."""
     if not stream:
         response = client.chat.completions.create(model=model, messages=messages, stream=False, **params)
         text = response.choices[0].message.content or ""
         out.write(text + "\n")
         out.flush()
-        return text, response.receipt
+        return text, response
     parts: list[str] = []
     answer = client.chat.completions.create(model=model, messages=messages, stream=True, **params)
     for chunk in answer:
@@ -231,11 +245,13 @@ def reply(client: Any, model: str, messages: list[dict[str, Any]], params: dict[
                 out.flush()
     out.write("\n")
     out.flush()
-    return "".join(parts), answer.receipt
+    return "".join(parts), answer
 
 
-def receipt_line(receipt: Any) -> str:
-    usage = receipt.usage
+def receipt_line(answer: Any) -> str:
+    receipt = answer.receipt
+    # The exact usage inside the answer (the signed one in clear may be rounded up: privacy.clear_usage).
+    usage = answer.usage or receipt.usage
     tokens = f", tokens prompt={usage.prompt_tokens} completion={usage.completion_tokens}" if usage else ""
     return f"receipt verified: events={receipt.events}, key epoch={receipt.key_epoch}, signed by the attested key{tokens}\n"
 
@@ -266,8 +282,8 @@ def run_chat(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | 
             model = attest_and_choose_model(client, args.model, err)
             if model is None:
                 return EXIT_FAILED
-            _, receipt = reply(client, model, messages, sampling_params(args), not args.no_stream, answer)
-            err.write(receipt_line(receipt))
+            _, verified = reply(client, model, messages, sampling_params(args), not args.no_stream, answer)
+            err.write(receipt_line(verified))
             return EXIT_OK
     except (TeeNodeError, AttestationError) as exc:
         return report_failure(err, exc, answer.printed)
@@ -323,8 +339,12 @@ def run_attest(args: argparse.Namespace, out: TextIO | None = None, err: TextIO 
             err.write("error: the node was reached over plain HTTP: there is no attested TLS certificate to write\n")
             return EXIT_FAILED
         Path(args.tls_cert_out).write_text(ssl.DER_cert_to_PEM_cert(identity.tls_certificate))
+    wallet = client_kwargs.get("tokens")
     if args.json:
-        out.write(json.dumps({"url": args.url, "valid": True, "accepted": True, **identity.summary(), "document": identity.document}) + "\n")
+        result = {"url": args.url, "valid": True, "accepted": True, **identity.summary(), "document": identity.document}
+        if wallet is not None:
+            result["wallet_tokens"] = len(wallet)
+        out.write(json.dumps(result) + "\n")
     else:
         for line in _identity_lines(identity):
             out.write(line + "\n")
@@ -334,9 +354,67 @@ def run_attest(args: argparse.Namespace, out: TextIO | None = None, err: TextIO 
         out.write(f"  ML-KEM-768:    {'attested encapsulation key (hybrid key agreement)' if identity.kem_public_key else 'none'}\n")
         gpus = identity.document.get("gpu_evidence") or []
         out.write(f"  GPU evidence:  {len(gpus)} device(s)\n")
+        token_key = (identity.document.get("public_keys") or {}).get("privacy_pass")
+        out.write(f"  Privacy Pass:  {'attested token key' if token_key else 'off'}\n")
+        if wallet is not None:
+            out.write(f"  token wallet:  {len(wallet)} unspent token(s) in {wallet.path}\n")
         if identity.simulated:
             out.write("  WARNING: simulated evidence proves nothing about confidentiality\n")
     return EXIT_OK
 
 
-__all__ = ["add_attest_parser", "add_chat_parser", "run_attest", "run_chat"]
+# --- tokens fetch ---------------------------------------------------------------------------
+
+
+def add_tokens_parser(subparsers: Any) -> argparse.ArgumentParser:
+    tokens = subparsers.add_parser("tokens", help="Privacy Pass tokens (anonymous credentials)")
+    commands = tokens.add_subparsers(dest="tokens_command", required=True)
+    parser = commands.add_parser(
+        "fetch",
+        help="fetch tokens for an account into a wallet",
+        description="Attest the node, check that its issuer directory and challenge name the token key its "
+        "attestation binds, then fetch COUNT tokens with the account's API key (in batches, each batch's "
+        "proof verified against the attested key) and add them to WALLET (mode 0600, written atomically). "
+        "Spend them with `tee-node chat URL --tokens WALLET` (docs/privacy-pass.md).",
+    )
+    _add_common(parser, tokens=False)
+    parser.add_argument("--count", type=int, default=10, help="how many tokens (default 10)")
+    parser.add_argument("--out", required=True, metavar="WALLET", help="the wallet file (created, or added to)")
+    parser.set_defaults(func=run_tokens_fetch)
+    return parser
+
+
+def run_tokens_fetch(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    from attestation.appraisal import PolicyError
+    from attestation.errors import AttestationError
+
+    from .client import Client, TeeNodeError, Wallet
+
+    out = out or sys.stdout
+    err = err or sys.stderr
+    if not args.api_key:
+        err.write("error: tokens are issued to an account: pass --api-key (or set TEE_NODE_API_KEY)\n")
+        return EXIT_FAILED
+    if args.count < 1:
+        err.write("error: --count must be at least 1\n")
+        return EXIT_FAILED
+    try:
+        client_kwargs = _client_kwargs(args, err)
+    except (OSError, PolicyError) as exc:
+        err.write(f"error: {exc}\n")
+        return EXIT_FAILED
+    api_key = client_kwargs.pop("api_key")  # sent to the issuance route only, after the attestation
+    wallet = Wallet(args.out)
+    try:
+        with Client(args.url, **client_kwargs) as client:
+            added = client.fetch_tokens(api_key, args.count, wallet)
+            identity = client.attestation
+    except (TeeNodeError, AttestationError, ValueError) as exc:
+        return report_failure(err, exc)
+    for line in _identity_lines(identity):
+        err.write(line + "\n")
+    out.write(f"fetched {added} token(s) for the attested token key into {args.out} ({len(wallet)} unspent)\n")
+    return EXIT_OK
+
+
+__all__ = ["add_attest_parser", "add_chat_parser", "add_tokens_parser", "run_attest", "run_chat", "run_tokens_fetch"]

@@ -25,6 +25,7 @@ from ..errors import (
 )
 from ._async import AsyncStream, ConfidentialClient, make_policy
 from ._sync import Client, Stream
+from .credentials.privacy_pass import NoTokensLeft, PrivateTokens, Wallet
 from .errors import *  # noqa: F403
 from .errors import __all__ as _error_names
 from .types import *  # noqa: F403
@@ -39,7 +40,9 @@ __all__ = [
     "EventAfterEnd",
     "MissingField",
     "MissingReceipt",
+    "NoTokensLeft",
     "PaddingMissing",
+    "PrivateTokens",
     "ReceiptInvalid",
     "ResponseDecryptionFailed",
     "ResponseHashMismatch",
@@ -47,6 +50,7 @@ __all__ = [
     "TeeNodeError",
     "TranscriptMismatch",
     "VerificationError",
+    "Wallet",
     "make_policy",
     *_error_names,
     *_type_names,

@@ -16,6 +16,7 @@ import aiohttp
 
 from .calls import Calls, Chat, Completions, Embeddings, Models
 from .credentials import Bearer, Credential
+from .credentials.privacy_pass import PrivateTokens, Wallet, fetch_tokens
 from .errors import NotReadyError, OverloadedError, TeeNodeError
 from .session import AttestedSession, make_policy
 from .streams import AsyncStream
@@ -44,10 +45,12 @@ class ConfidentialClient:
     node without an ML-KEM key). The default policy refuses every node (default-deny,
     docs/policy.md).
 
-    Credential: `api_key` (sent as `Authorization: Bearer`), or `credential=` any
-    `node.client.credentials.Credential`. No credential goes with anything sent before the
-    node's attestation was verified and accepted (the attestation itself included): the first
-    request of any kind, `models.list()` too, attests first. The client follows no redirects
+    Credential: `api_key` (sent as `Authorization: Bearer`), `tokens=Wallet(path)` (one
+    Privacy Pass token per request, `Authorization: PrivateToken`, never the API key; see
+    `fetch_tokens`), or `credential=` any `node.client.credentials.Credential`. No
+    credential goes with anything sent before the node's attestation was verified and accepted
+    (the attestation itself included): the first request of any kind, `models.list()` too,
+    attests first. The client follows no redirects
     (`RedirectRefused`). Over plain `http://` a document that binds a TLS certificate is
     refused (the node serves attested TLS: use `https://`), except on loopback.
 
@@ -85,6 +88,7 @@ class ConfidentialClient:
         *,
         api_key: str | None = None,
         credential: Credential | None = None,
+        tokens: Wallet | None = None,
         policy: Any = None,
         allow_simulated: bool = False,
         expected_measurements: Any = None,
@@ -104,8 +108,8 @@ class ConfidentialClient:
     ) -> None:
         if max_retries < 0:
             raise ValueError("max_retries must be >= 0")
-        if api_key and credential is not None:
-            raise ValueError("pass either api_key= or credential=, not both")
+        if sum(1 for given in (api_key, credential, tokens) if given) > 1:
+            raise ValueError("pass one of api_key=, tokens= or credential=")
         scheme = scheme_of(base_url)
         self.tls = scheme == "https"
         self.base_url = base_url.rstrip("/")
@@ -122,7 +126,7 @@ class ConfidentialClient:
             route = OhttpRelayRoute(http, self.base_url, self.relay, timeout)
         else:
             route = (PinnedTlsRoute if self.tls else DirectRoute)(http, self.base_url, timeout)
-        credential = Bearer(api_key) if api_key else credential
+        credential = Bearer(api_key) if api_key else PrivateTokens(tokens) if tokens is not None else credential
         self._session = AttestedSession(
             route,
             make_policy(
@@ -214,6 +218,11 @@ class ConfidentialClient:
     async def attest(self) -> NodeIdentity:
         """Fetch and verify a fresh attestation now, and pin its keys."""
         return (await self._session.attest()).identity
+
+    async def fetch_tokens(self, api_key: str, count: int, wallet: Wallet) -> int:
+        """Attest the node, then fetch `count` Privacy Pass tokens for the account of `api_key`
+        into `wallet` (`credentials.privacy_pass.fetch_tokens`); how many were added."""
+        return await fetch_tokens(self._session, api_key, count, wallet)
 
     # --- retries ------------------------------------------------------------------------
 

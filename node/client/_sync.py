@@ -9,6 +9,7 @@ from collections.abc import Coroutine, Iterator
 from typing import Any, Generic, TypeVar
 
 from ._async import AsyncStream, ConfidentialClient
+from .credentials.privacy_pass import Wallet
 from .types import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -177,6 +178,9 @@ class Client:
 
     def attest(self) -> NodeIdentity:
         return self._loop.run(self._async.attest())
+
+    def fetch_tokens(self, api_key: str, count: int, wallet: Wallet) -> int:
+        return self._loop.run(self._async.fetch_tokens(api_key, count, wallet))
 
     def close(self) -> None:
         try:

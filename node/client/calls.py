@@ -19,7 +19,7 @@ from ..envelope import OBFUSCATION_FIELD, seal_request
 from .credentials import Credential, Outgoing
 from .errors import OhttpKeyUnknownError, StaleNodeKeyError, UnexpectedResponse, error_from_response
 from .session import AttestedSession, Retry
-from .streams import AsyncStream, check_receipt, parse_plaintext
+from .streams import AsyncStream, check_clear_usage, check_receipt, parse_plaintext
 from .transports import Response
 from .types import (
     ChatCompletion,
@@ -151,6 +151,7 @@ class Calls:
         opened = opener.open_response(sealed, require_receipt=True)
         receipt = check_receipt(opener.finish(), identity, model, [sealed.get("usage")])
         result = parse_plaintext(opened, kind)
+        check_clear_usage(receipt, getattr(result, "usage", None))
         result.receipt = receipt  # type: ignore[attr-defined]
         result.attestation = identity  # type: ignore[attr-defined]
         return result

@@ -35,6 +35,16 @@ def check_receipt(receipt: dict[str, Any], identity: NodeIdentity, model: str, c
         raise ReceiptInvalid("receipt is malformed") from None
 
 
+def check_clear_usage(receipt: Receipt, usage: Any) -> None:
+    """The signed (clear) usage against the exact usage inside the answer: the node may round
+    counts up (`privacy.clear_usage = "bucketed"`) or send none, never count fewer tokens."""
+    if receipt.usage is None or usage is None:
+        return
+    for field in ("prompt_tokens", "completion_tokens"):
+        if getattr(receipt.usage, field) < (getattr(usage, field, 0) or 0):
+            raise UsageMismatch("the signed usage counts fewer tokens than the answer's own usage")
+
+
 def parse_plaintext(plaintext: bytes, kind: type[T]) -> T:
     """A decrypted answer or chunk as its response type (our fields removed)."""
     try:
@@ -114,6 +124,7 @@ class AsyncStream(Generic[T]):
             self.receipt = check_receipt(raw_receipt, self.attestation, self._model, clear_usages)
             if held is not None:
                 self.usage = getattr(held, "usage", None)
+                check_clear_usage(self.receipt, self.usage)
                 self._done = True
                 yield held
             self._done = True

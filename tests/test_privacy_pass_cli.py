@@ -1,0 +1,139 @@
+"""Privacy Pass end to end on real `tee-node serve` processes and the `tee-node` CLI: tokens
+fetched after attestation, spent one per request, a spent token refused (TOKEN_SPENT) before
+and after a restart, and `node.client.Client(url, tokens=Wallet(path))` sending tokens only."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+from server_support import MODEL, TEE_NODE, spawn_node
+
+from node import privacypass as pp
+from node.client import Client, NoTokensLeft, TokenSpentError, Wallet
+from node.crypto import b64url_d
+
+API_KEY = "cli-account-key-5e1f"
+
+
+def privacy_pass_env(state_dir) -> dict[str, str]:
+    return {
+        "TEE_NODE_AUTH__API_TOKEN_SHA256": json.dumps([hashlib.sha256(API_KEY.encode()).hexdigest()]),
+        "TEE_NODE_AUTH__PRIVACY_PASS__ENABLED": "true",
+        "TEE_NODE_ATTESTATION__STATE_DIR": str(state_dir),
+    }
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TEE_NODE_")}  # no API key from the caller
+    return subprocess.run([str(TEE_NODE), *args], capture_output=True, text=True, timeout=120, env=env)
+
+
+def wallet_tokens(path) -> list[bytes]:
+    return [b64url_d(t) for t in json.loads(path.read_text())["tokens"]]
+
+
+@pytest.fixture
+def state_dir(tmp_path):
+    return tmp_path / "state"
+
+
+def test_fetch_spend_double_spend_restart_double_spend(tmp_path, state_dir):
+    wallet = tmp_path / "wallet.json"
+    node = spawn_node(env=privacy_pass_env(state_dir))
+    try:
+        fetched = cli("tokens", "fetch", node.url, "--api-key", API_KEY, "--count", "4", "--out", str(wallet), "--allow-simulated")
+        assert fetched.returncode == 0, fetched.stderr
+        assert "fetched 4 token(s)" in fetched.stdout and "attestation verified" in fetched.stderr
+        assert wallet.stat().st_mode & 0o777 == 0o600
+        tokens = wallet_tokens(wallet)
+        assert len(tokens) == 4 and all(len(t) == pp.TOKEN_SIZE for t in tokens)
+        copy = tmp_path / "copy.json"  # the same tokens, offered a second time from here
+        shutil.copy(wallet, copy)
+
+        chat = cli("chat", node.url, "anonymous words", "--tokens", str(wallet), "--allow-simulated", "--model", MODEL)
+        assert chat.returncode == 0, chat.stderr
+        assert chat.stdout.strip() == "anonymous words" and "receipt verified" in chat.stderr
+        assert len(wallet_tokens(wallet)) == 2  # one for GET /v1/models, one for the chat
+        log = node.log()
+        assert API_KEY not in log and hashlib.sha256(API_KEY.encode()).hexdigest() not in log
+
+        again = cli("chat", node.url, "twice", "--tokens", str(copy), "--allow-simulated", "--model", MODEL)
+        assert again.returncode == 1 and "TokenSpentError" in again.stderr, again.stderr
+    finally:
+        node.stop()
+
+    node = spawn_node(env=privacy_pass_env(state_dir))  # the same state directory: same key, same spent set
+    try:
+        again = cli("chat", node.url, "after restart", "--tokens", str(copy), "--allow-simulated", "--model", MODEL)
+        assert again.returncode == 1 and "TokenSpentError" in again.stderr, again.stderr
+        chat = cli("chat", node.url, "still good", "--tokens", str(wallet), "--allow-simulated", "--model", MODEL)
+        assert chat.returncode == 0 and chat.stdout.strip() == "still good", chat.stderr
+        assert len(wallet_tokens(wallet)) == 0
+        attest = cli("attest", node.url, "--tokens", str(wallet), "--allow-simulated")
+        assert attest.returncode == 0 and "Privacy Pass:  attested token key" in attest.stdout, attest.stderr
+        assert "0 unspent token(s)" in attest.stdout
+        empty = cli("chat", node.url, "no more", "--tokens", str(wallet), "--allow-simulated", "--model", MODEL)
+        assert empty.returncode == 1 and "NoTokensLeft" in empty.stderr
+    finally:
+        node.stop()
+
+
+def test_fetch_refuses_without_an_account_or_a_node_without_privacy_pass(tmp_path, state_dir):
+    node = spawn_node(env=privacy_pass_env(state_dir))
+    try:
+        wrong = cli("tokens", "fetch", node.url, "--api-key", "not-an-account", "--out", str(tmp_path / "w"), "--allow-simulated")
+        assert wrong.returncode == 1 and "UnauthorizedError" in wrong.stderr
+        missing = cli("tokens", "fetch", node.url, "--out", str(tmp_path / "w"), "--allow-simulated")
+        assert missing.returncode == 1 and "pass --api-key" in missing.stderr
+        refused = cli("tokens", "fetch", node.url, "--api-key", API_KEY, "--out", str(tmp_path / "w"))
+        assert refused.returncode == 1 and "PolicyRefused" in refused.stderr  # simulated: not without the flag
+        assert not (tmp_path / "w").exists()
+    finally:
+        node.stop()
+    plain = spawn_node()
+    try:
+        off = cli("tokens", "fetch", plain.url, "--api-key", API_KEY, "--out", str(tmp_path / "w"), "--allow-simulated")
+        assert off.returncode == 1 and "binds no Privacy Pass token key" in off.stderr
+    finally:
+        plain.stop()
+
+
+def test_client_with_a_wallet_sends_tokens_and_never_the_api_key(tmp_path, state_dir):
+    node = spawn_node(env=privacy_pass_env(state_dir))
+    wallet = Wallet(tmp_path / "wallet.json")
+    try:
+        with Client(node.url, allow_simulated=True) as fetcher:
+            assert fetcher.fetch_tokens(API_KEY, 40, wallet) == 40  # two batches: 32 and 8
+        assert len(wallet) == 40
+        with pytest.raises(ValueError, match="one of api_key=, tokens= or credential="):
+            Client(node.url, api_key=API_KEY, tokens=wallet, allow_simulated=True)
+        with Client(node.url, tokens=wallet, allow_simulated=True) as client:
+            answer = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "one two three"}])
+            assert answer.choices[0].message.content == "one two three"
+            assert answer.usage.prompt_tokens == 3 and answer.receipt.usage.prompt_tokens == 16  # exact inside, bucketed signed
+            with client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "a b"}], stream=True) as stream:
+                assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "a b"
+            assert [m.id for m in client.models.list().data] == [MODEL]
+        assert len(wallet) == 37  # one token per request; the attestation took none
+        metrics = subprocess.run(
+            ["curl", "-s", "-H", f"Authorization: Bearer {API_KEY}", f"{node.url}/metrics"], capture_output=True, text=True, timeout=10
+        ).stdout
+        assert "tee_node_privacy_pass_redeemed_total 3.0" in metrics
+        assert "tee_node_privacy_pass_issued_total 40.0" in metrics
+        tokens = wallet_tokens(wallet.path)
+        spent = Wallet(tmp_path / "spent.json")
+        spent.add(tokens[:1])
+        with Client(node.url, tokens=spent, allow_simulated=True) as client:
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
+        spent.add(tokens[:1])
+        with Client(node.url, tokens=spent, allow_simulated=True) as client, pytest.raises(TokenSpentError):
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
+        with Client(node.url, tokens=spent, allow_simulated=True) as client, pytest.raises(NoTokensLeft):
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
+    finally:
+        node.stop()
