@@ -10,9 +10,12 @@ import os
 import stat
 from pathlib import Path
 
+from .errors import TeeNodeError
 
-class PrivateFileError(ValueError):
-    """A private file that cannot be used as it is; the message names it and says what to do."""
+
+class PrivateFileError(TeeNodeError, ValueError):
+    """A private file that cannot be used as it is; the message names it and says what to do
+    (a ValueError, so that `tee-node serve` reports it as a refusal to start)."""
 
 
 def write_private(path: Path, data: bytes) -> None:

@@ -109,3 +109,20 @@ def test_node_client_reads_exact_usage_and_checks_the_clear_one(mode_node, strea
     exact = Usage.from_openai(usage.model_dump()).model_dump()
     signed = receipt.usage.model_dump() if receipt.usage is not None else None
     assert signed == envelope.usage_in_clear(exact, mode)
+
+
+def test_client_refuses_a_signed_usage_below_the_answers_own():
+    from node.client.errors import UsageMismatch
+    from node.client.streams import check_clear_usage
+    from node.client.types import CompletionUsage
+    from node.protocol import Receipt
+
+    def receipt(usage):
+        return Receipt(request_hash="", transcript_hash="", events=1, model="m", usage=usage, key_epoch=1, signature="")
+
+    exact = CompletionUsage(prompt_tokens=20, completion_tokens=3, total_tokens=23)
+    rounded = Usage.from_openai({"prompt_tokens": 32, "completion_tokens": 16})
+    check_clear_usage(receipt(rounded), exact)  # bucketed: more than counted, fine
+    check_clear_usage(receipt(None), exact)  # "none": nothing to compare
+    with pytest.raises(UsageMismatch, match="fewer tokens"):
+        check_clear_usage(receipt(Usage.from_openai({"prompt_tokens": 16, "completion_tokens": 16})), exact)

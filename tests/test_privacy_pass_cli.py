@@ -137,3 +137,34 @@ def test_client_with_a_wallet_sends_tokens_and_never_the_api_key(tmp_path, state
             client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
     finally:
         node.stop()
+
+
+def test_wallet_file_is_owner_only_atomic_and_prefers_the_attested_key(tmp_path):
+    from node.private_files import PrivateFileError
+
+    wallet = Wallet(tmp_path / "w.json")
+    old, new = bytes(2) + b"o" * 32 + bytes(32) + b"A" * 32 + bytes(48), bytes(2) + b"n" * 32 + bytes(32) + b"B" * 32 + bytes(48)
+    wallet.add([old, new])
+    assert (tmp_path / "w.json").stat().st_mode & 0o777 == 0o600 and [p.name for p in tmp_path.iterdir()] == ["w.json"]
+    assert wallet.take(b"B" * 32) == new and wallet.take(b"B" * 32) == old and len(wallet) == 0
+    with pytest.raises(NoTokensLeft):
+        wallet.take()
+    (tmp_path / "w.json").write_text("{damaged")
+    with pytest.raises(PrivateFileError, match="damaged"):
+        wallet.take()
+    (tmp_path / "w.json").chmod(0o644)
+    with pytest.raises(PrivateFileError, match="chmod 600"):
+        len(wallet)
+
+
+def test_cli_says_what_to_do_with_a_damaged_wallet(tmp_path):
+    wallet = tmp_path / "w.json"
+    wallet.write_text("not json")
+    wallet.chmod(0o600)
+    node = spawn_node()
+    try:
+        chat = cli("chat", node.url, "hello", "--tokens", str(wallet), "--allow-simulated", "--model", MODEL)
+    finally:
+        node.stop()
+    assert chat.returncode == 1 and "PrivateFileError" in chat.stderr and "damaged" in chat.stderr
+    assert "Traceback" not in chat.stderr

@@ -52,12 +52,14 @@ class Wallet:
 
     def _load(self) -> list[bytes]:
         try:
-            data = json.loads(read_private(self.path, "token wallet"))
+            raw = read_private(self.path, "token wallet")  # PrivateFileError: says what to do
+        except FileNotFoundError:
+            return []
+        try:
+            data = json.loads(raw)
             if data.get("version") != WALLET_VERSION:
                 raise ValueError("version")
             return [b64url_d(token) for token in data["tokens"]]
-        except FileNotFoundError:
-            return []
         except (ValueError, KeyError, TypeError, AttributeError, Base64Error):
             raise PrivateFileError(f"token wallet {self.path} is damaged: move it away and fetch new tokens") from None
 
