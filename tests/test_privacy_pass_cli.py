@@ -11,6 +11,8 @@ import shutil
 import subprocess
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from server_support import MODEL, TEE_NODE, spawn_node
 
 from node import privacypass as pp
@@ -168,3 +170,54 @@ def test_cli_says_what_to_do_with_a_damaged_wallet(tmp_path):
         node.stop()
     assert chat.returncode == 1 and "PrivateFileError" in chat.stderr and "damaged" in chat.stderr
     assert "Traceback" not in chat.stderr
+
+
+@pytest.fixture(scope="module")
+def fuzz_node(tmp_path_factory):
+    node = spawn_node(env=privacy_pass_env(tmp_path_factory.mktemp("fuzz-state")))
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
+def _request(node, method: str, path: str, headers: dict[str, str], body: bytes | None = None) -> int:
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", node.port, timeout=10)
+    try:
+        connection.request(method, path, body=body, headers=headers)
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
+_TOKEN_BYTES = st.one_of(
+    st.binary(max_size=200),
+    st.binary(min_size=144, max_size=144).map(lambda b: b"\x00\x01" + b),  # the right type and size
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(token=_TOKEN_BYTES, padded=st.booleans(), noise=st.text(alphabet='"=, \t-_+/aZ09', max_size=12))
+def test_fuzzed_tokens_get_a_documented_401_never_a_500(fuzz_node, token, padded, noise):
+    from node.crypto import b64url_e
+
+    encoded = b64url_e(token) if padded else b64url_e(token).rstrip("=")
+    for value in (f'PrivateToken token="{encoded}"', f"PrivateToken token={encoded}{noise}", f"PrivateToken {noise}"):
+        status = _request(fuzz_node, "GET", "/v1/models", {"Authorization": value})
+        assert status == 401, value
+    assert _request(fuzz_node, "GET", "/health", {}) == 200
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=st.one_of(
+    st.binary(max_size=400),
+    st.lists(st.binary(min_size=49, max_size=49), min_size=1, max_size=4).map(
+        lambda els: b"\x00\x01" + bytes([0]) + (49 * len(els)).to_bytes(2, "big") + b"".join(els)
+    ),
+))
+def test_fuzzed_token_requests_get_a_documented_4xx_never_a_500(fuzz_node, body):
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": pp.REQUEST_MEDIA_TYPE}
+    status = _request(fuzz_node, "POST", "/v1/privacy-pass/token-request", headers, body)
+    assert status in (200, 422), status  # 200 only for a well-formed request that happens to hit the key
