@@ -147,7 +147,8 @@ def test_wallet_file_is_owner_only_atomic_and_prefers_the_attested_key(tmp_path)
     wallet = Wallet(tmp_path / "w.json")
     old, new = bytes(2) + b"o" * 32 + bytes(32) + b"A" * 32 + bytes(48), bytes(2) + b"n" * 32 + bytes(32) + b"B" * 32 + bytes(48)
     wallet.add([old, new])
-    assert (tmp_path / "w.json").stat().st_mode & 0o777 == 0o600 and [p.name for p in tmp_path.iterdir()] == ["w.json"]
+    assert (tmp_path / "w.json").stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.json", "w.json.lock"]  # no temporary file left
     assert wallet.take(b"B" * 32) == new and wallet.take(b"B" * 32) == old and len(wallet) == 0
     with pytest.raises(NoTokensLeft):
         wallet.take()
@@ -157,6 +158,23 @@ def test_wallet_file_is_owner_only_atomic_and_prefers_the_attested_key(tmp_path)
     (tmp_path / "w.json").chmod(0o644)
     with pytest.raises(PrivateFileError, match="chmod 600"):
         len(wallet)
+
+
+def test_processes_sharing_a_wallet_never_take_the_same_token(tmp_path):
+    import multiprocessing
+
+    wallet = Wallet(tmp_path / "w.json")
+    wallet.add([i.to_bytes(2, "big") * 73 for i in range(40)])
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(4) as pool:
+        taken = pool.map(_take_ten, [str(wallet.path)] * 4)
+    flat = [token for batch in taken for token in batch]
+    assert len(flat) == 40 and len(set(flat)) == 40 and len(wallet) == 0
+
+
+def _take_ten(path: str) -> list[bytes]:
+    wallet = Wallet(path)
+    return [wallet.take() for _ in range(10)]
 
 
 def test_cli_says_what_to_do_with_a_damaged_wallet(tmp_path):

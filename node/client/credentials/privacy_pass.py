@@ -10,16 +10,19 @@ key found to be the attested one.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ... import privacypass as pp
 from ...crypto import Base64Error, b64d, b64url_d, b64url_e
 from ...errors import TeeNodeError, TokenIssuanceInvalid
-from ...private_files import PrivateFileError, read_private, write_private
+from ...private_files import PrivateFileError, open_private, read_private, write_private
 from . import Outgoing
 
 if TYPE_CHECKING:
@@ -41,11 +44,24 @@ class NoTokensLeft(TeeNodeError):
 
 
 class Wallet:
-    """Unspent tokens in a JSON file (mode 0600, rewritten atomically), usable from threads."""
+    """Unspent tokens in a JSON file (mode 0600, rewritten atomically), usable from threads and
+    processes at once: a token offered twice would tell the node that both requests came from
+    one wallet, so every change holds a lock (an flock on `<wallet>.lock` and a thread lock)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._lock = threading.Lock()
+        self._thread_lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        with self._thread_lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = open_private(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, "token wallet lock")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)  # releases the flock
 
     def __repr__(self) -> str:
         return f"Wallet({str(self.path)!r})"
@@ -68,17 +84,17 @@ class Wallet:
         write_private(self.path, json.dumps(document, indent=1).encode())
 
     def __len__(self) -> int:
-        with self._lock:
+        with self._lock():
             return len(self._load())
 
     def add(self, tokens: list[bytes]) -> None:
-        with self._lock:
+        with self._lock():
             self._save(self._load() + tokens)
 
     def take(self, key_id: bytes | None = None) -> bytes:
         """One token, removed from the file before it is returned (a token is never offered
         twice); one of the key `key_id` when the wallet has one."""
-        with self._lock:
+        with self._lock():
             tokens = self._load()
             if not tokens:
                 raise NoTokensLeft()
