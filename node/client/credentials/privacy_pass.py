@@ -118,9 +118,7 @@ def attested_token_key(identity: NodeIdentity) -> bytes:
 
 class PrivateTokens:
     """`Authorization: PrivateToken token="..."`: one token of the wallet per request sent,
-    retries included, and only to an attested node (the attestation itself takes none)."""
-
-    needs_attestation = True
+    retries included (the calls ask only once the node's attestation was accepted)."""
 
     def __init__(self, wallet: Wallet) -> None:
         self.wallet = wallet
@@ -129,8 +127,6 @@ class PrivateTokens:
         return f"PrivateTokens({self.wallet!r})"
 
     async def headers(self, request: Outgoing) -> Mapping[str, str]:
-        if request.identity is None:
-            return {}  # the attestation, or anything before it: no token is spent there
         try:
             key_id = pp.token_key_id(attested_token_key(request.identity))
         except TokenIssuanceInvalid:
@@ -151,7 +147,7 @@ async def fetch_tokens(session: AttestedSession, api_key: str, count: int, walle
     transport = pinned.transport
     directory = await transport.request("GET", DIRECTORY_PATH, {"Accept": pp.DIRECTORY_MEDIA_TYPE}, None)
     if directory.status != 200:
-        raise error_from_response(directory)
+        raise error_from_response(directory, transport.url)
     try:
         keys = json.loads(directory.body)["token-keys"]
         listed = b64url_d(keys[0]["token-key"])
@@ -178,7 +174,7 @@ async def fetch_tokens(session: AttestedSession, api_key: str, count: int, walle
         pending = pp.PendingIssuance(token_key, challenge, batch)
         response = await transport.request("POST", ISSUANCE_PATH, headers, pending.request.to_bytes())
         if response.status != 200:
-            raise error_from_response(response)
+            raise error_from_response(response, transport.url)
         tokens = pending.finalize(response.body)  # TokenIssuanceInvalid unless the proof verifies
         wallet.add(tokens)
         added += len(tokens)
