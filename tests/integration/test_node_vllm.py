@@ -16,7 +16,8 @@ import pytest
 
 from integration_support import CHAT_MODEL, EMBED_MODEL, QUESTION  # type: ignore[import-not-found]
 from node.crypto import b64d
-from node.envelope import seal_request
+from node.envelope import seal_request, usage_in_clear
+from node.protocol import Usage
 from tests.atoma import run_driver, run_driver_lines
 
 pytestmark = pytest.mark.integration
@@ -120,8 +121,12 @@ def test_stream_usage_matches_the_unary_usage_and_the_receipt(node: str, prompt_
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
     assert text == unary["choices"][0]["message"]["content"]
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["prompt_tokens"] == prompt_tokens
+    # The exact usage inside both answers; in clear and in the receipts, the bucketed one
+    # (privacy.clear_usage's default), the same for both.
+    clear = usage_in_clear(Usage.from_openai(unary["usage"]).model_dump(), "bucketed")
     for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
-        assert stream_usage[key] == unary_usage[key] == unary["usage"][key] == receipt["usage"][key] == unary_receipt["usage"][key]
+        assert chunks[-1]["usage"][key] == unary["usage"][key]
+        assert stream_usage[key] == unary_usage[key] == receipt["usage"][key] == unary_receipt["usage"][key] == clear[key]
     assert receipt["events"] == len(chunks)
 
 
