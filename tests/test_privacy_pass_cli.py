@@ -17,7 +17,7 @@ from server_support import MODEL, TEE_NODE, spawn_node
 
 from node import privacypass as pp
 from node.client import Client, NoTokensLeft, TokenSpentError, Wallet
-from node.crypto import b64url_d
+from node.crypto import b64url_d, b64url_e
 
 API_KEY = "cli-account-key-5e1f"
 
@@ -239,3 +239,42 @@ def test_fuzzed_token_requests_get_a_documented_4xx_never_a_500(fuzz_node, body)
     headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": pp.REQUEST_MEDIA_TYPE}
     status = _request(fuzz_node, "POST", "/v1/privacy-pass/token-request", headers, body)
     assert status in (200, 422), status  # 200 only for a well-formed request that happens to hit the key
+
+
+def test_a_token_request_through_the_relay_leaves_nothing_of_the_account_token_or_address(tmp_path, state_dir):
+    from test_ohttp_relay import spawn_relay
+
+    node = spawn_node(env={**privacy_pass_env(state_dir), "TEE_NODE_LOG_LEVEL": "DEBUG"})
+    relay = None
+    try:
+        relay = spawn_relay(node.url + "/v1/ohttp")
+        wallet = Wallet(tmp_path / "wallet.json")
+        with Client(node.url, relay=relay.url, allow_simulated=True) as fetcher:  # issuance relayed too
+            assert fetcher.fetch_tokens(API_KEY, 4, wallet) == 4
+        tokens = wallet_tokens(wallet.path)
+        started = len(node.log())
+        with Client(node.url, relay=relay.url, tokens=wallet, allow_simulated=True) as client:
+            answer = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "relayed and anonymous"}])
+            assert answer.choices[0].message.content == "relayed and anonymous"
+        spent = [t for t in tokens if t not in wallet_tokens(wallet.path)]
+        assert len(spent) == 1  # the chat's (the attestation took none)
+        added = node.log()[started:]
+        assert "route=/v1/ohttp " in added and "status=200" in added  # the request is in the log, as relayed
+        digest = hashlib.sha256(API_KEY.encode()).hexdigest()
+        for secret in (API_KEY, digest, digest[:16], "127.0.0.1", str(relay.port)):
+            assert secret not in added, secret
+        for token in tokens:
+            parsed = pp.Token.from_bytes(token)
+            for secret in (b64url_e(token).rstrip("="), token.hex(), parsed.nonce.hex(), parsed.authenticator.hex(),
+                           hashlib.sha256(token).hexdigest()):
+                assert secret not in added
+        metrics = subprocess.run(
+            ["curl", "-s", "-H", f"Authorization: Bearer {API_KEY}", f"{node.url}/metrics"], capture_output=True, text=True, timeout=10
+        ).stdout
+        assert "tee_node_privacy_pass_redeemed_total 1.0" in metrics
+        for token in spent:
+            assert b64url_e(token).rstrip("=") not in metrics and digest not in metrics and "127.0.0.1" not in metrics
+    finally:
+        if relay is not None:
+            relay.stop()
+        node.stop()
