@@ -59,11 +59,9 @@ class SpentNonces:
         if whole != len(data):
             os.ftruncate(self._fd, whole)
 
-    def __len__(self) -> int:
-        return len(self._nonces)
-
     def claim(self, nonce: bytes) -> bool:
-        """Mark `nonce` spent in memory (False when it already was); `persist` writes it."""
+        """Mark `nonce` spent (False when it already was) and append it to the file; `sync`
+        makes it survive a power cut."""
         if nonce in self._nonces:
             return False
         self._nonces.add(nonce)
@@ -117,8 +115,8 @@ class TokenKeys:
         for key in self.keys:
             self._open_spent(key)
 
-    def maintain(self, now: float) -> bool:
-        """Rotate when due and retire keys past their overlap; True when the keys changed."""
+    def maintain(self, now: float) -> None:
+        """Rotate when due and retire keys past their overlap (saved when anything changed)."""
         changed = False
         if not self.keys or now - self.current.created_at >= self.rotation_interval:
             self.keys.insert(0, self._new_key(now))
@@ -142,7 +140,6 @@ class TokenKeys:
             for key in self.keys:
                 self._open_spent(key)
             log.info("privacy pass: %d token key(s) live, rotated every %.0f s", len(self.keys), self.rotation_interval)
-        return changed
 
     def _new_key(self, now: float) -> pp.IssuerKey:
         # RFC 9578: truncated key ids of keys in rotation should not collide.
