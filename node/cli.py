@@ -14,6 +14,7 @@ from attestation import cli as attestation_cli
 from attestation.errors import AttestationError
 from attestation.nvidia import cli as gpu_cli
 
+from . import supervisor
 from .config import LOG_FORMAT, NodeConfig, load_config, merge_settings
 
 EXIT_CANNOT_START = 2
@@ -257,7 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    if args.func is _serve and supervisor.supported():
+        if not supervisor.supervised():
+            return supervisor.supervise(argv)
+        supervisor.bind_to_supervisor()
     return args.func(args)
 
 

@@ -70,7 +70,7 @@ def test_debug_leaves_vllm_logging_and_warnings_alone(tmp_path) -> None:
     assert env["VLLM_USE_AOT_COMPILE"] == "0"
 
 
-def test_vllm_logging_keeps_real_warnings_and_drops_platform_notices() -> None:
+def test_vllm_logging_keeps_real_warnings_and_stage_lines_and_drops_platform_notices() -> None:
     notice_filter = PlatformNoticeFilter()
 
     def record(message: str) -> logging.LogRecord:
@@ -79,6 +79,15 @@ def test_vllm_logging_keeps_real_warnings_and_drops_platform_notices() -> None:
     for notice in PLATFORM_NOTICES:
         assert not notice_filter.filter(record(f"prefix {notice} suffix"))
     assert notice_filter.filter(record("KV cache is too small for max_model_len"))
+    info = record("Loading weights took 2.93 seconds")
+    info.levelno = logging.INFO
+    assert notice_filter.filter(info) and info.getMessage() == "Loading weights took 2.93 seconds"
+    started = record("Initializing a V1 LLM engine (v0.32.0) with config: model='/m', tokenizer='/m'")
+    started.levelno = logging.INFO
+    assert notice_filter.filter(started) and started.getMessage() == "engine core started (vLLM imported)"
+    chatter = record("Using max model len 2048")
+    chatter.levelno = logging.INFO
+    assert not notice_filter.filter(chatter)
     config = logging_config("%(message)s")
-    assert config["loggers"]["vllm"] == {"handlers": ["vllm"], "level": "WARNING", "propagate": False}
+    assert config["loggers"]["vllm"] == {"handlers": ["vllm"], "level": "INFO", "propagate": False}
     logging.config.dictConfig({**config, "loggers": {}})  # the file vLLM reads is a valid dictConfig

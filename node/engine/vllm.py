@@ -216,6 +216,10 @@ def _end_engine_processes(processes: list[Any]) -> None:
     _signal_all([p for p in processes if p not in workers])
 
 
+def _kill_engine_processes(processes: list[Any]) -> None:
+    _signal_all(processes, kill=True)
+
+
 def _title(process: Any) -> str:
     import psutil
 
@@ -291,6 +295,8 @@ class VllmEngine:
                     self._weights[cfg.name] = digest
                 paths.append(path)
                 log.info("model check: %s ok in %.1f s", cfg.name, time.monotonic() - started)
+            if not importing.done():
+                log.info("engine: importing vLLM")
             await importing
             pairs = list(zip(self.config.models, map(str, paths)))
             reporter = asyncio.create_task(self._report_loading(time.monotonic()))
@@ -416,20 +422,24 @@ class VllmEngine:
         """Stop every engine at once, loaded or still loading, within about STOP_GRACE_SECONDS.
 
         Every engine process is signalled together, as a terminal's Ctrl-C would, and so is each
-        one a load still under way spawns after this starts (see _end_engine_processes).
+        one a load still under way spawns after this starts. While any model is still loading
+        the node has served nothing: every engine process is killed at once (signalled mid-load,
+        vLLM's processes print tracebacks for seconds and a worker can outlive its engine core).
         """
+        end = _end_engine_processes if self._ready else _kill_engine_processes
         self._ready = False
         served, self._served = list(self._served.values()), {}
         self._running.clear()
         processes = _engine_processes()
-        _end_engine_processes(processes)
+        end(processes)
         await asyncio.gather(*(asyncio.to_thread(self._shutdown, s) for s in served))
         deadline = time.monotonic() + STOP_GRACE_SECONDS
         while True:
-            # A load still under way spawns its engine core after the first signal: those are
-            # signalled as they appear, until the loads have failed or the grace is over.
+            # A load still under way spawns its engine core after the first signal, and an engine
+            # core its worker: those are signalled as they appear (the node adopts orphaned ones,
+            # see node.supervisor), until the loads have failed or the grace is over.
             late = [p for p in _engine_processes() if p not in processes]
-            _end_engine_processes(late)
+            end(late)
             processes += late
             left = _still_running(processes)
             if (not left and not _engine_loads_running()) or time.monotonic() >= deadline:

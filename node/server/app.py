@@ -127,7 +127,7 @@ def ready_line(config: NodeConfig, models: list[str], seconds: float, config_dig
     """The one line that says the node serves: where, in which TEE mode, what, which config."""
     mode = config.tee_mode + (" (NOT a TEE: testing only)" if config.tee_mode == "simulated" else "")
     return (
-        f"READY at http://{config.host}:{config.port} in {seconds:.1f} s | tee_mode={mode} | "
+        f"READY at {'https' if config.tls_enabled else 'http'}://{config.host}:{config.port} in {seconds:.1f} s | tee_mode={mode} | "
         f"models={', '.join(models)} | config_digest={config_digest.hex()}"
     )
 
@@ -181,6 +181,9 @@ async def _engine_lifecycle(app: web.Application) -> AsyncIterator[None]:
 
 async def _stopping(app: web.Application) -> None:
     state = app[NODE]
+    if not state.engine.ready:
+        log.info("stopping: no new connections; the engine had not finished loading")
+        return
     log.info(
         "stopping: no new connections; %d request(s) in flight get up to %.0f s to finish",
         state.admission.in_flight,
