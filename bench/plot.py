@@ -108,7 +108,7 @@ def server_ratios(data: dict[str, Any]) -> list[Ratio]:
     upstream = summary.get("upstream") or {}
     if _num(upstream.get("ratio")) is not None and _num(upstream.get("goal")) is not None:
         out.append(Ratio("server", "UpstreamEngine node / upstream CPU per request", upstream["ratio"], upstream["goal"], False))
-    # What length hiding costs (PROTOCOL.md part C), on the same one-event-per-chunk run.
+    # What length hiding costs (docs/protocol.md), on the same one-event-per-chunk run.
     padded, goal = _num(per_chunk.get("padded_events_ratio")), _num(per_chunk.get("padded_events_goal"))
     if padded is not None and goal is not None:
         out.append(Ratio("server", "sealed events/s padded / unpadded", padded, goal, True))

@@ -3,7 +3,7 @@
 One `tee-node serve --engine echo` subprocess with the plain OpenAI routes enabled
 (TEE_NODE_ALLOW_PLAINTEXT=true), admission limits far above the load, logging at WARNING.
 The same load goes to three routes: plain, confidential (as our client sends it: the request
-padded to its 512 * 2^k bucket, the answer and every event padded, PROTOCOL.md part C's
+padded to its 512 * 2^k bucket, the answer and every event padded, docs/protocol.md's
 length hiding), and confidential with padding off (unpadded request asking
 `stream_options.include_obfuscation: false`), so that what padding costs is measured in the
 same run:
@@ -84,7 +84,7 @@ TEE_NODE = Path(sys.executable).with_name("tee-node")
 PY_SPY = Path(sys.executable).with_name("py-spy")  # the dev extra installs it beside the interpreter
 CONFIDENTIAL_PATH = "/v1/confidential/chat/completions"
 PLAIN_PATH = "/v1/chat/completions"
-# Route -> whether its requests and answers are padded (PROTOCOL.md part C).
+# Route -> whether its requests and answers are padded (docs/protocol.md).
 ROUTES = {"plain": False, "confidential": True, "confidential_unpadded": False}
 # Through the UpstreamEngine: the hop's cost shows on plain requests; confidential ones for the record.
 UPSTREAM_ROUTES = {"plain": False, "confidential": True}
@@ -765,7 +765,7 @@ def main() -> int:
                     "encrypted and Ed25519 signed (~18 us of libsodium alone). Run with "
                     "TEE_NODE_LIMITS__STREAM_COALESCE_MAX=1 for one event per chunk. 'confidential' is "
                     "length-hidden as our client asks by default (padded request, padded answers and events); "
-                    "'confidential_unpadded' turns padding off (PROTOCOL.md part C)."
+                    "'confidential_unpadded' turns padding off (docs/protocol.md)."
                 ),
                 "seconds": seconds,
                 "rounds": rounds,

@@ -254,7 +254,7 @@ class NodeConfig(BaseSettings):
         return tuple(sources)
 
     def measured_config(self, weights_sha256: Mapping[str, str | None]) -> dict[str, Any]:
-        """The measured part (PROTOCOL.md part C): what changes what the node does to a request.
+        """The measured part (docs/protocol.md): what changes what the node does to a request.
 
         `weights_sha256` gives each served model's weight-manifest digest (known once the engine
         has prepared its models; None where the node does not hold the weights: upstream, echo).

@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Any
 
 # Names the supervisor's pid in the node's environment: the node checks that this parent is
 # alive after asking to be signalled when it dies.
@@ -29,6 +30,8 @@ FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # multiprocessing's resource tracker exits by itself once its last user has, and unlinks the
 # shared memory vLLM's killed processes left: it gets this long before it is killed too.
 RESOURCE_TRACKER_SECONDS = 2.0
+# How long the node's last sweep of its group may take (a SIGKILLed process exits in milliseconds).
+SWEEP_SECONDS = 1.0
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 
@@ -59,6 +62,9 @@ def supervise(argv: list[str]) -> int:
     return status if status >= 0 else 128 - status
 
 
+_leading_group = False
+
+
 def end_group(pgid: int) -> None:
     """SIGKILL every live process of the group but the resource tracker, which gets
     RESOURCE_TRACKER_SECONDS to finish its clean-up before it is killed as well."""
@@ -74,7 +80,7 @@ def end_group(pgid: int) -> None:
         time.sleep(0.02)
 
 
-def _group_members(pgid: int) -> list[tuple[object, bool]]:
+def _group_members(pgid: int) -> list[tuple[Any, bool]]:
     import psutil
 
     members = []
@@ -93,9 +99,30 @@ def bind_to_supervisor() -> None:
     """In the node: stop (SIGTERM) if the supervisor dies, and adopt the engine processes that
     lose their parent (a worker whose engine core was killed while starting it), so that the
     engine's stop still finds them among this process's descendants."""
+    global _leading_group
+    _leading_group = True
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     supervisor = int(os.environ.pop(SUPERVISOR_ENV))
     if os.getppid() != supervisor:  # it died before the request above
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def sweep_own_group() -> None:
+    """In a supervised node whose engine has stopped: SIGKILL whatever else is left of its
+    process group but the resource tracker, before the node's last line. The engine's stop
+    ends the processes it finds among the node's descendants; this also ends one that got
+    away (a worker seen running past the engine's stop once in six signalled starts)."""
+    if not _leading_group:
+        return
+    pgid, me = os.getpgid(0), os.getpid()
+    deadline = time.monotonic() + SWEEP_SECONDS
+    while time.monotonic() < deadline:
+        others = [process for process, is_tracker in _group_members(pgid) if not is_tracker and process.pid != me]
+        if not others:
+            return
+        for process in others:
+            with contextlib.suppress(Exception):
+                process.kill()
+        time.sleep(0.02)

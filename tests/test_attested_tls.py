@@ -1,4 +1,4 @@
-"""Attested TLS (PROTOCOL.md part C): the node's in-memory key and self-signed certificate, its
+"""Attested TLS (docs/protocol.md): the node's in-memory key and self-signed certificate, its
 hash bound into the attestation, the client's pinning, a man-in-the-middle refused before
 anything is sent to it, `tee-node chat https://...`, and the real atoma-sdk over HTTPS."""
 

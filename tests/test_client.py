@@ -248,7 +248,7 @@ def test_sync_client_all_endpoints(node):
         assert node.confidential_requests() == 5
 
 
-# --- PROTOCOL.md part C: hybrid key agreement and length hiding ------------------------------
+# --- docs/protocol.md: hybrid key agreement and length hiding ------------------------------
 
 
 class Tap:

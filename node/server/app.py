@@ -13,6 +13,7 @@ import orjson
 from aiohttp import web
 from pydantic import ValidationError
 
+from .. import supervisor
 from ..config import NodeConfig
 from ..engine import Engine, build_engine
 from ..errors import MalformedJson, ModelNotFound, NotReady, PlaintextDisabled, SchemaViolation
@@ -177,6 +178,7 @@ async def _engine_lifecycle(app: web.Application) -> AsyncIterator[None]:
     with contextlib.suppress(asyncio.CancelledError):
         await loading
     await state.engine.stop()
+    supervisor.sweep_own_group()
 
 
 async def _stopping(app: web.Application) -> None:

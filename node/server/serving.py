@@ -145,7 +145,7 @@ async def serve_confidential(request: web.Request, endpoint: Endpoint) -> web.St
             state.metrics.refusals.labels("replay").inc()
             raise
         payload = parse_plaintext(opened.plaintext, endpoint)
-        # Part C's length hiding: the engine never sees the request's padding.
+        # Length hiding: the engine never sees the request's padding.
         opened.sealer.padding = envelope.take_obfuscation(payload)
         model = payload["model"]
         if model != outer.model_name or state.model_card(model, endpoint.task) is None:
