@@ -251,6 +251,17 @@ def _ohttp_section(server: dict[str, Any] | None) -> list[str]:
     ]
 
 
+# docs/benchmarks/README.md is the generated part above this line and the discussion of the
+# figures, written by hand, below it: a new plot replaces the first and keeps the second.
+HAND_WRITTEN = "<!-- Written by hand from here on: bench/plot.py keeps it. -->"
+
+
+def with_discussion(generated: str, path: Path) -> str:
+    previous = path.read_text(encoding="utf-8") if path.exists() else ""
+    _, marker, discussion = previous.partition(HAND_WRITTEN)
+    return generated.rstrip("\n") + "\n\n" + HAND_WRITTEN + discussion if marker else generated
+
+
 def main() -> int:
     ratios = collect()
     if not ratios:
@@ -258,7 +269,8 @@ def main() -> int:
         return 1
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     plot(ratios, RESULTS_DIR / "ratios.png")
-    (RESULTS_DIR / "README.md").write_text(markdown(ratios))
+    readme = RESULTS_DIR / "README.md"
+    readme.write_text(with_discussion(markdown(ratios), readme), encoding="utf-8")
     for r in ratios:
         print(f"{r.source:9s} {r.name:45s} {r.fmt(r.value):>14s}  goal {r.fmt(r.goal):>14s}  {'met' if r.met else 'NOT met'}")
     print(f"wrote {RESULTS_DIR / 'ratios.png'} and {RESULTS_DIR / 'README.md'}")
