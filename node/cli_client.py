@@ -18,11 +18,23 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 
 
+def node_url(text: str) -> str:
+    """The `url` argument, refused before anything is contacted unless it is http(s)://HOST."""
+    from .client.errors import APIConnectionError
+    from .client.transports.base import scheme_of
+
+    try:
+        scheme_of(text)
+    except APIConnectionError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc.cause} (nothing was contacted)") from None
+    return text
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     from attestation.cli import add_policy_arguments
 
     parser.add_argument(
-        "url", help="the node's base URL: https://HOST:PORT (attested TLS) or http://127.0.0.1:8080 (loopback)"
+        "url", type=node_url, help="the node's base URL: https://HOST:PORT (attested TLS) or http://127.0.0.1:8080 (loopback)"
     )
     add_policy_arguments(parser)
     parser.add_argument(
@@ -179,12 +191,13 @@ def attest_and_choose_model(client: Any, requested: str | None, err: TextIO) -> 
     requested model if the node serves it, else the node's first, and say on `err` what was
     verified, the model last. None (said on `err`, with what the node serves) when no model fits."""
     identity = client.attest()
-    served = [card.id for card in client.models.list().data]
+    # A node lists each model's `tasks`; one that does not (another server) may chat with any.
+    served = [card.id for card in client.models.list().data if "chat" in (getattr(card, "tasks", None) or ["chat"])]
     if not served:
-        err.write("error: the node serves no model\n")
+        err.write("error: the node serves no chat model\n")
         return None
     if requested is not None and requested not in served:
-        err.write(f"error: the node does not serve model {requested!r}; it serves: {', '.join(served)}\n")
+        err.write(f"error: the node does not serve chat model {requested!r}; its chat models: {', '.join(served)}\n")
         return None
     model = requested or served[0]
     for line in _identity_lines(identity):

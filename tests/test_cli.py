@@ -32,6 +32,38 @@ def test_help():
         assert command in out.stdout
 
 
+def _command_paths(parser, path=()):
+    """Every command and subcommand of the parser, as argument lists."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield (*path, name)
+                yield from _command_paths(sub, (*path, name))
+
+
+def test_every_command_without_its_arguments_prints_its_help_in_plain_words(capsys):
+    parser = build_parser()
+    paths = [(), *_command_paths(parser)]
+    assert ("quote", "verify") in paths and ("gpu", "verify") in paths and ("models",) in paths
+    needing_arguments = 0
+    for path in paths:
+        try:
+            build_parser().parse_args(list(path))
+        except SystemExit as exc:
+            err = capsys.readouterr().err
+            assert exc.code == 2, path
+            needing_arguments += 1
+            command = " ".join(("tee-node", *path))
+            assert err.startswith(f"usage: {command} "), err
+            # argparse names a missing subcommand by its internal `dest` unless told otherwise.
+            assert "_command" not in err and "func" not in err, err
+        else:
+            capsys.readouterr()  # a command that runs as it is (serve, models prepare, ...)
+    assert needing_arguments >= 9
+
+
 def test_serve_help():
     out = run_cli("serve", "--help")
     assert out.returncode == 0, out.stderr
@@ -43,12 +75,12 @@ def test_serve_help():
 @pytest.mark.parametrize(
     ("argv", "missing", "listed"),
     [
-        ([], "command", "serve"),
-        (["models"], "models_command", "prepare the configured models ahead of time"),
-        (["quote"], "quote_command", "verify a raw TDX quote"),
-        (["config"], "config_command", "print the config digest"),
-        (["gpu"], "gpu_command", "verify an NVIDIA GPU attestation report"),
-        (["policy"], "policy_command", "print a policy pinning"),
+        ([], "COMMAND", "serve"),
+        (["models"], "COMMAND", "prepare the configured models ahead of time"),
+        (["quote"], "COMMAND", "verify a raw TDX quote"),
+        (["config"], "COMMAND", "print the config digest"),
+        (["gpu"], "COMMAND", "verify an NVIDIA GPU attestation report"),
+        (["policy"], "COMMAND", "print a policy pinning"),
         (["chat"], "url", "--temperature"),
         (["attest"], "url", "--json"),
         (["quote", "verify"], "file", "--allow-simulated"),
