@@ -380,7 +380,7 @@ async def _stream(
                 await response.write(data)
         completed = True
     except ConnectionResetError:
-        raise  # the client went away: nobody to tell
+        ctx.client_gone = True  # nobody to tell: the access line and the metrics count it
     except Exception as exc:  # NodeError or unexpected: the headers are out, end with the error event
         log.warning("stream %s ended by engine error %s", ctx.request_id, type(exc).__name__)
         with contextlib.suppress(ConnectionError):
