@@ -232,6 +232,11 @@ def test_tee_node_chat_over_attested_tls(tls_process):
     assert "tls_cert_sha256=" in tls_process.log()
 
 
+def test_the_ready_line_shows_the_scheme_the_node_serves(tls_process):
+    (ready,) = [line for line in tls_process.log().splitlines() if " READY at " in line]
+    assert f" READY at https://127.0.0.1:{tls_process.port} " in ready, ready
+
+
 @pytest.fixture(scope="module")
 def attested_pem(tls_process, tmp_path_factory) -> Path:
     pem = tmp_path_factory.mktemp("tls") / "node.pem"
