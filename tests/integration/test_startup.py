@@ -6,6 +6,7 @@ last line and no vLLM warning."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 from collections.abc import Callable
@@ -142,7 +143,13 @@ def test_a_signal_during_start_up_ends_every_process_within_3_s_and_silently(tmp
     print(f"{how} at {moment}: no process left after {seconds:.1f} s")
 
 
-def test_a_ready_node_stops_with_its_own_line_and_no_vllm_warning(tmp_path: Path) -> None:
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (INFO|WARNING|ERROR|CRITICAL|DEBUG) \S+ ")
+
+
+def test_a_warm_start_says_only_the_nodes_lines_then_stops_with_its_own_line(tmp_path: Path) -> None:
+    """At the default level a start prints no vLLM warning or notice and nothing outside the
+    node's log format (Python's bare last-resort output, torch's C++ notices); a ready node stops
+    with its own last line."""
     proc, url = start_node(tmp_path, env=clean_env(TEE_NODE_LOG_LEVEL="INFO"))
     sid = proc.popen.pid
     try:
@@ -151,7 +158,11 @@ def test_a_ready_node_stops_with_its_own_line_and_no_vllm_warning(tmp_path: Path
         seconds = stop_seconds(proc, sid, lambda: proc.popen.send_signal(signal.SIGTERM))
     finally:
         proc.stop()
-    after_ready = proc.log.read_text().splitlines()[ready_at:]
+    lines = proc.log.read_text().splitlines()
+    before_ready, after_ready = lines[:ready_at], lines[ready_at:]
+    assert all(LOG_LINE.match(line) for line in before_ready), "\n".join(before_ready)
+    assert all(" INFO " in line for line in before_ready), "\n".join(before_ready)
+    assert any(" engine: loading " in line for line in before_ready) and " READY at " in before_ready[-1]
     assert after_ready[-1].endswith(LAST_LINE), "\n".join(after_ready)
     assert not [line for line in after_ready if "WARNING" in line or "Warning" in line], "\n".join(after_ready)
     print(f"ready node stopped in {seconds:.1f} s")
