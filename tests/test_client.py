@@ -530,7 +530,7 @@ def test_cli_chat_offers_only_the_models_that_chat(capsys):
     """An embedding model is no chat choice: the node lists each model's tasks."""
     from types import SimpleNamespace
 
-    from node.cli_client import attest_and_choose_model
+    from node.cli_answers import attest_and_choose_model
     from node.client.types import ModelList
 
     listed = ModelList.model_validate({"data": [
