@@ -260,7 +260,7 @@ class NodeConfig(BaseSettings):
         has prepared its models; None where the node does not hold the weights: upstream, echo).
         Never a secret (token digests, upstream key, seeds) nor a host-local value (paths, host,
         port, log level, URLs), so two hosts with the same config file report the same digest.
-        The three parts of the config are listed in README.md ("Configuration").
+        The three parts of the config are listed in docs/configuration.md.
         """
         return {
             "tee_mode": self.tee_mode,

@@ -6,7 +6,7 @@ node's plaintext dicts into vLLM's request models, maps errors to the node's typ
 the SSE strings vLLM produces back into chunk dicts (orjson). vLLM's serving layer offers no
 chunk objects to take instead: its stream generator serialises each one (`model_dump_json`)
 inside the same loop that builds it; and keeping a chunk's bytes to pass them on unparsed cost
-more per chunk than orjson's parse and re-serialisation (callgrind, see the README).
+more per chunk than orjson's parse and re-serialisation (callgrind, see docs/benchmarks/README.md).
 
 The node's own engine request id becomes the vLLM request id, so `abort(request_id)` finds the running
 sequences (vLLM names them `chatcmpl-<id>`, `cmpl-<id>-<i>`, `embd-<id>-<i>`). No request
