@@ -67,7 +67,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import REPO, print_table, write_results  # noqa: E402
+from common import REPO, node_pid, print_table, write_results  # noqa: E402
 
 GOALS = {
     "requests_ratio": 0.70,
@@ -475,18 +475,19 @@ def run_window(
     for pipe in pipes:
         pipe.send(start_at)
     time.sleep(max(0.0, start_at - time.time()))
-    node_cpu0 = cpu_seconds(node.pid)
+    node_process = node_pid(node.pid)
+    node_cpu0 = cpu_seconds(node_process)
     upstream_cpu0 = cpu_seconds(upstream.pid) if upstream is not None else 0.0
     spy = None
     if profile_dir:
         out = Path(profile_dir) / f"{base_job['kind']}-{base_job['route']}.txt"
         spy = subprocess.Popen(
-            [str(PY_SPY), "record", "--pid", str(node.pid), "--duration", str(max(1, int(base_job["seconds"]) - 1)),
+            [str(PY_SPY), "record", "--pid", str(node_process), "--duration", str(max(1, int(base_job["seconds"]) - 1)),
              "--format", "raw", "--nonblocking", "--rate", "200", "--output", str(out)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
     time.sleep(base_job["seconds"])
-    node_cpu = cpu_seconds(node.pid) - node_cpu0
+    node_cpu = cpu_seconds(node_process) - node_cpu0
     upstream_cpu = cpu_seconds(upstream.pid) - upstream_cpu0 if upstream is not None else None
     if spy is not None:
         spy.wait(timeout=30)
