@@ -65,6 +65,11 @@ def supervise(argv: list[str]) -> int:
 _leading_group = False
 
 
+def leads_group() -> bool:
+    """Whether this process is a node its supervisor runs in a process group of its own."""
+    return _leading_group
+
+
 def end_group(pgid: int) -> None:
     """SIGKILL every live process of the group but the resource tracker, which gets
     RESOURCE_TRACKER_SECONDS to finish its clean-up before it is killed as well."""

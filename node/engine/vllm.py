@@ -31,6 +31,7 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
+from node import supervisor
 from node.config import LOG_FORMAT, EngineConfig, ModelConfig
 from node.engine.base import TASKS_OF, Chunk, ModelCard, Task, raise_for_engine_error, raise_for_engine_status
 from node.engine.vllm_logging import logging_config
@@ -432,28 +433,36 @@ class VllmEngine:
         self._running.clear()
         processes = _engine_processes()
         end(processes)
-        await asyncio.gather(*(asyncio.to_thread(self._shutdown, s) for s in served))
+        # vLLM's own shutdown of each loaded engine runs meanwhile; what outlives the grace is
+        # killed under it, so vLLM finds nothing left to force-kill (it warns when it does).
+        shutdowns = asyncio.gather(*(asyncio.to_thread(self._shutdown, s) for s in served))
+        # A load still under way can spawn an engine core after the first signal, and an engine
+        # core its worker: those are signalled as they appear (the node adopts orphaned ones).
+        # Under the supervisor the node need not wait for the loads to fail (seconds while they
+        # hold the GIL): what they spawn later dies with the node's process group.
+        wait_for_loads = not supervisor.leads_group()
         deadline = time.monotonic() + STOP_GRACE_SECONDS
         while True:
-            # A load still under way spawns its engine core after the first signal, and an engine
-            # core its worker: those are signalled as they appear (the node adopts orphaned ones,
-            # see node.supervisor), until the loads have failed or the grace is over.
             late = [p for p in _engine_processes() if p not in processes]
             end(late)
             processes += late
             left = _still_running(processes)
-            if (not left and not _engine_loads_running()) or time.monotonic() >= deadline:
+            if not left and not (wait_for_loads and _engine_loads_running()):
+                break
+            if time.monotonic() >= deadline:
+                if left:
+                    # Past the grace the engine has stopped serving and nothing is left to save.
+                    names = ", ".join(sorted(_title(p) for p in left))
+                    log.info("engine: %s still exiting %.0f s after SIGTERM: killed", names, STOP_GRACE_SECONDS)
+                    _signal_all(left, kill=True)
                 break
             await asyncio.sleep(0.05)
-        if left:
-            # Past the grace the engine has stopped serving and nothing is left to save.
-            names = ", ".join(sorted(_title(p) for p in left))
-            log.info("engine: %s still exiting %.0f s after SIGTERM: killed", names, STOP_GRACE_SECONDS)
-            _signal_all(left, kill=True)
-        del served
-        # AsyncLLM.__del__ shuts down again; let it run now rather than during interpreter
-        # teardown, when the modules it needs are gone.
-        gc.collect()
+        await shutdowns
+        if served:
+            del served
+            # AsyncLLM.__del__ shuts down again; let it run now rather than during interpreter
+            # teardown, when the modules it needs are gone.
+            gc.collect()
 
     @staticmethod
     def _shutdown(served: _Served) -> None:
