@@ -270,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         if not supervisor.supervised():
             return supervisor.supervise(argv)
         supervisor.bind_to_supervisor()
+        supervisor.gate_child_output()
     return args.func(args)
 
 

@@ -6,8 +6,9 @@ unit) and runs the node in a process group of its own, which every process vLLM 
 - a terminal's Ctrl-C reaches this process and the node, never vLLM's engine processes directly
   (signalled mid-load, they printed tracebacks for seconds); the node ends them itself;
 - once the node has exited, whatever is left of its group (a worker whose engine core died while
-  spawning it, an engine core a load thread spawned as the node exited) is killed at once, so
-  nothing of the node's runs or prints after its last line.
+  spawning it, an engine core a load thread spawned as the node exited) is killed at once;
+- the node's child processes write to pipes the node forwards (`OutputGate`), closed before the
+  node's last line: whatever a dying vLLM process still writes then reaches no terminal.
 
 Linux only (`prctl`); elsewhere `tee-node serve` runs the node in this process.
 """
@@ -16,10 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import os
 import signal
 import subprocess
 import sys
+import termios
+import threading
 import time
 from typing import Any
 
@@ -63,6 +67,9 @@ def supervise(argv: list[str]) -> int:
 
 
 _leading_group = False
+_gates: list["OutputGate"] = []
+# How long closing a gate waits for output already written to be forwarded.
+GATE_DRAIN_SECONDS = 0.2
 
 
 def leads_group() -> bool:
@@ -114,13 +121,69 @@ def bind_to_supervisor() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def sweep_own_group() -> None:
-    """In a supervised node whose engine has stopped: SIGKILL whatever else is left of its
-    process group but the resource tracker, before the node's last line. The engine's stop
-    ends the processes it finds among the node's descendants; this also ends one that got
-    away (a worker seen running past the engine's stop once in six signalled starts)."""
+class OutputGate:
+    """File descriptor `fd` (1 or 2) of this process becomes a pipe that every child inherits; a
+    thread forwards what arrives to the original file, which this process itself keeps writing
+    to (`real`). Once closed, what children still write is read and dropped."""
+
+    def __init__(self, fd: int) -> None:
+        self.real = os.dup(fd)
+        self._read, write = os.pipe()
+        os.dup2(write, fd)
+        os.close(write)
+        self._open = True
+        self._lock = threading.Lock()
+        threading.Thread(target=self._forward, name=f"tee-node-output-{fd}", daemon=True).start()
+
+    def _forward(self) -> None:
+        while data := os.read(self._read, 1 << 16):
+            with self._lock:
+                if self._open:
+                    with contextlib.suppress(OSError):
+                        _write_all(self.real, data)
+
+    def close(self) -> None:
+        deadline = time.monotonic() + GATE_DRAIN_SECONDS
+        while _unread(self._read) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        with self._lock:  # a chunk being forwarded is finished first
+            self._open = False
+
+
+def _unread(fd: int) -> int:
+    pending = bytearray(4)
+    fcntl.ioctl(fd, termios.FIONREAD, pending)
+    return int.from_bytes(pending, sys.byteorder)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def gate_child_output() -> None:
+    """In the node, before anything is logged or spawned: stdout and stderr of every child go
+    through OutputGates; the node's own `sys.stdout` and `sys.stderr` write to the originals."""
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        gate = OutputGate(fd)
+        _gates.append(gate)
+        setattr(sys, name, open(gate.real, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False))
+
+
+def end_leftovers() -> None:
+    """In a supervised node whose engine has stopped, before its last line: SIGKILL whatever else
+    is left of its process group but the resource tracker, and close the output gates. The
+    engine's stop ends the processes it finds among the node's descendants; this also ends one
+    that got away, and silences one that would still write while dying."""
     if not _leading_group:
         return
+    _sweep_group()
+    for gate in _gates:
+        gate.close()
+
+
+def _sweep_group() -> None:
     pgid, me = os.getpgid(0), os.getpid()
     deadline = time.monotonic() + SWEEP_SECONDS
     while time.monotonic() < deadline:

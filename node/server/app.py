@@ -178,7 +178,7 @@ async def _engine_lifecycle(app: web.Application) -> AsyncIterator[None]:
     with contextlib.suppress(asyncio.CancelledError):
         await loading
     await state.engine.stop()
-    supervisor.sweep_own_group()
+    supervisor.end_leftovers()
 
 
 async def _stopping(app: web.Application) -> None:
