@@ -59,6 +59,42 @@ def _snp_fields(report: sevsnp.SnpReport) -> dict[str, Any]:
     }
 
 
+def readable(out: dict[str, Any]) -> str:
+    """The result of a `verify` command as lines for a person: `key: value`, lists one item per
+    line, nested objects indented, `yes`/`no`/`none` for booleans and nulls (`--json` is for
+    programs)."""
+    lines: list[str] = []
+
+    def scalar(value: Any) -> str:
+        if value is None:
+            return "none"
+        if isinstance(value, bool):
+            return "yes" if value else "no"
+        return str(value)
+
+    def emit(key: str, value: Any, indent: str) -> None:
+        label = key.replace("_", " ")
+        if isinstance(value, dict):
+            lines.append(f"{indent}{label}:" + ("" if value else " none"))
+            for sub_key, sub_value in value.items():
+                emit(str(sub_key), sub_value, indent + "  ")
+        elif isinstance(value, (list, tuple)):
+            lines.append(f"{indent}{label}:" + ("" if value else " none"))
+            for item in value:
+                if isinstance(item, dict):
+                    lines.append(f"{indent}  -")
+                    for sub_key, sub_value in item.items():
+                        emit(str(sub_key), sub_value, indent + "    ")
+                else:
+                    lines.append(f"{indent}  - {scalar(item)}")
+        else:
+            lines.append(f"{indent}{label}: {scalar(value)}")
+
+    for key, value in out.items():
+        emit(key, value, "")
+    return "\n".join(lines) + "\n"
+
+
 def verify_file(
     path: str | Path,
     *,
@@ -141,9 +177,7 @@ def quote_verify(
     if as_json:
         stdout.write(json.dumps(out, indent=2) + "\n")
     else:
-        for key, value in out.items():
-            if key != "claims":
-                stdout.write(f"{key}: {value}\n")
+        stdout.write(readable({key: value for key, value in out.items() if key != "claims"}))
     return code
 
 

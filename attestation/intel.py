@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Protocol, Sequence
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -29,8 +29,17 @@ from . import der, trust
 from .claims import TCB_UNKNOWN
 from .errors import CollateralInvalid
 
-if TYPE_CHECKING:
-    from .tdx import TdxQuote
+
+class TdxQuoteParts(Protocol):
+    """What the collateral checks read of a TDX quote (`tdx.TdxQuote` has it): named by shape,
+    so that this module, which `tdx` imports, needs nothing of `tdx`'s."""
+
+    @property
+    def body(self) -> Any: ...
+
+    @property
+    def signature_data(self) -> Any: ...
+
 
 OID_SGX_EXTENSIONS = "1.2.840.113741.1.13.1"
 OID_SGX_TCB = OID_SGX_EXTENSIONS + ".2"
@@ -217,7 +226,7 @@ class IntelCollateral:
                     raise CollateralInvalid(f"{name} collateral has no readable nextUpdate") from None
         return min(times) if times else None
 
-    def evaluate(self, quote: "TdxQuote", chain: Sequence[x509.Certificate], at: datetime) -> CollateralResult:
+    def evaluate(self, quote: TdxQuoteParts, chain: Sequence[x509.Certificate], at: datetime) -> CollateralResult:
         notes: list[str] = []
         leaf, intermediate, root = chain[0], chain[1], chain[-1]
         signer = self._tcb_signer(root, at) if self.tcb_signing_chain is not None else None
@@ -283,7 +292,7 @@ class IntelCollateral:
             raise CollateralInvalid(f"{name} signature does not verify under the TCB Signing certificate") from None
         return json.loads(match.group(2))
 
-    def _qe_level(self, body: dict[str, Any], quote: "TdxQuote", at: datetime) -> dict[str, Any] | None:
+    def _qe_level(self, body: dict[str, Any], quote: TdxQuoteParts, at: datetime) -> dict[str, Any] | None:
         qe = quote.signature_data.certification.qe_report
         _check_current(body, "QE identity", at)
         if bytes.fromhex(body["mrsigner"]) != qe.mr_signer:
@@ -299,7 +308,7 @@ class IntelCollateral:
                 return level
         return None
 
-    def _tcb_level(self, body: dict[str, Any], quote: "TdxQuote", pck: PckExtensions, at: datetime) -> "_PlatformLevel":
+    def _tcb_level(self, body: dict[str, Any], quote: TdxQuoteParts, pck: PckExtensions, at: datetime) -> "_PlatformLevel":
         if body.get("id") != "TDX" or int(body.get("version", 0)) < 3:
             raise CollateralInvalid("TCB info is not a TDX TCB info of version 3 or later")
         _check_current(body, "TCB info", at)

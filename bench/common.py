@@ -102,6 +102,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def node_pid(launched: int) -> int:
+    """The node's own process under `tee-node serve`'s supervisor (node/supervisor.py), whose pid
+    `launched` is: CPU time and profiles are the node's, not the supervisor's."""
+    import psutil
+
+    for child in psutil.Process(launched).children():
+        try:
+            if "node.node_process" in child.cmdline():
+                return child.pid
+        except psutil.Error:
+            continue
+    return launched  # no supervisor (not Linux): the node itself
+
+
+def _signal_session(sid: int, signum: int) -> None:
+    """Every process of the session `sid` (a server started with start_new_session): the
+    supervised node runs in a process group of its own within it."""
+    import psutil
+
+    for process in psutil.process_iter():
+        try:
+            if os.getsid(process.pid) == sid:
+                process.send_signal(signum)
+        except (psutil.Error, ProcessLookupError):
+            continue
+
+
 class Server:
     """A server process in its own process group, its output in `log`; offline, no TEE_NODE_*
     settings from this shell, plus `env`."""
@@ -129,10 +156,10 @@ class Server:
         raise SystemExit(f"{self.name} not ready after {timeout:.0f}s; see {self.log}")
 
     def freeze(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGSTOP)
+        _signal_session(self.proc.pid, signal.SIGSTOP)
 
     def thaw(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGCONT)
+        _signal_session(self.proc.pid, signal.SIGCONT)
 
     def stop(self) -> None:
         self.thaw()  # a frozen process group cannot act on SIGTERM

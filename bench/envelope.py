@@ -6,17 +6,17 @@ Cases (medians, one call each):
   open_seal_4k        decode + open + seal_response of a 4 KiB answer (with its receipt)
   parse_open_seal_4k  the same plus the outer JSON parse
   event_200           seal_event of one 200-byte stream chunk
-  hybrid_open_4k      decode + open of a 4 KiB request with part C's ML-KEM-768 + X25519 key
+  hybrid_open_4k      decode + open of a 4 KiB request with the protocol's ML-KEM-768 + X25519 key
   event_200_padded    seal_event of the same chunk with length hiding on (padded to 256 bytes)
 
 Floors (the fastest available implementation of each primitive, cryptography or pynacl):
   open+seal  one X25519, one HKDF-SHA256, AES-256-GCM key set-up + decrypt 4 KiB + encrypt
              4 KiB, BLAKE2b-256 of both, one Ed25519 signature
-  +receipt   that plus what PROTOCOL.md part B adds to every response: the receipt's BLAKE2b
+  +receipt   that plus what docs/protocol.md adds to every response: the receipt's BLAKE2b
              of its canonical JSON and its own Ed25519 signature
   event      AES-GCM encrypt 200 B, one BLAKE2b-256, one Ed25519 signature
   hybrid open  the open floor plus one ML-KEM-768 decapsulation and the SHA-256 of the KEM
-             ciphertext (HKDF then takes part C's info)
+             ciphertext (HKDF then takes the protocol's info)
   padded event the event floor over the 256 padded bytes
 
 Timing (bench/common.py's interleaved_medians): functions take turns call by call, because
@@ -196,7 +196,7 @@ def main() -> int:
     kem_ciphertext = kem_key.public_key().encapsulate()[1]
     client_pk_and_node_pk = client_pk_raw + node_sk.public_key().public_bytes_raw()
 
-    def hybrid_hkdf_from(secret: bytes, info: bytes) -> bytes:  # the chosen HKDF, with part C's info
+    def hybrid_hkdf_from(secret: bytes, info: bytes) -> bytes:  # the chosen HKDF, with the protocol's info
         if hk_name == "hmac":
             return hmac.digest(hmac.digest(salt, secret, "sha256"), info + b"\x01", "sha256")
         return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=info).derive(secret)
@@ -281,7 +281,7 @@ def main() -> int:
             "primitives_ns": primitives,
             "comparisons": results,
             "notes": "Floors use the fastest of cryptography/pynacl per primitive. The non-streaming response "
-            "carries a receipt (PROTOCOL.md part B) with its own BLAKE2b and Ed25519 signature; "
+            "carries a receipt (docs/protocol.md) with its own BLAKE2b and Ed25519 signature; "
             "'floor+receipt' counts them, the plain floor does not.",
         },
     )

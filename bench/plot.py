@@ -109,7 +109,7 @@ def server_ratios(data: dict[str, Any]) -> list[Ratio]:
     upstream = summary.get("upstream") or {}
     if _num(upstream.get("ratio")) is not None and _num(upstream.get("goal")) is not None:
         out.append(Ratio("server", "UpstreamEngine node / upstream CPU per request", upstream["ratio"], upstream["goal"], False))
-    # What length hiding costs (PROTOCOL.md part C), on the same one-event-per-chunk run.
+    # What length hiding costs (docs/protocol.md), on the same one-event-per-chunk run.
     padded, goal = _num(per_chunk.get("padded_events_ratio")), _num(per_chunk.get("padded_events_goal"))
     if padded is not None and goal is not None:
         out.append(Ratio("server", "sealed events/s padded / unpadded", padded, goal, True))
@@ -287,6 +287,17 @@ def _privacy_pass_section() -> list[str]:
     return lines
 
 
+# docs/benchmarks/README.md is the generated part above this line and the discussion of the
+# figures, written by hand, below it: a new plot replaces the first and keeps the second.
+HAND_WRITTEN = "<!-- Written by hand from here on: bench/plot.py keeps it. -->"
+
+
+def with_discussion(generated: str, path: Path) -> str:
+    previous = path.read_text(encoding="utf-8") if path.exists() else ""
+    _, marker, discussion = previous.partition(HAND_WRITTEN)
+    return generated.rstrip("\n") + "\n\n" + HAND_WRITTEN + discussion if marker else generated
+
+
 def main() -> int:
     ratios = collect()
     if not ratios:
@@ -294,7 +305,8 @@ def main() -> int:
         return 1
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     plot(ratios, RESULTS_DIR / "ratios.png")
-    (RESULTS_DIR / "README.md").write_text(markdown(ratios))
+    readme = RESULTS_DIR / "README.md"
+    readme.write_text(with_discussion(markdown(ratios), readme), encoding="utf-8")
     for r in ratios:
         print(f"{r.source:9s} {r.name:45s} {r.fmt(r.value):>14s}  goal {r.fmt(r.goal):>14s}  {'met' if r.met else 'NOT met'}")
     print(f"wrote {RESULTS_DIR / 'ratios.png'} and {RESULTS_DIR / 'README.md'}")

@@ -3,7 +3,7 @@
 One `tee-node serve --engine echo` subprocess with the plain OpenAI routes enabled
 (TEE_NODE_ALLOW_PLAINTEXT=true), admission limits far above the load, logging at WARNING.
 The same load goes to three routes: plain, confidential (as our client sends it: the request
-padded to its 512 * 2^k bucket, the answer and every event padded, PROTOCOL.md part C's
+padded to its 512 * 2^k bucket, the answer and every event padded, docs/protocol.md's
 length hiding), and confidential with padding off (unpadded request asking
 `stream_options.include_obfuscation: false`), so that what padding costs is measured in the
 same run:
@@ -67,7 +67,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import REPO, print_table, write_results  # noqa: E402
+from common import REPO, node_pid, print_table, write_results  # noqa: E402
 
 GOALS = {
     "requests_ratio": 0.70,
@@ -84,7 +84,7 @@ TEE_NODE = Path(sys.executable).with_name("tee-node")
 PY_SPY = Path(sys.executable).with_name("py-spy")  # the dev extra installs it beside the interpreter
 CONFIDENTIAL_PATH = "/v1/confidential/chat/completions"
 PLAIN_PATH = "/v1/chat/completions"
-# Route -> whether its requests and answers are padded (PROTOCOL.md part C).
+# Route -> whether its requests and answers are padded (docs/protocol.md).
 ROUTES = {"plain": False, "confidential": True, "confidential_unpadded": False}
 # Through the UpstreamEngine: the hop's cost shows on plain requests; confidential ones for the record.
 UPSTREAM_ROUTES = {"plain": False, "confidential": True}
@@ -479,18 +479,19 @@ def run_window(
     for pipe in pipes:
         pipe.send(start_at)
     time.sleep(max(0.0, start_at - time.time()))
-    node_cpu0 = cpu_seconds(node.pid)
+    node_process = node_pid(node.pid)
+    node_cpu0 = cpu_seconds(node_process)
     upstream_cpu0 = cpu_seconds(upstream.pid) if upstream is not None else 0.0
     spy = None
     if profile_dir:
         out = Path(profile_dir) / f"{base_job['kind']}-{base_job['route']}.txt"
         spy = subprocess.Popen(
-            [str(PY_SPY), "record", "--pid", str(node.pid), "--duration", str(max(1, int(base_job["seconds"]) - 1)),
+            [str(PY_SPY), "record", "--pid", str(node_process), "--duration", str(max(1, int(base_job["seconds"]) - 1)),
              "--format", "raw", "--nonblocking", "--rate", "200", "--output", str(out)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
     time.sleep(base_job["seconds"])
-    node_cpu = cpu_seconds(node.pid) - node_cpu0
+    node_cpu = cpu_seconds(node_process) - node_cpu0
     upstream_cpu = cpu_seconds(upstream.pid) - upstream_cpu0 if upstream is not None else None
     if spy is not None:
         spy.wait(timeout=30)
@@ -891,7 +892,7 @@ def main() -> int:
                     "encrypted and Ed25519 signed (~18 us of libsodium alone). Run with "
                     "TEE_NODE_LIMITS__STREAM_COALESCE_MAX=1 for one event per chunk. 'confidential' is "
                     "length-hidden as our client asks by default (padded request, padded answers and events); "
-                    "'confidential_unpadded' turns padding off (PROTOCOL.md part C)."
+                    "'confidential_unpadded' turns padding off (docs/protocol.md)."
                 ),
                 "seconds": seconds,
                 "rounds": rounds,

@@ -11,12 +11,20 @@ with the node's engine settings (its /health answers once the engine is up), lau
 user would, with vLLM's defaults otherwise. The starts run one at a time. Goals: warm node
 ready in <= 45 s, and no slower than warm plain vLLM + 5 s. Writes docs/benchmarks/startup.json.
 
+The warm node's start is also split into stages, from the timestamps of the lines its log has
+at the default level (the node's own, and the stage lines of vLLM's that node.engine.vllm_logging
+lets through). Both models load at once, so each stage ends when its last model leaves it: the
+figures are the start's critical path, wall-clock. `--log FILE` splits a log already written
+(a `make run` captured with `2>&1 | tee`) without starting anything.
+
     .venv/bin/python bench/startup.py [--rounds 1]
+    .venv/bin/python bench/startup.py --log node.log
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import shutil
 import statistics
@@ -33,8 +41,50 @@ from node.config import EMBEDDED_CHAT_MODEL, load_config  # noqa: E402
 from node.engine.vllm import CPU_KV_CACHE_BYTES  # noqa: E402
 from node.models import prepare_model  # noqa: E402
 
+# (stage, whose, the log line that ends it): a stage ends at that line's last occurrence.
+STAGES = [
+    ("node start-up: attestation provider, keys", "tee-node", "tee_node.server keys: "),
+    ("model check (hashes the cached weights)", "tee-node", " ok in "),
+    ("vLLM import in the node", "vLLM", "engine: loading "),
+    ("engine core processes: spawn, vLLM imported again", "vLLM", "engine core started"),
+    ("worker processes: spawn, vLLM imported again", "vLLM", "worker started"),
+    ("weights load", "vLLM", "Loading weights took"),
+    ("compile-cache load and warm-up", "vLLM (torch inductor)", "Warming up done"),
+    ("KV cache and profile run", "vLLM", "init engine (profile"),
+    ("OpenAI serving layer set-up", "vLLM's layer, built by tee-node", " loaded in "),
+    ("measured config, READY line", "tee-node", " READY at "),
+]
 WARM_GOAL_SECONDS = 45.0
 BEYOND_VLLM_GOAL_SECONDS = 5.0
+
+
+def _timestamp(line: str) -> float | None:
+    try:
+        return datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    except ValueError:
+        return None
+
+
+def stages(log: str) -> list[dict[str, object]]:
+    """Seconds per stage of one start (STAGES), from its log; the first starts at `starting`."""
+    lines = [(t, line) for line in log.splitlines() if (t := _timestamp(line)) is not None]
+    begun = next((t for t, line in lines if " starting tee-node " in line), None)
+    if begun is None:
+        raise SystemExit("no 'starting tee-node' line in the log")
+    result, previous = [], begun
+    for stage, whose, marker in STAGES:
+        ends = [t for t, line in lines if marker in line]
+        if not ends:
+            raise SystemExit(f"no {marker!r} line in the log: was it a warm start at the default log level?")
+        result.append({"stage": stage, "whose": whose, "seconds": round(ends[-1] - previous, 1)})
+        previous = ends[-1]
+    return result
+
+
+def print_stages(split: list[dict[str, object]]) -> None:
+    print_table(["stage", "whose", "seconds"], [[s["stage"], s["whose"], f"{s['seconds']:.1f}"] for s in split])
+    total = sum(float(s["seconds"]) for s in split)  # type: ignore[arg-type]
+    print(f"from the 'starting' line to READY: {total:.1f} s")
 
 
 def start(name: str, cmd: list[str], ready_path: str, port: int, work: Path, cache: Path) -> float:
@@ -73,7 +123,11 @@ def vllm_starts(work: Path, cache: Path, model_dir: Path) -> tuple[float, float]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=1, help="cold+warm pairs per target (alternating)")
+    parser.add_argument("--log", type=Path, help="only split this node log into stages")
     args = parser.parse_args()
+    if args.log:
+        print_stages(stages(args.log.read_text(errors="replace")))
+        return
 
     # Plain vLLM loads the node's converted model (it cannot read the embedded GGUF).
     model_dir = prepare_model("embedded:smollm2", load_config(None).cache_dir)
@@ -105,6 +159,8 @@ def main() -> None:
         ["start", "seconds to ready (median)", "runs"],
         [[name, f"{median[name]:.1f}", ", ".join(f"{v:.1f}" for v in runs[name])] for name in runs],
     )
+    warm_stages = stages((work / "node-warm.log").read_text(errors="replace"))
+    print_stages(warm_stages)
     for name, goal in goals.items():
         print(f"{name}: {goal['value']:.1f} (goal {goal['goal']}: {'met' if goal['met'] else 'NOT met'})")
     path = write_results(
@@ -115,6 +171,7 @@ def main() -> None:
             "runs": runs,
             "median_s": median,
             "goals": goals,
+            "warm_node_stages": warm_stages,
         },
     )
     print(f"wrote {path}", file=sys.stderr)

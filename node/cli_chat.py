@@ -12,7 +12,7 @@ import argparse
 import sys
 from typing import Any, TextIO
 
-from .cli_client import EXIT_FAILED, EXIT_OK, AnswerOut, attest_and_choose_model, receipt_line, reply, report_failure, sampling_params
+from .cli_answers import EXIT_FAILED, EXIT_OK, AnswerOut, attest_and_choose_model, receipt_line, reply, report_failure, sampling_params
 
 PROMPT = "you> "
 EXIT_COMMAND = "/exit"

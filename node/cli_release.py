@@ -33,7 +33,7 @@ def add_release_parser(commands: Any) -> None:
     from attestation.cli import iso_time
 
     release = commands.add_parser("release", help="release statements and their Sigstore bundles (docs/releases.md)")
-    sub = release.add_subparsers(dest="release_command", required=True)
+    sub = release.add_subparsers(dest="release_command", required=True, metavar="COMMAND", title="commands")
 
     statement = sub.add_parser(
         "statement",

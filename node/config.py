@@ -290,13 +290,13 @@ class NodeConfig(BaseSettings):
         return tuple(sources)
 
     def measured_config(self, weights_sha256: Mapping[str, str | None]) -> dict[str, Any]:
-        """The measured part (PROTOCOL.md part C): what changes what the node does to a request.
+        """The measured part (docs/protocol.md): what changes what the node does to a request.
 
         `weights_sha256` gives each served model's weight-manifest digest (known once the engine
         has prepared its models; None where the node does not hold the weights: upstream, echo).
         Never a secret (token digests, upstream key, seeds) nor a host-local value (paths, host,
         port, log level, URLs), so two hosts with the same config file report the same digest.
-        The three parts of the config are listed in README.md ("Configuration").
+        The three parts of the config are listed in docs/configuration.md.
         """
         return {
             "tee_mode": self.tee_mode,

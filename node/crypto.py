@@ -1,8 +1,7 @@
 """The one module that owns the envelope's primitives and constants.
 
 Callers never touch HKDF, AES-GCM, BLAKE2b or ML-KEM directly: they call these helpers, so the
-protocol's parameters (PROTOCOL.md part A, "Primitives"; part C, "Post-quantum hybrid key
-agreement") live in exactly one place.
+protocol's parameters (docs/protocol.md, "Building blocks" and "Hybrid key agreement") live in exactly one place.
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ ED25519_KEY_SIZE = 32
 SUI_ED25519_FLAG = 0x00
 SUI_SIGNATURE_SIZE = 1 + ED25519_SIGNATURE_SIZE + ED25519_KEY_SIZE
 HKDF_INFO = b""
-# ML-KEM-768 (FIPS 203) sizes and the hybrid derivation's domain label (part C).
+# ML-KEM-768 (FIPS 203) sizes and the hybrid derivation's domain label.
 KEM_PUBLIC_KEY_SIZE = 1184
 KEM_CIPHERTEXT_SIZE = 1088
 HYBRID_INFO_LABEL = b"tee-node/hybrid/v1"
@@ -186,7 +185,7 @@ def derive_hybrid_key(
     node_public_key: bytes,
     kem_ciphertext: bytes,
 ) -> bytes:
-    """Part C's hybrid key: both secrets in the IKM, both DH keys and the KEM ciphertext in info.
+    """The hybrid key: both secrets in the IKM, both DH keys and the KEM ciphertext in info.
 
     Binding the ciphertext and the keys into `info` ties the key to this exact exchange, so
     neither secret can be transplanted into another request.

@@ -1,5 +1,5 @@
-"""The Atoma confidential envelope (PROTOCOL.md part A), this node's receipts (part B), and
-part C's hybrid ML-KEM-768 + X25519 key agreement and length hiding.
+"""The Atoma confidential envelope (docs/protocol.md), this node's receipts, and
+the hybrid ML-KEM-768 + X25519 key agreement and length hiding.
 
 Pure functions and small state objects over bytes and pydantic models, no I/O: the server,
 the client and the tests all call this module. Node side: `parse_request`, `open_request`,
@@ -61,7 +61,7 @@ from .wire import canonical_json
 
 RECEIPT_VERSION = 1
 
-# Length hiding (part C): the padding is a JSON string field inside the plaintext.
+# Length hiding: the padding is a JSON string field inside the plaintext.
 OBFUSCATION_FIELD = "obfuscation"
 EVENT_PAD_MULTIPLE = 256
 BUCKET_BASE = 512
@@ -201,8 +201,7 @@ class ResponseSealer:
     """Seals a request's answer: one response, or a stream of events each with a fresh nonce.
 
     Keeps the running transcript (BLAKE2b-256 over every response_hash in order) for the
-    receipt attached to the response or to the final event. With `padding` on (part C's
-    length hiding; the server sets it from the request, `take_obfuscation`) every plaintext is
+    receipt attached to the response or to the final event. With `padding` on (length hiding; the server sets it from the request, `take_obfuscation`) every plaintext is
     padded before it is encrypted, hashed and signed: events to `event_size`, the response to
     `bucket_size`.
     """
@@ -276,7 +275,7 @@ class ResponseSealer:
         return f"ResponseSealer(epoch={self.key_epoch}, events={self.events})"
 
 
-# --- length hiding (part C) -------------------------------------------------------------------
+# --- length hiding -------------------------------------------------------------------
 
 
 def event_size(length: int) -> int:
@@ -314,7 +313,7 @@ def pad_json(document: bytes, secret: bytes, padded_size: Callable[[int], int]) 
 
 
 def take_obfuscation(payload: dict[str, Any]) -> bool:
-    """Remove part C's fields from a request plaintext before the engine sees it; return
+    """Remove the protocol's fields from a request plaintext before the engine sees it; return
     whether the answer is padded (on unless `stream_options.include_obfuscation` is false).
 
     Raises InvalidPlaintext when `include_obfuscation` is present and not a boolean.
@@ -544,8 +543,8 @@ def seal_request(
 ) -> tuple[dict[str, Any], ResponseOpener]:
     """Encrypt an OpenAI request body to the node's key: the outer JSON and its opener.
 
-    With `kem_public_key` (the node's attested ML-KEM-768 key) the key comes from part C's
-    hybrid derivation and the request carries `kem_ciphertext`. With `padding` the plaintext
+    With `kem_public_key` (the node's attested ML-KEM-768 key) the key comes from the hybrid
+    derivation and the request carries `kem_ciphertext`. With `padding` the plaintext
     (a JSON object) is padded to its bucket and the opener requires padded answers, which the
     node sends unless the plaintext turned them off (`stream_options.include_obfuscation`).
     """

@@ -98,7 +98,7 @@ def verify_sui_signature(
 
 
 class NodeKey:
-    """One key epoch: an X25519 key, its ML-KEM-768 twin (PROTOCOL.md part C) and the replay
+    """One key epoch: an X25519 key, its ML-KEM-768 twin (docs/protocol.md) and the replay
     identities accepted under them. Both private keys live in this object only."""
 
     __slots__ = (

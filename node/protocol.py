@@ -43,7 +43,7 @@ class ConfidentialComputeRequest(_Wire):
     stream: bool | None = Field(default=None, description="Indicates whether this is a streaming request")
     kem_ciphertext: str | None = Field(
         default=None,
-        description="tee-node (PROTOCOL.md part C): ML-KEM-768 ciphertext to the node's kem_public_key "
+        description="tee-node (docs/protocol.md): ML-KEM-768 ciphertext to the node's kem_public_key "
         "(base64, 1088 bytes); the key then comes from the hybrid ML-KEM-768 + X25519 derivation",
     )
 
@@ -94,7 +94,7 @@ class Usage(_Wire):
 
 
 class Receipt(_Wire):
-    """Part B: binds a response to its request, its full event transcript and its usage."""
+    """The receipt: binds a response to its request, its full event transcript and its usage."""
 
     version: Literal[1] = 1
     request_hash: str
@@ -114,7 +114,7 @@ class ConfidentialComputeResponse(_Wire):
     response_hash: str | None = Field(default=None, description="Hash of the response body (base64 encoded)")
     signature: str | None = Field(default=None, description="Signature of the response body (base64 encoded)")
     usage: Usage | None = Field(default=None, description="Usage statistics for the request")
-    receipt: Receipt | None = Field(default=None, description="tee-node receipt (PROTOCOL.md part B)")
+    receipt: Receipt | None = Field(default=None, description="tee-node receipt (docs/protocol.md)")
 
 
 class ConfidentialComputeStreamResponse(ConfidentialComputeResponse):
@@ -144,7 +144,7 @@ class NodesCreateLockResponse(BaseModel):
     stack_entry_digest: str | None = None
     stack_small_id: int
     kem_public_key: str | None = Field(
-        default=None, description="tee-node (PROTOCOL.md part C): the ML-KEM-768 encapsulation key of the same epoch"
+        default=None, description="tee-node (docs/protocol.md): the ML-KEM-768 encapsulation key of the same epoch"
     )
 
 

@@ -13,7 +13,7 @@ Adding an error code: add an `ErrorKind` row to `ERROR_TABLE`, then declare its 
 both sides with the code, `class NewThing(NodeError, code="NEW_THING")` in node/errors.py and
 `class NewThingError(NodeAPIError, code="NEW_THING")` in node/client/errors.py (importing
 either module fails while a row lacks its class); the OpenAPI document lists it by itself.
-A code of PROTOCOL.md's table keeps its status there.
+A code of the protocol's table (docs/protocol.md) keeps its status there.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ class ErrorKind:
 
     code: str
     status: int
-    when: str  # when the node answers it (PROTOCOL.md's "case"; the OpenAPI descriptions)
+    when: str  # when the node answers it (the protocol's "case"; the OpenAPI descriptions)
     message: str  # the node's message: a fixed text, so no input can ever reach it
     client_message: str  # what the client's exception says
     retry_after: bool = False  # the answer carries Retry-After

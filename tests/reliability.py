@@ -34,7 +34,7 @@ COMPLETIONS = "/v1/confidential/completions"
 EMBEDDINGS = "/v1/confidential/embeddings"
 TASKS = frozenset({"chat", "completions", "embeddings"})
 
-# PROTOCOL.md's error table: every (status, code) a confidential route may answer.
+# the protocol's error table: every (status, code) a confidential route may answer.
 ERROR_TABLE = {
     (400, "INVALID_BODY"),
     (401, "UNAUTHORIZED"),

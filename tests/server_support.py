@@ -116,7 +116,7 @@ def seal_with_secrets(
     kem_public_key: bytes | None = None,
 ) -> Sealed:
     """What `envelope.seal_request` does, keeping the client's secrets for inspection; with
-    `kem_public_key`, part C's hybrid key agreement."""
+    `kem_public_key`, the hybrid key agreement."""
     client = X25519PrivateKey.generate()
     client_public = client.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
     shared = client.exchange(X25519PublicKey.from_public_bytes(node_public_key))
@@ -211,7 +211,7 @@ class Node:
         hybrid: bool = False,
         padding: bool = False,
     ) -> tuple[dict[str, Any], envelope.ResponseOpener]:
-        """Seal against the app's current key (`hybrid`: and its ML-KEM key, PROTOCOL.md part C;
+        """Seal against the app's current key (`hybrid`: and its ML-KEM key, docs/protocol.md;
         `padding`: pad the request and require padded answers); the opener pins the node's
         signing key."""
         plaintext = payload if isinstance(payload, bytes) else compact(payload)

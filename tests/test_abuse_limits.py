@@ -199,9 +199,9 @@ def test_non_loopback_upstream_refused_in_a_real_mode():
     load_config(None, engine={"kind": "upstream", "upstream_url": "http://10.0.0.5:8000"})
 
 
-def test_serve_refuses_a_non_loopback_upstream(capsys):
+def test_serve_refuses_a_non_loopback_upstream(capfd):
     code = main(["serve", "--config", str(REPO_CONFIGS / "upstream-vllm.toml"), "--upstream-url", "http://192.0.2.1:8000"])
     assert code == EXIT_CANNOT_START
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert "'http://192.0.2.1:8000' is not a loopback address or a unix socket" in err
     assert "decrypted prompts" in err

@@ -111,7 +111,7 @@ def test_our_stream_events_open_with_sdk_decrypt(node):
 
 
 def test_our_padded_answers_open_with_sdk_decrypt(node):
-    """PROTOCOL.md part C's length hiding is inside the plaintext: the SDK decrypts and
+    """the protocol's length hiding is inside the plaintext: the SDK decrypts and
     hash-checks padded answers like any other, and an OpenAI-shaped parser ignores the field."""
     keyring, signer = node
     sealed = sdk_encrypt(keyring, kind="chat_stream")

@@ -379,6 +379,16 @@ def test_cli_without_rims_is_not_accepted_and_a_wrong_nonce_is_invalid():
     assert out["errors"][0].startswith("NonceMismatch:")
 
 
+def test_cli_without_json_prints_readable_lines():
+    args = [str(HOPPER_REPORT), "--cert-chain", str(HOPPER_CHAIN), "--nonce", sample_nonce(HOPPER_REPORT).hex(), "--at", "2024-06-01"]
+    out = subprocess.run([str(TEE_NODE), "gpu", "verify", *args], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    lines = out.stdout.splitlines()
+    assert "valid: yes" in lines and "accepted: no" in lines and "vbios version: 96.00.9F.00.01" in lines
+    assert "errors: none" in lines and "policy errors:" in lines
+    assert not any(repr_ in out.stdout for repr_ in ("['", "None", "True", "False"))
+
+
 def test_cli_unreadable_report(tmp_path):
     bad = tmp_path / "bad.hex"
     bad.write_text("11e0")

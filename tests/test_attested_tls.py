@@ -1,4 +1,4 @@
-"""Attested TLS (PROTOCOL.md part C): the node's in-memory key and self-signed certificate, its
+"""Attested TLS (docs/protocol.md): the node's in-memory key and self-signed certificate, its
 hash bound into the attestation, the client's pinning, a man-in-the-middle refused before
 anything is sent to it, `tee-node chat https://...`, and the real atoma-sdk over HTTPS."""
 
@@ -230,6 +230,11 @@ def test_tee_node_chat_over_attested_tls(tls_process):
     assert "TLS cert:      sha256 " in out.stderr and "(attested, pinned)" in out.stderr
     assert "receipt verified" in out.stderr
     assert "tls_cert_sha256=" in tls_process.log()
+
+
+def test_the_ready_line_shows_the_scheme_the_node_serves(tls_process):
+    (ready,) = [line for line in tls_process.log().splitlines() if " READY at " in line]
+    assert f" READY at https://127.0.0.1:{tls_process.port} " in ready, ready
 
 
 @pytest.fixture(scope="module")

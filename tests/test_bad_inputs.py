@@ -1,5 +1,5 @@
 """A corpus of bad inputs, one table: each case sends something wrong to a real loopback node
-(echo engine) and asserts the exact status and code of PROTOCOL.md's error table, that the
+(echo engine) and asserts the exact status and code of the protocol's error table, that the
 body carries only public fields, and that afterwards nothing is held (no slot, no engine
 request) and a good request still succeeds."""
 
@@ -305,7 +305,7 @@ CASES: list[tuple[str, str, Callable[[ServerThread], Answer], tuple[int, str]]] 
     ("hash-33-bytes", "plain", with_fields(plaintext_body_hash=b64e(bytes(33))), INVALID),
     ("ciphertext-shorter-than-tag", "plain", with_fields(ciphertext=b64e(bytes(15))), INVALID),
     ("ciphertext-empty", "plain", with_fields(ciphertext=""), INVALID),
-    # part C: the ML-KEM-768 ciphertext
+    # hybrid: the ML-KEM-768 ciphertext
     ("kem-ciphertext-1087-bytes", "plain", transform("kem_ciphertext", lambda v: b64e(b64d(v)[:-1]), hybrid=True), INVALID),
     ("kem-ciphertext-1089-bytes", "plain", transform("kem_ciphertext", lambda v: b64e(b64d(v) + b"\x00"), hybrid=True), INVALID),
     ("kem-ciphertext-empty", "plain", with_fields(kem_ciphertext=""), INVALID),

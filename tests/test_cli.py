@@ -32,6 +32,38 @@ def test_help():
         assert command in out.stdout
 
 
+def _command_paths(parser, path=()):
+    """Every command and subcommand of the parser, as argument lists."""
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield (*path, name)
+                yield from _command_paths(sub, (*path, name))
+
+
+def test_every_command_without_its_arguments_prints_its_help_in_plain_words(capsys):
+    parser = build_parser()
+    paths = [(), *_command_paths(parser)]
+    assert ("quote", "verify") in paths and ("gpu", "verify") in paths and ("models",) in paths
+    needing_arguments = 0
+    for path in paths:
+        try:
+            build_parser().parse_args(list(path))
+        except SystemExit as exc:
+            err = capsys.readouterr().err
+            assert exc.code == 2, path
+            needing_arguments += 1
+            command = " ".join(("tee-node", *path))
+            assert err.startswith(f"usage: {command} "), err
+            # argparse names a missing subcommand by its internal `dest` unless told otherwise.
+            assert "_command" not in err and "func" not in err, err
+        else:
+            capsys.readouterr()  # a command that runs as it is (serve, models prepare, ...)
+    assert needing_arguments >= 9
+
+
 def test_serve_help():
     out = run_cli("serve", "--help")
     assert out.returncode == 0, out.stderr
@@ -43,12 +75,12 @@ def test_serve_help():
 @pytest.mark.parametrize(
     ("argv", "missing", "listed"),
     [
-        ([], "command", "serve"),
-        (["models"], "models_command", "prepare the configured models ahead of time"),
-        (["quote"], "quote_command", "verify a raw TDX quote"),
-        (["config"], "config_command", "print the config digest"),
-        (["gpu"], "gpu_command", "verify an NVIDIA GPU attestation report"),
-        (["policy"], "policy_command", "print a policy pinning"),
+        ([], "COMMAND", "serve"),
+        (["models"], "COMMAND", "prepare the configured models ahead of time"),
+        (["quote"], "COMMAND", "verify a raw TDX quote"),
+        (["config"], "COMMAND", "print the config digest"),
+        (["gpu"], "COMMAND", "verify an NVIDIA GPU attestation report"),
+        (["policy"], "COMMAND", "print a policy pinning"),
         (["chat"], "url", "--temperature"),
         (["attest"], "url", "--json"),
         (["quote", "verify"], "file", "--allow-simulated"),
@@ -170,3 +202,40 @@ async def test_sigterm_finishes_streams_and_refuses_new_connections():
     finally:
         node.stop()
         node.log_path.unlink(missing_ok=True)
+
+
+async def test_clients_hanging_up_mid_stream_leave_one_access_line_each_and_no_traceback():
+    """A hang-up is normal traffic: one INFO access line (status 499), counted in
+    `tee_node_requests_total`, never an ERROR or a traceback in the node's log."""
+    clients = 24
+    node = spawn_node(env={"TEE_NODE_ENGINE__ECHO_TOKEN_DELAY": "0.05"})
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{node.url}/v1/nodes/lock", json={"model": MODEL}) as response:
+                key = b64d((await response.json())["public_key"])
+
+            async def hang_up_after_the_first_event() -> None:
+                body = compact(chat_body(" ".join(f"w{i}" for i in range(400)), stream=True))
+                outer, _ = envelope.seal_request(body, key, MODEL, stream=True)
+                response = await session.post(f"{node.url}/v1/confidential/chat/completions", data=compact(outer))
+                assert response.status == 200
+                await response.content.readuntil(b"\n\n")
+                response.close()  # drops the connection mid-stream
+
+            await asyncio.gather(*(hang_up_after_the_first_event() for _ in range(clients)))
+            deadline = time.monotonic() + 10
+            while True:  # until the node has noticed every hang-up (on its next write)
+                async with session.get(f"{node.url}/metrics") as response:
+                    metrics = await response.text()
+                gone = re.search(r'tee_node_requests_total\{route="/v1/confidential/chat/completions",status="499"\} (\S+)', metrics)
+                if gone and float(gone.group(1)) == clients:
+                    break
+                assert time.monotonic() < deadline, metrics
+                await asyncio.sleep(0.1)
+    finally:
+        node.stop()
+    log = node.log()
+    node.log_path.unlink(missing_ok=True)
+    assert "Traceback" not in log and " ERROR " not in log and "ConnectionReset" not in log, log
+    hung_up = [line for line in log.splitlines() if "route=/v1/confidential/chat/completions" in line]
+    assert len(hung_up) == clients and all("status=499" in line for line in hung_up), log

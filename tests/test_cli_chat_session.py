@@ -116,6 +116,6 @@ def test_exit_and_ctrl_c_end_the_session_cleanly(node_process, end: str) -> None
 
 def test_an_unknown_model_is_refused_before_anything_is_said_verified(node_process) -> None:
     terminal = Terminal(str(TEE_NODE), "chat", node_process.url, "--allow-simulated", "--model", EMBEDDED_CHAT_MODEL)
-    terminal.expect(rf"error: the node does not serve model '{re.escape(EMBEDDED_CHAT_MODEL)}'; it serves: echo-model\n")
+    terminal.expect(rf"error: the node does not serve chat model '{re.escape(EMBEDDED_CHAT_MODEL)}'; its chat models: echo-model\n")
     assert terminal.exit_code() == 1
     assert "verified" not in terminal.screen

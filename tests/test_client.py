@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import sys
 import threading
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -248,7 +249,7 @@ def test_sync_client_all_endpoints(node):
         assert node.confidential_requests() == 5
 
 
-# --- PROTOCOL.md part C: hybrid key agreement and length hiding ------------------------------
+# --- docs/protocol.md: hybrid key agreement and length hiding ------------------------------
 
 
 class Tap:
@@ -522,7 +523,33 @@ def _run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
 def test_cli_chat_with_an_unknown_model_lists_the_served_ones_and_verifies_nothing(node, capsys):
     code, out, err = _run_cli(["chat", node.url, "hello", "--allow-simulated", "--model", "nope"], capsys)
     assert code == 1 and out == ""
-    assert err == f"error: the node does not serve model 'nope'; it serves: {MODEL}\n"
+    assert err == f"error: the node does not serve chat model 'nope'; its chat models: {MODEL}\n"
+
+
+def test_cli_chat_offers_only_the_models_that_chat(capsys):
+    """An embedding model is no chat choice: the node lists each model's tasks."""
+    from types import SimpleNamespace
+
+    from node.cli_answers import attest_and_choose_model
+    from node.client.types import ModelList
+
+    listed = ModelList.model_validate({"data": [
+        {"id": "embedder", "tasks": ["embeddings"]}, {"id": "chatter", "tasks": ["chat", "completions"]},
+    ]})
+    client = SimpleNamespace(attest=lambda: None, models=SimpleNamespace(list=lambda: listed))
+    assert attest_and_choose_model(client, "nope", sys.stderr) is None
+    assert capsys.readouterr().err == "error: the node does not serve chat model 'nope'; its chat models: chatter\n"
+    assert attest_and_choose_model(client, "embedder", sys.stderr) is None
+    assert "its chat models: chatter\n" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_url_without_a_scheme_before_contacting_anything(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["chat", "127.0.0.1:9", "hello", "--allow-simulated"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert "'127.0.0.1:9': not an http:// or https:// URL; did you mean http://127.0.0.1:9? (nothing was contacted)" in err
+    assert "could not reach" not in err
 
 
 def test_cli_chat_streams_and_reports_verification(node, capsys):

@@ -101,7 +101,7 @@ def _raw(private: X25519PrivateKey) -> bytes:
 
 
 def independent_seal(node_pk: bytes, client_sk: bytes, salt: bytes, nonce: bytes, plaintext: bytes):
-    """The client's computation straight from PROTOCOL.md with cryptography + hashlib."""
+    """The client's computation straight from docs/protocol.md with cryptography + hashlib."""
     client = X25519PrivateKey.from_private_bytes(client_sk)
     shared = client.exchange(X25519PublicKey.from_public_bytes(node_pk))
     key = HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=b"").derive(shared)
@@ -199,7 +199,7 @@ def test_client_opener_known_answer(signer, monkeypatch):
 def test_stream_nonces_are_fresh(signer):
     sealer = node_open(fixed_outer(), fixed_keyring(), signer).sealer
     nonces = {sealer.seal_event(b"x")["nonce"] for _ in range(50)}
-    assert len(nonces) == 50  # atoma-node issue #275: never one nonce per stream
+    assert len(nonces) == 50  # atoma-node reuses one nonce per stream; this node never does
 
 
 # --- node side: outer JSON -----------------------------------------------------------------
@@ -735,7 +735,7 @@ def test_property_b64d_matches_reference(fast, text):
         crypto._pybase64 = saved
 
 
-# --- part C: hybrid key agreement -----------------------------------------------------------
+# --- hybrid key agreement -----------------------------------------------------------
 
 HYBRID_INPUTS = {
     "kem_shared_secret": bytes(range(32)),
@@ -745,7 +745,7 @@ HYBRID_INPUTS = {
     "node_public_key": bytes(range(150, 182)),
     "kem_ciphertext": bytes(i % 251 for i in range(1088)),
 }
-# PROTOCOL.md part C's derivation, computed once with cryptography + hashlib (below) and pinned.
+# the protocol's derivation, computed once with cryptography + hashlib (below) and pinned.
 PINNED_HYBRID_KEY = "dc05588b581273c44f697345b635a8c68c26246777012c9da1899da27fdc1722"
 
 
@@ -792,7 +792,7 @@ def test_wrong_kem_ciphertext_fails_decryption(signer):
         node_open(outer, keyring, signer)
 
 
-# --- part C: length hiding --------------------------------------------------------------------
+# --- length hiding --------------------------------------------------------------------
 
 
 def test_padded_sizes():

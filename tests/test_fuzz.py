@@ -1,7 +1,7 @@
 """Hypothesis fuzzing of the confidential routes over HTTP against a real loopback node (echo).
 
 Three fuzzers, each with an oracle: structured mutations of every envelope field (the expected
-status and code computed independently from PROTOCOL.md's checks and their order), byte-level
+status and code computed independently from the protocol's checks and their order), byte-level
 mutations of the outer JSON (any answer must be a row of the error table, never 500), and
 properly sealed arbitrary plaintexts (the endpoint's schema decides). Every answer is checked
 for status, code and body shape; the node must never answer 500, never hang, and keep serving:
@@ -34,7 +34,7 @@ LONG = settings(FUZZ, max_examples=10_000)
 
 STRING_FIELDS = ["ciphertext", "client_dh_public_key", "model_name", "node_dh_public_key", "nonce", "plaintext_body_hash", "salt"]
 BINARY_SIZES = {"salt": 16, "nonce": 12, "client_dh_public_key": 32, "node_dh_public_key": 32, "plaintext_body_hash": 32, "ciphertext": None}
-KEM_CIPHERTEXT_SIZE = 1088  # PROTOCOL.md part C, optional: null or absent means the X25519-only derivation
+KEM_CIPHERTEXT_SIZE = 1088  # docs/protocol.md, optional: null or absent means the X25519-only derivation
 ALL_FIELDS = [*STRING_FIELDS, "kem_ciphertext", "stack_small_id", "num_compute_units", "stream", "extra_field"]
 INT64_MAX = 2**63 - 1
 P25519 = 2**255 - 19
@@ -175,7 +175,7 @@ def apply(outer: dict[str, Any], muts: list[tuple]) -> dict[str, Any]:
 
 
 def _strict_b64(value: str) -> bytes | None:
-    """PROTOCOL.md: standard alphabet, padding required, canonical (an independent decoder)."""
+    """docs/protocol.md: standard alphabet, padding required, canonical (an independent decoder)."""
     if not value.isascii():
         return None
     try:
@@ -208,7 +208,7 @@ def _canonical_x25519(key: bytes) -> int:
 
 
 def expected(outer: Any, original: dict[str, Any], node_key: bytes) -> tuple[int, str]:
-    """The status and code PROTOCOL.md prescribes for this outer JSON (sealed as `original`)."""
+    """The status and code docs/protocol.md prescribes for this outer JSON (sealed as `original`)."""
     invalid = (400, "INVALID_BODY")
     if not isinstance(outer, dict) or _has_lone_surrogate(outer):
         return invalid
@@ -235,7 +235,7 @@ def expected(outer: Any, original: dict[str, Any], node_key: bytes) -> tuple[int
             return invalid
     if decoded["node_dh_public_key"] != node_key:
         return 422, "STALE_NODE_KEY"
-    # Another KEM ciphertext, or one added or taken away, derives another key (part C).
+    # Another KEM ciphertext, or one added or taken away, derives another key.
     if kem != original.get("kem_ciphertext"):
         return 400, "DECRYPTION_FAILED"
     original_client = base64.b64decode(original["client_dh_public_key"])
@@ -439,7 +439,7 @@ def _plaintext_case(node: ServerThread, seen: Counter, value, raw_bytes) -> None
             plaintext = json.dumps(value).encode("ascii")
     outer, opener = node.seal(plaintext)
     want = plaintext_expected(plaintext)
-    if want[0] == 200:  # part C: answers are padded unless the request turned it off
+    if want[0] == 200:  # length hiding: answers are padded unless the request turned it off
         opener.padding = (json.loads(plaintext).get("stream_options") or {}).get("include_obfuscation") is not False
     status, headers, raw = node.post(CHAT, outer)
     got = check_answer(node, status, headers, raw, opener if status == 200 else None)

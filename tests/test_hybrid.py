@@ -1,8 +1,8 @@
-"""PROTOCOL.md part C, post-quantum hybrid key agreement, against the echo node in process.
+"""The post-quantum hybrid key agreement of docs/protocol.md, against the echo node in process.
 
-`PartCClient` is written from PROTOCOL.md alone with `cryptography` and `hashlib` (no
+`IndependentHybridClient` is written from docs/protocol.md alone with `cryptography` and `hashlib` (no
 node.envelope, no node.crypto): it takes the node's keys from `/v1/nodes/lock`, encapsulates
-to the ML-KEM-768 key, derives the hybrid key exactly as part C says, pads its request to a
+to the ML-KEM-768 key, derives the hybrid key exactly as docs/protocol.md says, pads its request to a
 512 * 2^k bucket, and opens, hash-checks, signature-checks and size-checks every answer. If it
 and the node agree, the node implements the text and not just itself. Then the refusals:
 wrong-length, wrong and missing KEM ciphertexts, replays, stale keys, and the key epoch's
@@ -55,7 +55,7 @@ def blake2b_256(data: bytes) -> bytes:
 
 
 def padded_request(body: dict[str, Any]) -> bytes:
-    """Part C: the request's compact JSON with an `obfuscation` string making it 512 * 2^k bytes."""
+    """Length hiding: the request's compact JSON with an `obfuscation` string making it 512 * 2^k bytes."""
     bare = len(json.dumps({**body, "obfuscation": ""}, separators=(",", ":")).encode())
     size = 512
     while size < bare:
@@ -87,7 +87,7 @@ class Exchange:
         return plaintext
 
     def check_receipt(self, receipt: dict[str, Any]) -> None:
-        """Part B: the receipt binds this request and every answer's hash in order."""
+        """The receipt binds this request and every answer's hash in order."""
         unsigned = {k: v for k, v in receipt.items() if k != "signature"}
         digest = blake2b_256(json.dumps(unsigned, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode())
         signature = unb64(receipt["signature"])
@@ -97,7 +97,7 @@ class Exchange:
         assert receipt["events"] == len(self.response_hashes)
 
 
-class PartCClient:
+class IndependentHybridClient:
     def __init__(self, node) -> None:
         self.node = node
 
@@ -135,7 +135,7 @@ class PartCClient:
         return outer, Exchange(key, blake2b_256(plaintext), signing_key)
 
     async def call(self, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
-        """The answer's plaintexts (one, or one per event), each checked and padded as part C says."""
+        """The answer's plaintexts (one, or one per event), each checked and padded as docs/protocol.md says."""
         outer, exchange = await self.seal(body)
         response = await self.node.post(path, outer)
         assert response.status == 200, await response.text()
@@ -195,10 +195,10 @@ class RecordingEcho:
     ],
     ids=["chat", "chat-stream", "completions", "completions-stream"],
 )
-async def test_independent_part_c_client_completes_hybrid_requests(make_node, path, body):
+async def test_independent_hybrid_client_completes_hybrid_requests(make_node, path, body):
     node = await make_node()
     engine = RecordingEcho(node.engine)
-    answers = await PartCClient(node).call(path, body)
+    answers = await IndependentHybridClient(node).call(path, body)
     assert text_of(answers) == PROMPT
     # The node opened it with the hybrid key, and took the request's padding off before the engine.
     assert node.state.keyring.current.replay_entries == 1
@@ -206,16 +206,16 @@ async def test_independent_part_c_client_completes_hybrid_requests(make_node, pa
     assert all(isinstance(answer["obfuscation"], str) for answer in answers)  # the answers are padded too
 
 
-async def test_independent_part_c_client_embeddings(make_node):
+async def test_independent_hybrid_client_embeddings(make_node):
     node = await make_node()
-    (answer,) = await PartCClient(node).call(CONFIDENTIAL_EMBEDDINGS, embedding_body(["alpha beta", "gamma"]))
+    (answer,) = await IndependentHybridClient(node).call(CONFIDENTIAL_EMBEDDINGS, embedding_body(["alpha beta", "gamma"]))
     assert [item["index"] for item in answer["data"]] == [0, 1]
     assert isinstance(answer["obfuscation"], str)
 
 
-async def test_our_envelope_and_part_c_client_derive_the_same_key(make_node):
+async def test_our_envelope_and_an_independent_client_derive_the_same_key(make_node):
     """node.envelope's client half, sealed hybrid, opens on the node; the outer JSON has the
-    part C field with the right size."""
+    hybrid field with the right size."""
     node = await make_node()
     outer, opener = node.seal(chat_body(PROMPT), hybrid=True, padding=True)
     assert len(unb64(outer["kem_ciphertext"])) == 1088

@@ -22,6 +22,9 @@ BREACHES = [
     ("attestation/producers/nvml.py", "import node.wire", "attestation never imports aiohttp or anything of the node's"),
     ("node/client/types.py", "from node.server import app", "the client never imports the server"),
     ("node/ohttp/bhttp.py", "import aiohttp", "Oblivious HTTP (sans-I/O protocol logic) never imports"),
+    # The two cycles once untied: even an import for type checking only counts.
+    ("attestation/intel.py", "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from attestation.tdx import TdxQuote", "TDX quote verification uses Intel's collateral checks"),
+    ("node/cli_chat.py", "from node.cli_client import run_chat", "chat CLI: the one-shot chat over the session"),
 ]
 
 

@@ -1,4 +1,4 @@
-"""PROTOCOL.md part C, length hiding, and the optional timing cover, against the echo node.
+"""docs/protocol.md, length hiding, and the optional timing cover, against the echo node.
 
 Padding: every stream event's plaintext is a multiple of 256 bytes and a non-streaming
 answer's a 512 * 2^k bucket, whatever the token lengths; `stream_options.include_obfuscation:
@@ -88,7 +88,7 @@ def ciphertext_size(message: dict[str, Any]) -> int:
 
 
 def minimal_padded_size(padded: bytes, unit: int) -> int:
-    """What part C asks for: the first multiple of 256 (`unit` 256) or the first 512 * 2^k
+    """What length hiding asks for: the first multiple of 256 (`unit` 256) or the first 512 * 2^k
     bucket (`unit` 512) that holds the unpadded plaintext, the `obfuscation` field and the
     random part every pad starts with."""
     pad = json.loads(padded)["obfuscation"]

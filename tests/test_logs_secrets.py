@@ -197,7 +197,7 @@ async def test_full_cycles_and_every_error_path(make_node, all_logs, secrets):
 
 
 async def test_hybrid_cycles_and_their_errors(make_node, all_logs, secrets):
-    """PROTOCOL.md part C: the ML-KEM secret and ciphertext join the secrets that never show."""
+    """docs/protocol.md: the ML-KEM secret and ciphertext join the secrets that never show."""
     node = await make_node(GatedEcho())
     d = Driver(node, secrets)
     assert (await d.send(CONFIDENTIAL_CHAT, d.seal(chat_body(PROMPT), hybrid=True)))[0] == 200

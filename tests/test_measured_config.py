@@ -1,4 +1,4 @@
-"""The measured config (PROTOCOL.md part C): same digest across hosts, no secret, weights named,
+"""The measured config (docs/protocol.md): same digest across hosts, no secret, weights named,
 fixed once the engine is ready; and the simulated DEBUG attribute refused end to end."""
 
 from __future__ import annotations

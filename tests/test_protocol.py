@@ -1,4 +1,4 @@
-"""node.protocol's wire models against the Atoma API documents (PROTOCOL.md's seeds).
+"""node.protocol's wire models against the Atoma API documents (the protocol's seeds).
 
 The facts checked are written here, taken from the seeds once: the OpenAPI excerpt's schemas
 (seed 004: types, formats, `minimum`, required and nullable properties), the markdown field
@@ -24,7 +24,7 @@ from node.protocol import (
     Usage,
 )
 
-# Additions of this node (PROTOCOL.md parts B and C) that the seeds do not have.
+# Additions of this node (docs/protocol.md) that the seeds do not have.
 ADDITIONS = {"ConfidentialComputeResponse": {"receipt"}, "ConfidentialComputeRequest": {"kem_ciphertext"}}
 
 _COUNT32 = {"type": "integer", "format": "int32", "minimum": 0}

@@ -45,6 +45,7 @@ async def test_models_openai_list(node_client):
     assert card["object"] == "model"
     assert isinstance(card["created"], int)
     assert isinstance(card["owned_by"], str)
+    assert card["tasks"] == ["chat", "completions", "embeddings"]  # the echo engine serves every endpoint
 
 
 async def test_metrics_is_prometheus_text(node_client):

@@ -1,4 +1,4 @@
-"""Every row of PROTOCOL.md's error table over HTTP: status, code, a body with no secrets, and
+"""Every row of the protocol's error table over HTTP: status, code, a body with no secrets, and
 afterwards a good request still succeeds on the same app."""
 
 from __future__ import annotations

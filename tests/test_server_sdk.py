@@ -45,7 +45,7 @@ def test_sdk_confidential_chat_stream(echo_node, mode):
 
 @pytest.mark.parametrize("mode", [[], ["--async"]], ids=["sync", "async"])
 def test_sdk_stream_with_timing_cover(mode):
-    """PROTOCOL.md part C's optional cadence: filler events (no choices) between tokens are
+    """the protocol's optional cadence: filler events (no choices) between tokens are
     skipped by the SDK, as it skips the usage chunk; the padded events decrypt as any other."""
     node = spawn_node(
         model=SDK_MODEL, env={"TEE_NODE_LIMITS__STREAM_CADENCE_MS": "10", "TEE_NODE_ENGINE__ECHO_TOKEN_DELAY": "0.05"}

@@ -3,16 +3,21 @@ lines, a last line of its own; and the environment the vLLM engine gets before v
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import logging.config
 import re
 import urllib.request
 
+from aiohttp import web
 from server_support import MODEL, http_get, spawn_node
 
 from node.config import load_config
+from node.engine.base import ModelCard
+from node.engine.echo import EchoEngine
 from node.engine.vllm import engine_environment
 from node.engine.vllm_logging import PLATFORM_NOTICES, PlatformNoticeFilter, logging_config
+from node.server import create_app
 
 
 def test_a_node_says_each_stage_then_ready_then_stopped() -> None:
@@ -70,7 +75,7 @@ def test_debug_leaves_vllm_logging_and_warnings_alone(tmp_path) -> None:
     assert env["VLLM_USE_AOT_COMPILE"] == "0"
 
 
-def test_vllm_logging_keeps_real_warnings_and_drops_platform_notices() -> None:
+def test_vllm_logging_keeps_real_warnings_and_stage_lines_and_drops_platform_notices() -> None:
     notice_filter = PlatformNoticeFilter()
 
     def record(message: str) -> logging.LogRecord:
@@ -79,6 +84,35 @@ def test_vllm_logging_keeps_real_warnings_and_drops_platform_notices() -> None:
     for notice in PLATFORM_NOTICES:
         assert not notice_filter.filter(record(f"prefix {notice} suffix"))
     assert notice_filter.filter(record("KV cache is too small for max_model_len"))
+    info = record("Loading weights took 2.93 seconds")
+    info.levelno = logging.INFO
+    assert notice_filter.filter(info) and info.getMessage() == "Loading weights took 2.93 seconds"
+    started = record("Initializing a V1 LLM engine (v0.32.0) with config: model='/m', tokenizer='/m'")
+    started.levelno = logging.INFO
+    assert notice_filter.filter(started) and started.getMessage() == "engine core started (vLLM imported)"
+    chatter = record("Using max model len 2048")
+    chatter.levelno = logging.INFO
+    assert not notice_filter.filter(chatter)
     config = logging_config("%(message)s")
-    assert config["loggers"]["vllm"] == {"handlers": ["vllm"], "level": "WARNING", "propagate": False}
+    assert config["loggers"]["vllm"] == {"handlers": ["vllm"], "level": "INFO", "propagate": False}
     logging.config.dictConfig({**config, "loggers": {}})  # the file vLLM reads is a valid dictConfig
+
+
+class _StillLoading(EchoEngine):
+    """An engine whose load never ends (a vLLM engine mid-load)."""
+
+    async def start(self) -> None:
+        await asyncio.Event().wait()
+
+
+async def test_a_node_stopped_while_loading_says_so_and_promises_no_grace(caplog) -> None:
+    caplog.set_level(logging.INFO, logger="tee_node")
+    engine = _StillLoading([ModelCard(MODEL, frozenset({"chat"}))])
+    runner = web.AppRunner(create_app(load_config(None, engine={"kind": "echo"}), engine))
+    await runner.setup()
+    await asyncio.sleep(0)  # the load is under way
+    await runner.cleanup()
+    said = [record.getMessage() for record in caplog.records if record.name.startswith("tee_node")]
+    assert "stopping: no new connections; the engine had not finished loading" in said, said
+    assert not [line for line in said if "in flight" in line], said
+    assert said[-1] == "tee-node stopped"

@@ -94,11 +94,11 @@ def test_not_a_regular_file(tmp_path):
         load_or_create_seed(tmp_path)
 
 
-def test_serve_refuses_to_start_and_says_why(tmp_path, monkeypatch, capsys):
+def test_serve_refuses_to_start_and_says_why(tmp_path, monkeypatch, capfd):
     path = tmp_path / SEED_FILE
     path.write_bytes(b"cut")
     path.chmod(0o600)
     monkeypatch.setenv("TEE_NODE_ATTESTATION__STATE_DIR", str(tmp_path))
     assert main(["serve", "--engine", "echo", "--port", "0"]) == EXIT_CANNOT_START
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert err.startswith("tee-node serve: cannot start: ") and str(path) in err and "damaged" in err

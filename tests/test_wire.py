@@ -23,7 +23,7 @@ from node.wire import (
     sse_event,
 )
 
-# PROTOCOL.md's error table, code -> status: these must never change.
+# the protocol's error table, code -> status: these must never change.
 PROTOCOL_ERRORS = {
     "INVALID_BODY": 400, "UNAUTHORIZED": 401, "INVALID_SIGNATURE": 401, "DECRYPTION_FAILED": 400,
     "HASH_MISMATCH": 400, "MODEL_NOT_FOUND": 404, "BODY_TOO_LARGE": 413, "REPLAYED_REQUEST": 409,
@@ -48,7 +48,7 @@ _JSON = st.recursive(
 @settings(max_examples=500, deadline=None)
 @given(_JSON)
 def test_canonical_json_is_protocol_md_definition(obj):
-    """The orjson path must write exactly PROTOCOL.md's json.dumps bytes (floats, big integers
+    """The orjson path must write exactly the protocol's json.dumps bytes (floats, big integers
     and lone surrogates take the reference path)."""
     try:
         reference = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")

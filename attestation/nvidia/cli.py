@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..appraisal import Policy, PolicyError, appraise_gpu, load_policy
-from ..cli import EXIT_INVALID, EXIT_UNREADABLE, EXIT_VALID, iso_time
+from ..cli import EXIT_INVALID, EXIT_UNREADABLE, EXIT_VALID, iso_time, readable
 from ..errors import AttestationError
 from .spdm import NONCE_SIZE, parse_report_text
 from .verify import verify_gpu_report
@@ -90,6 +90,5 @@ def gpu_verify(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(out, indent=2))
     else:
-        for key, value in out.items():
-            print(f"{key}: {value}")
+        print(readable(out), end="")
     return code

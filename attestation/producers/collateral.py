@@ -1,7 +1,7 @@
 """Vendor collateral for the node's own evidence: fetched from Intel PCS / AMD KDS, or read from a directory.
 
 The node bundles it in every attestation document (`collateral.intel` / `collateral.amd`,
-PROTOCOL.md part C) so clients appraise offline. Collateral is vendor-signed: the node only
+docs/protocol.md) so clients appraise offline. Collateral is vendor-signed: the node only
 fetches and caches it, it never vouches for it. Once it is past its `nextUpdate` the node stops
 shipping it (clients then see TCB status `Unknown`) until a refresh succeeds.
 """

@@ -1,5 +1,5 @@
-"""Node side: the NVIDIA collateral a client needs to verify this node's GPUs offline (PROTOCOL.md
-part C, `collateral.nvidia`): per GPU its attestation certificate chain, the driver and VBIOS RIMs,
+"""Node side: the NVIDIA collateral a client needs to verify this node's GPUs offline (docs/protocol.md,
+`collateral.nvidia`): per GPU its attestation certificate chain, the driver and VBIOS RIMs,
 and OCSP responses for the device and RIM chains.
 
 RIMs come from `rim_dir` (offline sites, tests) when it holds them, else from the on-disk cache,

@@ -55,7 +55,9 @@ class ModelCard:
     max_model_len: int | None = None
 
     def to_openai(self, created: int) -> dict[str, Any]:
-        return {"id": self.id, "object": "model", "created": created, "owned_by": self.owned_by}
+        """OpenAI's model object, plus `tasks` (the endpoints that serve it), which OpenAI-shaped
+        parsers ignore: a client learns which models can chat without trying."""
+        return {"id": self.id, "object": "model", "created": created, "owned_by": self.owned_by, "tasks": sorted(self.tasks)}
 
 
 @runtime_checkable

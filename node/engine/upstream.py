@@ -12,7 +12,7 @@ so the node reports NOT_READY while the upstream loads or restarts.
 One pooled keep-alive session holds up to `max_in_flight` connections
 (the admission limit, so no admitted request waits for one), without a cookie jar. Answers
 and stream chunks are parsed once with orjson: keeping their bytes to pass them on unparsed
-cost more per chunk than orjson's parse and re-serialisation (callgrind, see the README).
+cost more per chunk than orjson's parse and re-serialisation (callgrind, see docs/benchmarks/README.md).
 """
 
 from __future__ import annotations

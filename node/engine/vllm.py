@@ -6,7 +6,7 @@ node's plaintext dicts into vLLM's request models, maps errors to the node's typ
 the SSE strings vLLM produces back into chunk dicts (orjson). vLLM's serving layer offers no
 chunk objects to take instead: its stream generator serialises each one (`model_dump_json`)
 inside the same loop that builds it; and keeping a chunk's bytes to pass them on unparsed cost
-more per chunk than orjson's parse and re-serialisation (callgrind, see the README).
+more per chunk than orjson's parse and re-serialisation (callgrind, see docs/benchmarks/README.md).
 
 The node's own engine request id becomes the vLLM request id, so `abort(request_id)` finds the running
 sequences (vLLM names them `chatcmpl-<id>`, `cmpl-<id>-<i>`, `embd-<id>-<i>`). No request
@@ -31,6 +31,7 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
+from node import supervisor
 from node.config import LOG_FORMAT, EngineConfig, ModelConfig
 from node.engine.base import TASKS_OF, Chunk, ModelCard, Task, raise_for_engine_error, raise_for_engine_status
 from node.engine.vllm_logging import logging_config
@@ -216,6 +217,10 @@ def _end_engine_processes(processes: list[Any]) -> None:
     _signal_all([p for p in processes if p not in workers])
 
 
+def _kill_engine_processes(processes: list[Any]) -> None:
+    _signal_all(processes, kill=True)
+
+
 def _title(process: Any) -> str:
     import psutil
 
@@ -291,6 +296,8 @@ class VllmEngine:
                     self._weights[cfg.name] = digest
                 paths.append(path)
                 log.info("model check: %s ok in %.1f s", cfg.name, time.monotonic() - started)
+            if not importing.done():
+                log.info("engine: importing vLLM")
             await importing
             pairs = list(zip(self.config.models, map(str, paths)))
             reporter = asyncio.create_task(self._report_loading(time.monotonic()))
@@ -416,34 +423,46 @@ class VllmEngine:
         """Stop every engine at once, loaded or still loading, within about STOP_GRACE_SECONDS.
 
         Every engine process is signalled together, as a terminal's Ctrl-C would, and so is each
-        one a load still under way spawns after this starts (see _end_engine_processes).
+        one a load still under way spawns after this starts. While any model is still loading
+        the node has served nothing: every engine process is killed at once (signalled mid-load,
+        vLLM's processes print tracebacks for seconds and a worker can outlive its engine core).
         """
+        end = _end_engine_processes if self._ready else _kill_engine_processes
         self._ready = False
         served, self._served = list(self._served.values()), {}
         self._running.clear()
         processes = _engine_processes()
-        _end_engine_processes(processes)
-        await asyncio.gather(*(asyncio.to_thread(self._shutdown, s) for s in served))
+        end(processes)
+        # vLLM's own shutdown of each loaded engine runs meanwhile; what outlives the grace is
+        # killed under it, so vLLM finds nothing left to force-kill (it warns when it does).
+        shutdowns = asyncio.gather(*(asyncio.to_thread(self._shutdown, s) for s in served))
+        # A load still under way can spawn an engine core after the first signal, and an engine
+        # core its worker: those are signalled as they appear (the node adopts orphaned ones).
+        # Under the supervisor the node need not wait for the loads to fail (seconds while they
+        # hold the GIL): what they spawn later dies with the node's process group.
+        wait_for_loads = not supervisor.leads_group()
         deadline = time.monotonic() + STOP_GRACE_SECONDS
         while True:
-            # A load still under way spawns its engine core after the first signal: those are
-            # signalled as they appear, until the loads have failed or the grace is over.
             late = [p for p in _engine_processes() if p not in processes]
-            _end_engine_processes(late)
+            end(late)
             processes += late
             left = _still_running(processes)
-            if (not left and not _engine_loads_running()) or time.monotonic() >= deadline:
+            if not left and not (wait_for_loads and _engine_loads_running()):
+                break
+            if time.monotonic() >= deadline:
+                if left:
+                    # Past the grace the engine has stopped serving and nothing is left to save.
+                    names = ", ".join(sorted(_title(p) for p in left))
+                    log.info("engine: %s still exiting %.0f s after SIGTERM: killed", names, STOP_GRACE_SECONDS)
+                    _signal_all(left, kill=True)
                 break
             await asyncio.sleep(0.05)
-        if left:
-            # Past the grace the engine has stopped serving and nothing is left to save.
-            names = ", ".join(sorted(_title(p) for p in left))
-            log.info("engine: %s still exiting %.0f s after SIGTERM: killed", names, STOP_GRACE_SECONDS)
-            _signal_all(left, kill=True)
-        del served
-        # AsyncLLM.__del__ shuts down again; let it run now rather than during interpreter
-        # teardown, when the modules it needs are gone.
-        gc.collect()
+        await shutdowns
+        if served:
+            del served
+            # AsyncLLM.__del__ shuts down again; let it run now rather than during interpreter
+            # teardown, when the modules it needs are gone.
+            gc.collect()
 
     @staticmethod
     def _shutdown(served: _Served) -> None:

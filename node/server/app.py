@@ -13,6 +13,7 @@ import orjson
 from aiohttp import web
 from pydantic import ValidationError
 
+from .. import supervisor
 from ..config import NodeConfig
 from ..engine import Engine, build_engine
 from .. import privacypass as pp
@@ -153,7 +154,7 @@ def ready_line(config: NodeConfig, models: list[str], seconds: float, config_dig
     """The one line that says the node serves: where, in which TEE mode, what, which config."""
     mode = config.tee_mode + (" (NOT a TEE: testing only)" if config.tee_mode == "simulated" else "")
     return (
-        f"READY at http://{config.host}:{config.port} in {seconds:.1f} s | tee_mode={mode} | "
+        f"READY at {'https' if config.tls_enabled else 'http'}://{config.host}:{config.port} in {seconds:.1f} s | tee_mode={mode} | "
         f"models={', '.join(models)} | config_digest={config_digest.hex()}"
     )
 
@@ -203,10 +204,14 @@ async def _engine_lifecycle(app: web.Application) -> AsyncIterator[None]:
     with contextlib.suppress(asyncio.CancelledError):
         await loading
     await state.engine.stop()
+    supervisor.end_leftovers()
 
 
 async def _stopping(app: web.Application) -> None:
     state = app[NODE]
+    if not state.engine.ready:
+        log.info("stopping: no new connections; the engine had not finished loading")
+        return
     log.info(
         "stopping: no new connections; %d request(s) in flight get up to %.0f s to finish",
         state.admission.in_flight,

@@ -43,7 +43,11 @@ class RequestContext:
     response_bytes: int = 0
     first_event_at: float | None = None
     events: int = 0
+    client_gone: bool = False  # the client hung up before the answer was complete
 
+
+# The status logged and counted for a request whose client hung up (nginx's "client closed request").
+CLIENT_GONE = 499
 
 CONTEXT: web.RequestKey[RequestContext] = web.RequestKey("tee_node.context", RequestContext)
 
@@ -88,9 +92,14 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         response = error_response(BodyTooLarge(), request_id)
     except web.HTTPException as exc:
         response = _http_error(exc, request_id)
-    except (asyncio.CancelledError, ConnectionResetError):
-        _account(request, ctx, 499)
+    except asyncio.CancelledError:
+        _account(request, ctx, CLIENT_GONE)
         raise
+    except ConnectionResetError:
+        # The client hung up: normal traffic, counted and logged below as one access line. Raised
+        # on, aiohttp would log it as an ERROR with its traceback.
+        ctx.client_gone = True
+        response = web.Response(status=CLIENT_GONE)  # never sent: the connection is closed
     except Exception as exc:
         error_log.error("request %s failed: %s at %s", request_id, type(exc).__name__, _where(exc))
         response = error_response(InternalError(), request_id)
@@ -101,7 +110,7 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
             response.headers["WWW-Authenticate"] = issuer.www_authenticate()
         if response.body is not None and hasattr(response.body, "__len__"):
             ctx.response_bytes = len(response.body)
-    _account(request, ctx, response.status)
+    _account(request, ctx, CLIENT_GONE if ctx.client_gone else response.status)
     return response
 
 

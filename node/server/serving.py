@@ -159,7 +159,7 @@ async def serve_confidential(request: web.Request, endpoint: Endpoint) -> web.St
             state.metrics.refusals.labels("replay").inc()
             raise
         payload = parse_plaintext(opened.plaintext, endpoint)
-        # Part C's length hiding: the engine never sees the request's padding.
+        # Length hiding: the engine never sees the request's padding.
         opened.sealer.padding = envelope.take_obfuscation(payload)
         model = payload["model"]
         if model != outer.model_name or state.model_card(model, endpoint.task) is None:
@@ -398,7 +398,7 @@ async def _stream(
                 await response.write(data)
         completed = True
     except ConnectionResetError:
-        raise  # the client went away: nobody to tell
+        ctx.client_gone = True  # nobody to tell: the access line and the metrics count it
     except Exception as exc:  # NodeError or unexpected: the headers are out, end with the error event
         log.warning("stream %s ended by engine error %s", ctx.request_id, type(exc).__name__)
         with contextlib.suppress(ConnectionError):

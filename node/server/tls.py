@@ -1,4 +1,4 @@
-"""Attested TLS (PROTOCOL.md part C): a key pair made at start, held in memory only, in a
+"""Attested TLS (docs/protocol.md): a key pair made at start, held in memory only, in a
 self-signed certificate whose SHA-256 the attestation document binds (`tls_cert_sha256`).
 
 Clients trust the certificate because the TEE's quote commits to its hash, not because of a CA:

@@ -1,12 +1,15 @@
-"""Start-up and stop of a real `tee-node serve` with the vLLM engine: a signal while the engines
-load ends the whole process group (node, engine cores, workers) within 3 s; a ready node stops
-with its own last line and no vLLM warning."""
+"""Start-up and stop of a real `tee-node serve` with the vLLM engine: a signal at any moment of
+the engine load ends every process of the node's (supervisor, node, engine cores, workers)
+within 3 s, and nothing is printed after the node's last line; a ready node stops with its own
+last line and no vLLM warning."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -17,72 +20,149 @@ from integration_support import clean_env, start_node  # type: ignore[import-not
 pytestmark = pytest.mark.integration
 
 STOP_WITHIN = 3.0
+WORKER_TITLE = "VLLM::Worker"
+LAST_LINE = "tee-node stopped"
 
 
-def group_members(pgid: int) -> list[psutil.Process]:
-    """Live processes of the group (zombies have exited: their parent just has not reaped them)."""
+def session_members(sid: int) -> list[psutil.Process]:
+    """Live processes of the session `start_node` opened: the supervisor, the node in its own
+    process group, and everything vLLM spawns (zombies have exited: not counted)."""
     members = []
     for process in psutil.process_iter():
         try:
-            if os.getpgid(process.pid) == pgid and process.status() != psutil.STATUS_ZOMBIE:
+            if os.getsid(process.pid) == sid and process.status() != psutil.STATUS_ZOMBIE:
                 members.append(process)
         except (psutil.Error, ProcessLookupError):
             continue
     return members
 
 
-def wait_for_engine_processes(pgid: int, proc, timeout: float = 600.0) -> None:
-    """Until vLLM's engine processes run beside the node (the load is under way)."""
+def _titles(processes: list[psutil.Process]) -> list[str]:
+    titles = []
+    for process in processes:
+        try:
+            titles.append(" ".join(process.cmdline())[:80])
+        except psutil.Error:
+            continue
+    return titles
+
+
+def wait_until(proc, sid: int, reached: Callable[[list[str]], bool], what: str, timeout: float = 600.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.popen.poll() is None, f"the node exited while starting:\n{proc.tail()}"
-        if len(group_members(pgid)) >= 3:  # the node, an engine core and a worker at least
+        assert " READY at " not in proc.log.read_text(), f"ready before {what}"
+        if reached(_titles(session_members(sid))):
             return
-        time.sleep(0.2)
-    pytest.fail(f"no engine process after {timeout:.0f} s:\n{proc.tail()}")
+        time.sleep(0.1)
+    pytest.fail(f"never reached {what} within {timeout:.0f} s:\n{proc.tail()}")
 
 
-def stop_seconds(proc, pgid: int, send) -> float:
-    """Send the signal, then seconds until no process of the group is left."""
+def stop_seconds(proc, sid: int, send: Callable[[], None]) -> float:
+    """Send the signal, then seconds until no process of the session is left."""
     started = time.monotonic()
     send()
     while time.monotonic() - started < 60:
-        proc.popen.poll()  # reap the node itself
-        if not group_members(pgid):
+        proc.popen.poll()  # reap the supervisor itself
+        if not session_members(sid):
             return time.monotonic() - started
         time.sleep(0.05)
-    pytest.fail(f"processes left 60 s after the signal: {[p.cmdline() for p in group_members(pgid)]}")
+    pytest.fail(f"processes left 60 s after the signal: {_titles(session_members(sid))}")
+
+
+def _log_has(text: str) -> Callable[[Path], Callable[[list[str]], bool]]:
+    return lambda log: lambda _titles: text in log.read_text()
+
+
+def _engine_core(log: Path) -> Callable[[list[str]], bool]:
+    return lambda titles: any("EngineCore" in t or "multiprocessing.spawn" in t for t in titles)
+
+
+def _workers(log: Path) -> Callable[[list[str]], bool]:
+    return lambda titles: any(t.startswith(WORKER_TITLE) for t in titles)
+
+
+def _workers_for(seconds: float) -> Callable[[Path], Callable[[list[str]], bool]]:
+    def at(log: Path) -> Callable[[list[str]], bool]:
+        first_seen: list[float] = []
+
+        def reached(titles: list[str]) -> bool:
+            if not any(t.startswith(WORKER_TITLE) for t in titles):
+                return False
+            first_seen[:1] = first_seen[:1] or [time.monotonic()]
+            return time.monotonic() - first_seen[0] >= seconds
+
+        return reached
+
+    return at
+
+
+# Moments of a start, from the model check to the weights' load and compilation in the workers.
+MOMENTS = {
+    "model check": _log_has("model check"),
+    "engine loading": _log_has("engine: loading"),
+    "engine cores spawned": _engine_core,
+    "workers spawned": _workers,
+    "workers loading for 8 s": _workers_for(8.0),
+}
+
+
+def _sigint_to_the_terminal_group(proc) -> Callable[[], None]:
+    # start_node's session has one group, as a terminal's foreground job: Ctrl-C signals it.
+    return lambda: os.killpg(proc.popen.pid, signal.SIGINT)
+
+
+def _sigterm_to_the_supervisor(proc) -> Callable[[], None]:
+    return lambda: proc.popen.send_signal(signal.SIGTERM)
 
 
 @pytest.mark.parametrize(
-    "how",
-    ["SIGINT to the group (Ctrl-C)", "SIGTERM to the node alone (a service manager)"],
+    "moment, how",
+    [
+        ("model check", "SIGINT"),
+        ("engine loading", "SIGTERM"),
+        ("engine cores spawned", "SIGINT"),
+        ("workers spawned", "SIGTERM"),
+        ("workers loading for 8 s", "SIGINT"),
+    ],
 )
-def test_a_signal_during_start_up_ends_the_process_group_within_3_s(tmp_path: Path, how: str) -> None:
+def test_a_signal_during_start_up_ends_every_process_within_3_s_and_silently(tmp_path: Path, moment: str, how: str) -> None:
     proc, _ = start_node(tmp_path, env=clean_env(TEE_NODE_LOG_LEVEL="INFO"))
-    pgid = proc.popen.pid  # start_node starts a new session: the node leads its group
+    sid = proc.popen.pid  # start_node starts a new session: the supervisor leads it
     try:
-        wait_for_engine_processes(pgid, proc)
-        if how.startswith("SIGINT"):
-            seconds = stop_seconds(proc, pgid, lambda: os.killpg(pgid, signal.SIGINT))
-        else:
-            seconds = stop_seconds(proc, pgid, lambda: proc.popen.send_signal(signal.SIGTERM))
+        wait_until(proc, sid, MOMENTS[moment](proc.log), moment)
+        send = _sigint_to_the_terminal_group(proc) if how == "SIGINT" else _sigterm_to_the_supervisor(proc)
+        seconds = stop_seconds(proc, sid, send)
+        time.sleep(1.0)  # anything still buffered somewhere would have reached the log by now
     finally:
         proc.stop()
-    assert seconds <= STOP_WITHIN, f"{how}: the process group took {seconds:.1f} s to end:\n{proc.tail()}"
-    assert "tee-node stopped" in proc.log.read_text(), proc.tail()
+    lines = proc.log.read_text().splitlines()
+    assert seconds <= STOP_WITHIN, f"{how} at {moment}: {seconds:.1f} s until no process was left:\n{proc.tail()}"
+    assert lines[-1].endswith(LAST_LINE), f"{how} at {moment}: printed after the node's last line:\n{proc.tail()}"
+    assert not [line for line in lines if "Traceback" in line], f"{how} at {moment}:\n{proc.tail()}"
+    print(f"{how} at {moment}: no process left after {seconds:.1f} s")
 
 
-def test_a_ready_node_stops_with_its_own_line_and_no_vllm_warning(tmp_path: Path) -> None:
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (INFO|WARNING|ERROR|CRITICAL|DEBUG) \S+ ")
+
+
+def test_a_warm_start_says_only_the_nodes_lines_then_stops_with_its_own_line(tmp_path: Path) -> None:
+    """At the default level a start prints no vLLM warning or notice and nothing outside the
+    node's log format (Python's bare last-resort output, torch's C++ notices); a ready node stops
+    with its own last line."""
     proc, url = start_node(tmp_path, env=clean_env(TEE_NODE_LOG_LEVEL="INFO"))
-    pgid = proc.popen.pid
+    sid = proc.popen.pid
     try:
         proc.wait_http(url + "/ready")
         ready_at = len(proc.log.read_text().splitlines())
-        seconds = stop_seconds(proc, pgid, lambda: proc.popen.send_signal(signal.SIGTERM))
+        seconds = stop_seconds(proc, sid, lambda: proc.popen.send_signal(signal.SIGTERM))
     finally:
         proc.stop()
-    after_ready = proc.log.read_text().splitlines()[ready_at:]
-    assert after_ready[-1].endswith("tee-node stopped"), "\n".join(after_ready)
+    lines = proc.log.read_text().splitlines()
+    before_ready, after_ready = lines[:ready_at], lines[ready_at:]
+    assert all(LOG_LINE.match(line) for line in before_ready), "\n".join(before_ready)
+    assert all(" INFO " in line for line in before_ready), "\n".join(before_ready)
+    assert any(" engine: loading " in line for line in before_ready) and " READY at " in before_ready[-1]
+    assert after_ready[-1].endswith(LAST_LINE), "\n".join(after_ready)
     assert not [line for line in after_ready if "WARNING" in line or "Warning" in line], "\n".join(after_ready)
     print(f"ready node stopped in {seconds:.1f} s")
