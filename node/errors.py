@@ -169,6 +169,17 @@ class TokenQuotaExceeded(NodeError, code="TOKEN_QUOTA_EXCEEDED"):
         self.retry_after = retry_after
 
 
+class WorkerRefused(NodeError, code="WORKER_REFUSED"):
+    """A worker VM's join refused; `failed_claims` says why (claims of public evidence, nothing secret)."""
+
+    def __init__(self, failed_claims: tuple[str, ...] | list[str]) -> None:
+        super().__init__()
+        self.failed_claims = list(failed_claims)
+
+    def extra(self) -> dict:
+        return {"failed_claims": self.failed_claims}
+
+
 class NotReady(NodeError, code="NOT_READY"):
     pass
 

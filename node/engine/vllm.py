@@ -23,7 +23,7 @@ import logging.config
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -272,6 +272,11 @@ class VllmEngine:
         self._running: dict[str, _Running] = {}
         self._loading: list[str] = []
         self._ready = False
+        # A multi-VM head (node/server/workers.py): awaited once the models are prepared and
+        # measured, before any load; it returns once every worker VM has joined, and
+        # `distributed_args` then holds vLLM's multi-node settings (nnodes, master_addr ...).
+        self.before_load: Callable[[], Awaitable[None]] | None = None
+        self.distributed_args: dict[str, Any] = {}
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -292,6 +297,8 @@ class VllmEngine:
                 paths.append(path)
                 log.info("model check: %s ok in %.1f s", cfg.name, time.monotonic() - started)
             await importing
+            if self.before_load is not None:
+                await self.before_load()
             pairs = list(zip(self.config.models, map(str, paths)))
             reporter = asyncio.create_task(self._report_loading(time.monotonic()))
             try:
@@ -362,7 +369,7 @@ class VllmEngine:
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        args = AsyncEngineArgs(**engine_args_for(cfg, model, cpu=current_platform.is_cpu()))
+        args = AsyncEngineArgs(**engine_args_for(cfg, model, cpu=current_platform.is_cpu()), **self.distributed_args)
         # Building the engine blocks for the whole load; a thread keeps /ready answering.
         llm = await _in_daemon_thread(AsyncLLM.from_engine_args, args, thread_name=ENGINE_LOAD_THREAD)
         served = _Served(cfg=cfg, llm=llm, max_model_len=llm.model_config.max_model_len)
