@@ -269,6 +269,7 @@ def create_app(config: NodeConfig, engine: Engine | None = None) -> web.Applicat
         state.tls = TlsIdentity.generate([*config.tls.names, *listen])
     if config.workers.count:
         state.workers = WorkerAdmission(config)
+        state.attestation.workers = state.workers.workers
     app = web.Application(middlewares=[error_middleware], client_max_size=config.limits.max_body_bytes)
     app[NODE] = state
     app[OPENAPI] = openapi_document(config, PLAIN_ROUTES)

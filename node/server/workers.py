@@ -155,6 +155,7 @@ def own_policy(service: Any, state: Any) -> Policy:
         signing_public_key=state.signer.public_key,
         key_epoch=key.epoch,
         measured_config=service.measured_config,
+        kem_public_key=key.kem_public_key,
         collateral=service.collateral(),
     )
     claims = verify_evidence(document, expected_nonce=nonce).claims
