@@ -184,6 +184,19 @@ class NotReady(NodeError, code="NOT_READY"):
     pass
 
 
+class WaitingForWorkers(NotReady):
+    """A multi-VM head before its model loads: how many worker VMs it has, and why any were refused."""
+
+    message = "waiting for worker VMs to join"
+
+    def __init__(self, expected: int, admitted: int, refused: list[str]) -> None:
+        super().__init__()
+        self.workers = {"expected": expected, "admitted": admitted, "refused": list(refused)}
+
+    def extra(self) -> dict:
+        return {"workers": self.workers}
+
+
 class InternalError(NodeError, code="INTERNAL_ERROR"):
     pass
 

@@ -25,7 +25,7 @@ from attestation.document import build_document
 from attestation.workers import link_nonce
 
 from .config import NodeConfig
-from .engine.vllm import _end_engine_processes, _engine_processes, engine_args_for, engine_environment
+from .engine.vllm import end_engine_processes, engine_args_for, set_engine_environment
 from .keys import KeyRing, Signer
 from .link import LinkKeys, WireGuardLink
 from .models import prepare_model, weights_sha256
@@ -179,7 +179,7 @@ async def run(config: NodeConfig, head: str, *, join_timeout: float = 600.0) -> 
             endpoint=f"{head_host}:{admission.head_link_port}",
             keepalive=HEAD_KEEPALIVE,
         )
-        os.environ.update(engine_environment(config.cache_dir, config.log_level, dict(os.environ)))
+        set_engine_environment(config.cache_dir, config.log_level)
         os.environ["VLLM_HOST_IP"] = link.ip
         os.environ["GLOO_SOCKET_IFNAME"] = link.interface
         stop = asyncio.Event()
@@ -194,6 +194,6 @@ async def run(config: NodeConfig, head: str, *, join_timeout: float = 600.0) -> 
             return 1
         return 0
     finally:
-        _end_engine_processes(_engine_processes())
+        end_engine_processes()
         await link.stop()
         log.info("worker stopped")

@@ -137,6 +137,18 @@ def engine_environment(cache_dir: Path, log_level: str, environ: dict[str, str])
     return env
 
 
+def set_engine_environment(cache_dir: Path, log_level: str) -> None:
+    """`engine_environment` in this process (inherited by vLLM's), with vLLM's logging file written."""
+    os.environ.update(engine_environment(cache_dir, log_level, dict(os.environ)))
+    if os.environ.get("VLLM_LOGGING_CONFIG_PATH") == str(cache_dir / VLLM_LOGGING_FILE):
+        _quiet_vllm_logging(cache_dir / VLLM_LOGGING_FILE)
+
+
+def end_engine_processes() -> None:
+    """Stop every vLLM process this one started (a worker VM's headless vLLM at exit)."""
+    _end_engine_processes(_engine_processes())
+
+
 def _quiet_vllm_logging(config_path: Path) -> None:
     """vLLM at WARNING in the node's format, here and (through the file) in its processes."""
     config = logging_config(LOG_FORMAT)
@@ -281,9 +293,7 @@ class VllmEngine:
     # --- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        os.environ.update(engine_environment(self._cache_dir, self._log_level, dict(os.environ)))
-        if os.environ.get("VLLM_LOGGING_CONFIG_PATH") == str(self._cache_dir / VLLM_LOGGING_FILE):
-            _quiet_vllm_logging(self._cache_dir / VLLM_LOGGING_FILE)
+        set_engine_environment(self._cache_dir, self._log_level)
         # vLLM's import (~10 s) overlaps the model checks (hashing).
         importing = asyncio.ensure_future(_in_daemon_thread(_import_vllm_serving))
         try:

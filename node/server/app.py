@@ -125,7 +125,7 @@ async def health(request: web.Request) -> web.Response:
 async def ready(request: web.Request) -> web.Response:
     state = request.app[NODE]
     if not state.engine.ready:
-        raise NotReady()
+        raise state.workers.not_ready() if state.workers is not None else NotReady()
     return _json({"status": "ready", "key_epoch": state.keyring.current.epoch})
 
 

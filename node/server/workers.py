@@ -28,7 +28,7 @@ from attestation.errors import AttestationError
 from attestation.workers import CHALLENGE_SIZE, WorkerEntry
 
 from ..config import NodeConfig
-from ..errors import InvalidBody, MalformedJson, NotReady, WorkerRefused
+from ..errors import InvalidBody, MalformedJson, NotReady, WaitingForWorkers, WorkerRefused
 from ..link import LinkKeys, WireGuardLink, peer_address
 from .middleware import CONTEXT
 from .serving import read_body
@@ -60,6 +60,13 @@ class WorkerAdmission:
     def workers(self) -> list[dict[str, Any]] | None:
         """The document's `workers`: every admitted worker's entry (None on a single-VM node)."""
         return [entry.to_json() for entry in self.entries] if self.config.workers.count else None
+
+    def not_ready(self) -> NotReady:
+        """/ready's answer while the model is not loaded: until every worker has joined, which
+        workers are missing and each refusal's failing claims."""
+        if self._complete.is_set():
+            return NotReady()
+        return WaitingForWorkers(self.config.workers.count, len(self.entries), self.refusals)
 
     def engine_args(self) -> dict[str, Any]:
         """vLLM's multi-node settings for the head, rank 0, rendezvous on its link address."""
