@@ -36,6 +36,11 @@ from .state import NODE
 
 log = logging.getLogger("tee_node.workers")
 
+# Bounds on what unauthenticated callers can make the head hold: outstanding challenges (the
+# oldest goes first) and the refusals /ready reports (the latest are kept).
+MAX_CHALLENGES = 64
+MAX_REFUSALS = 8
+
 
 def worker_role(node_rank: int) -> str:
     return f"pipeline-stage-{node_rank}"
@@ -93,6 +98,8 @@ class WorkerAdmission:
     def challenge(self) -> bytes:
         now = time.monotonic()
         self._challenges = {c: t for c, t in self._challenges.items() if t > now}
+        while len(self._challenges) >= MAX_CHALLENGES:
+            del self._challenges[next(iter(self._challenges))]
         challenge = secrets.token_bytes(CHALLENGE_SIZE)
         self._challenges[challenge] = now + self.config.workers.challenge_ttl
         return challenge
@@ -140,7 +147,7 @@ class WorkerAdmission:
         }
 
     def _refuse(self, *errors: str) -> None:
-        self.refusals.append("; ".join(errors))
+        self.refusals = [*self.refusals, "; ".join(errors)][-MAX_REFUSALS:]
         log.warning("workers: a worker was refused: %s; the node stays not ready until enough workers pass", "; ".join(errors))
         raise WorkerRefused(errors)
 
