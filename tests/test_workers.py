@@ -131,3 +131,38 @@ def test_a_head_documents_its_worker_routes_and_their_refusal():
     assert join["403"]["description"].startswith("WORKER_REFUSED: ") and "503" in join
     # Only the head's measured config says how many VMs hold the model.
     assert head.measured_config({})["workers"] == {"count": 1} and "workers" not in load_config(None).measured_config({})
+
+
+# --- the head's join routes, in-process (admission itself runs in the multivm test: it needs root) ---
+
+
+async def test_a_single_vm_node_refuses_workers(make_node):
+    node = await make_node()
+    response = await node.client.post("/v1/workers/challenge")
+    body = await response.json()
+    assert response.status == 403 and body["error"]["code"] == "WORKER_REFUSED"
+    assert body["error"]["failed_claims"] == ["this node takes no workers (workers.count = 0)"]
+
+
+async def test_a_head_refuses_malformed_joins_and_asks_workers_to_wait_until_it_is_prepared(aiohttp_client):
+    from node.config import load_config
+    from node.server import create_app
+    from server_support import NodeTestServer, echo_engine
+
+    config = load_config(None, engine={"models": [{"name": "m", "source": "embedded:smollm2"}]}, workers={"count": 1})
+    client = await aiohttp_client(NodeTestServer(create_app(config, echo_engine())))
+    challenge = (await (await client.post("/v1/workers/challenge")).json())["challenge"]
+    good = {**worker_entry(challenge=bytes.fromhex(challenge)), "link_port": 51820}
+    for broken, field in (
+        ({**good, "link_port": "51820"}, "link_port"),
+        ({**good, "link_public_key": "not base64"}, "link_public_key"),
+        ({k: v for k, v in good.items() if k != "evidence"}, "evidence"),
+    ):
+        response = await client.post("/v1/workers/join", json=broken)
+        body = await response.json()
+        assert response.status == 400 and body["error"]["code"] == "INVALID_BODY", (field, body)
+    response = await client.post("/v1/workers/join", data=b"{not json")
+    assert response.status == 400
+    # The head measures its own models before it can compare a worker with itself.
+    response = await client.post("/v1/workers/join", json=good)
+    assert response.status == 503 and (await response.json())["error"]["code"] == "NOT_READY"

@@ -103,12 +103,19 @@ class Vm:
                 pass
 
 
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another file system
+        shutil.copy2(source, target)
+
+
 def _prepare_home(home: Path, model_dir: Path) -> None:
     """The VM's own cache holding the prepared weights (hard links: the same bytes, as two VMs
     built from one image hold them) and nothing else."""
     models = home / "cache" / "models"
     models.mkdir(parents=True)
-    shutil.copytree(model_dir, models / model_dir.name, copy_function=os.link)
+    shutil.copytree(model_dir, models / model_dir.name, copy_function=_link_or_copy)
     (home / "state").mkdir()
 
 
@@ -139,7 +146,8 @@ def vms(home: Path, chat_model_dir: Path) -> Iterator[tuple[Vm, Vm]]:
         for vm in (head, worker):
             _run("ip", "link", "set", vm.veth, "netns", vm.netns)
             # IPv4 only: no IPv6 neighbour discovery on the wire, so the capture holds only what the VMs send.
-            _run("ip", "netns", "exec", vm.netns, "sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1")
+            ipv6 = "/proc/sys/net/ipv6/conf/all/disable_ipv6"
+            _run("ip", "netns", "exec", vm.netns, "sh", "-c", f"test ! -e {ipv6} || echo 1 > {ipv6}")
             _run("ip", "-n", vm.netns, "address", "add", f"{vm.ip}/24", "dev", vm.veth)
             _run("ip", "-n", vm.netns, "link", "set", "lo", "up")
             _run("ip", "-n", vm.netns, "link", "set", vm.veth, "up")
