@@ -166,3 +166,16 @@ async def test_a_head_refuses_malformed_joins_and_asks_workers_to_wait_until_it_
     # The head measures its own models before it can compare a worker with itself.
     response = await client.post("/v1/workers/join", json=good)
     assert response.status == 503 and (await response.json())["error"]["code"] == "NOT_READY"
+
+
+def test_the_worker_policy_is_the_configured_file_else_the_heads_own(tmp_path):
+    from node.config import load_config
+    from node.server.workers import WorkerAdmission
+
+    models = {"models": [{"name": "m", "source": "embedded:smollm2"}]}
+    own = Policy(allow_simulated=True, config_digest=frozenset({"ab" * 32}))
+    assert WorkerAdmission(load_config(None, engine=models, workers={"count": 1})).worker_policy(own) is own
+    policy_file = tmp_path / "workers.toml"
+    policy_file.write_text('allow_simulated = true\nconfig_digest = ["' + "cd" * 32 + '"]\n')
+    configured = WorkerAdmission(load_config(None, engine=models, workers={"count": 1, "policy": str(policy_file)}))
+    assert configured.worker_policy(own).config_digest == frozenset({"cd" * 32})

@@ -82,11 +82,11 @@ class WorkerAdmission:
             "master_port": self.config.workers.rendezvous_port,
         }
 
-    async def gate(self, own_policy: Policy | None) -> None:
+    async def gate(self, head_policy: Policy) -> None:
         """Called by the engine once its models are prepared: bring the link up, then wait until
-        every worker has joined. `own_policy` pins the head's own evidence (the default policy)."""
+        every worker has joined. `head_policy` pins the head's own evidence (the default policy)."""
         settings = self.config.workers
-        self._policy = load_policy(settings.policy) if settings.policy is not None else own_policy
+        self._policy = self.worker_policy(head_policy)
         await self.link.start()
         # vLLM's processes (rendezvous, Gloo, message queues) bind and connect on the link only.
         os.environ["VLLM_HOST_IP"] = self.link.ip
@@ -94,6 +94,11 @@ class WorkerAdmission:
         self._prepared.set()
         log.info("workers: waiting for %d worker VM(s) to join over %s", settings.count, self.link.address)
         await self._complete.wait()
+
+    def worker_policy(self, head_policy: Policy) -> Policy:
+        """`[workers] policy` (a policy file, e.g. pinning the release the VMs run), else the head's own evidence."""
+        path = self.config.workers.policy
+        return load_policy(path) if path is not None else head_policy
 
     def challenge(self) -> bytes:
         now = time.monotonic()
