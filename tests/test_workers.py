@@ -179,3 +179,8 @@ def test_the_worker_policy_is_the_configured_file_else_the_heads_own(tmp_path):
     policy_file.write_text('allow_simulated = true\nconfig_digest = ["' + "cd" * 32 + '"]\n')
     configured = WorkerAdmission(load_config(None, engine=models, workers={"count": 1, "policy": str(policy_file)}))
     assert configured.worker_policy(own).config_digest == frozenset({"cd" * 32})
+    policy_file.write_text("allow_simulatd = true\n")
+    with pytest.raises(ValueError, match="allow_simulatd"):  # `tee-node serve` says so and does not start
+        WorkerAdmission(load_config(None, engine=models, workers={"count": 1, "policy": str(policy_file)}))
+    with pytest.raises(ValueError, match="cannot be read"):
+        WorkerAdmission(load_config(None, engine=models, workers={"count": 1, "policy": str(tmp_path / "missing.toml")}))

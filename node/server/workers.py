@@ -17,6 +17,7 @@ import os
 import secrets
 import time
 import tomllib
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -58,6 +59,8 @@ class WorkerAdmission:
         self.refusals: list[str] = []
         self._challenges: dict[bytes, float] = {}
         self._policy: Policy | None = None
+        # Read at start: a policy file that does not load stops `tee-node serve` with its reason.
+        self._file_policy = _load_worker_policy(settings.policy) if settings.policy is not None else None
         self._prepared = asyncio.Event()
         self._complete = asyncio.Event()
         self._join_lock = asyncio.Lock()
@@ -97,8 +100,7 @@ class WorkerAdmission:
 
     def worker_policy(self, head_policy: Policy) -> Policy:
         """`[workers] policy` (a policy file, e.g. pinning the release the VMs run), else the head's own evidence."""
-        path = self.config.workers.policy
-        return load_policy(path) if path is not None else head_policy
+        return self._file_policy if self._file_policy is not None else head_policy
 
     def challenge(self) -> bytes:
         now = time.monotonic()
@@ -159,6 +161,13 @@ class WorkerAdmission:
     async def stop(self) -> None:
         self._complete.set()  # a gate still waiting gives way: the node is stopping
         await self.link.stop()
+
+
+def _load_worker_policy(path: Path) -> Policy:
+    try:
+        return load_policy(path)
+    except OSError as exc:
+        raise ValueError(f"workers.policy {path} cannot be read: {exc.strerror}: give a policy file (docs/policy.md) or none") from None
 
 
 def own_policy(service: Any, state: Any) -> Policy:
