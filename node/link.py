@@ -63,6 +63,17 @@ def peer_address(link_address: str, index: int) -> str:
     return f"{address}/{interface.network.prefixlen}"
 
 
+def handshake_time(latest_handshakes: str, public_key: bytes) -> float | None:
+    """The peer's time in `wg show IFACE latest-handshakes` output (`<b64 key>\t<unix seconds>`
+    per peer, 0 before the first handshake); None when there is none."""
+    wanted = base64.b64encode(public_key).decode("ascii")
+    for line in latest_handshakes.splitlines():
+        peer, _, seconds = line.partition("\t")
+        if peer == wanted and seconds.strip().isdigit():
+            return float(seconds) or None
+    return None
+
+
 async def _run(*argv: str, secret: bytes | None = None) -> None:
     """Run a command; `secret` goes in through a pipe whose read end the command sees as /dev/fd/N."""
     read_fd = write_fd = None
@@ -142,6 +153,14 @@ class WireGuardLink:
             args += ["persistent-keepalive", str(keepalive)]
         await _run(*args)
         log.info("link: peer %s admitted at %s", base64.b64encode(public_key).decode("ascii"), peer_ip)
+
+    async def latest_handshake(self, public_key: bytes) -> float | None:
+        """Unix time of the last completed handshake with this peer (None: none yet)."""
+        proc = await asyncio.create_subprocess_exec(
+            "wg", "show", self.interface, "latest-handshakes", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
+        )
+        stdout, _ = await proc.communicate()
+        return handshake_time(stdout.decode(errors="replace"), public_key)
 
     async def stop(self) -> None:
         daemon, self._daemon = self._daemon, None

@@ -15,6 +15,7 @@ import base64
 import logging
 import os
 import signal
+import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -35,6 +36,10 @@ log = logging.getLogger("tee_node.worker")
 
 JOIN_RETRY = 2.0  # seconds between join attempts while the head is still preparing its models
 HEAD_KEEPALIVE = 25  # seconds: keeps the head's view of this worker's endpoint fresh through NATs
+# With keepalives flowing, WireGuard renews its session every 2 minutes; no handshake for this
+# long means the head is gone (stopped, or restarted with a new link key): the worker ends, and
+# its supervisor starts it again to join the head's next run.
+HEAD_LOST_AFTER = 300.0
 
 
 class JoinRefused(Exception):
@@ -131,6 +136,15 @@ def _claims(body: Any) -> list[str]:
     return [str(error.get("message", ""))]
 
 
+async def _watch_head(link: WireGuardLink, head_key: bytes, since: float) -> None:
+    """Returns once the link has had no handshake with the head for HEAD_LOST_AFTER seconds."""
+    while True:
+        await asyncio.sleep(HEAD_KEEPALIVE)
+        last = await link.latest_handshake(head_key) or since
+        if time.time() - last > HEAD_LOST_AFTER:
+            return
+
+
 def _run_headless(config: NodeConfig, model: str, admission: Admission) -> None:
     """vLLM's headless multi-node worker, as `vllm serve --headless` runs it (blocks until it ends)."""
     from vllm.engine.arg_utils import AsyncEngineArgs
@@ -187,10 +201,18 @@ async def run(config: NodeConfig, head: str, *, join_timeout: float = 600.0) -> 
             loop.add_signal_handler(signum, stop.set)
         vllm = loop.run_in_executor(None, _run_headless, config, paths[0], admission)
         stopping = asyncio.ensure_future(stop.wait())
-        await asyncio.wait([vllm, stopping], return_when=asyncio.FIRST_COMPLETED)
+        head_lost = asyncio.ensure_future(_watch_head(link, admission.head_link_public_key, time.time()))
+        try:
+            await asyncio.wait([vllm, stopping, head_lost], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            head_lost.cancel()
         if vllm.done() and vllm.exception() is not None:
             exc = vllm.exception()
             log.error("worker: vLLM failed: %s: %s", type(exc).__name__, exc)
+            return 1
+        if head_lost.done() and not head_lost.cancelled():
+            log.error("worker: no WireGuard handshake with the head for %.0f s: the head is gone; stopping", HEAD_LOST_AFTER)
             return 1
         return 0
     finally:

@@ -184,3 +184,13 @@ def test_the_worker_policy_is_the_configured_file_else_the_heads_own(tmp_path):
         WorkerAdmission(load_config(None, engine=models, workers={"count": 1, "policy": str(policy_file)}))
     with pytest.raises(ValueError, match="cannot be read"):
         WorkerAdmission(load_config(None, engine=models, workers={"count": 1, "policy": str(tmp_path / "missing.toml")}))
+
+
+def test_the_heads_last_handshake_is_read_from_wg():
+    from node.link import handshake_time
+
+    head, other = b"\x01" * 32, b"\x02" * 32
+    output = f"{base64.b64encode(other).decode()}\t1733300000\n{base64.b64encode(head).decode()}\t0\n"
+    assert handshake_time(output, other) == 1733300000.0
+    assert handshake_time(output, head) is None  # listed, but no handshake yet
+    assert handshake_time("", head) is None
