@@ -100,6 +100,8 @@ async def join(session: aiohttp.ClientSession, head: str, config: NodeConfig, se
             measured_config=service.measured_config,
             kem_public_key=key.kem_public_key,
             collateral=service.collateral(),
+            # The release this VM runs (attestation.release_bundle), for policies with a [release].
+            release_bundle=service.release_bundle,
         )
         request = {
             "challenge": challenge.hex(),
