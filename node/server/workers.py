@@ -2,11 +2,12 @@
 
 A worker asks `POST /v1/workers/challenge` for a fresh challenge, then `POST /v1/workers/join`
 with its link public key and its own attestation document whose nonce binds both
-(attestation/workers.py). The head verifies that document (`verify_evidence`) and appraises its
-claims with the worker policy through `appraise`, the one place trust is decided: a worker that
-fails is refused with every failing claim named, never reaches the link or vLLM, and the head
-stays not ready. An admitted worker becomes a WireGuard peer; once `workers.count` have joined,
-the engine loads with vLLM's multi-node settings pointing at the head's link address.
+(attestation/workers.py). The head checks that document as a client would (`verify_document`:
+authenticity, then `appraise`, the one place trust is decided) under its worker policy: a
+worker that fails is refused with every failing claim named, never reaches the link or vLLM,
+and the head stays not ready. An admitted worker becomes a WireGuard peer; once
+`workers.count` have joined, the engine loads with vLLM's multi-node settings pointing at the
+head's link address.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from attestation.appraisal import Policy, appraise, load_policy, policy_from_claims
-from attestation.document import build_document, verify_evidence
-from attestation.errors import AttestationError
+from attestation.appraisal import Policy, load_policy, policy_from_claims
+from attestation.document import build_document, verify_document, verify_evidence
+from attestation.errors import AttestationError, PolicyRefused
 from attestation.workers import CHALLENGE_SIZE, WorkerEntry
 
 from ..config import NodeConfig
@@ -121,14 +122,16 @@ class WorkerAdmission:
         if not self._prepared.is_set():
             raise NotReady()
         self._take_challenge(entry.challenge)
+        assert self._policy is not None
         try:
-            verified = await asyncio.to_thread(verify_evidence, entry.evidence, expected_nonce=entry.expected_nonce)
+            # A client's own path: authenticity (the release included), then `appraise`.
+            verified = await asyncio.to_thread(verify_document, entry.evidence, expected_nonce=entry.expected_nonce, policy=self._policy)
+        except PolicyRefused as exc:
+            self._refuse(*exc.errors)
         except AttestationError as exc:
             self._refuse(f"evidence does not verify: {exc}")
-        assert self._policy is not None
-        verdict = appraise(verified.claims, self._policy)
-        if not verdict.accepted:
-            self._refuse(*verdict.errors)
+        if verified.workers is not None:
+            self._refuse("a worker's evidence must not list workers of its own")
         async with self._join_lock:
             if self._complete.is_set():
                 raise WorkerRefused(("the node already has all its workers (workers.count)",))
