@@ -50,6 +50,18 @@ class LinkKeys:
         return base64.b64encode(self.public_key).decode("ascii")
 
 
+def vllm_environment(link: "WireGuardLink") -> dict[str, str]:
+    """Where vLLM's processes bind and connect between VMs: the link only. VLLM_HOST_IP (its
+    message queues, its own address), Gloo (CPU process groups) and NCCL (GPU) on the link's
+    interface, and NCCL without InfiniBand/RoCE verbs, which bypass the IP stack and so the link."""
+    return {
+        "VLLM_HOST_IP": link.ip,
+        "GLOO_SOCKET_IFNAME": link.interface,
+        "NCCL_SOCKET_IFNAME": link.interface,
+        "NCCL_IB_DISABLE": "1",
+    }
+
+
 def missing_tools() -> list[str]:
     return [tool for tool in TOOLS if shutil.which(tool) is None]
 

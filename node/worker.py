@@ -28,7 +28,7 @@ from attestation.workers import link_nonce
 from .config import NodeConfig
 from .engine.vllm import end_engine_processes, engine_args_for, set_engine_environment
 from .keys import KeyRing, Signer
-from .link import LinkKeys, WireGuardLink
+from .link import LinkKeys, WireGuardLink, vllm_environment
 from .models import prepare_model, weights_sha256
 from .server.attestation import AttestationService
 
@@ -196,8 +196,7 @@ async def run(config: NodeConfig, head: str, *, join_timeout: float = 600.0) -> 
             keepalive=HEAD_KEEPALIVE,
         )
         set_engine_environment(config.cache_dir, config.log_level)
-        os.environ["VLLM_HOST_IP"] = link.ip
-        os.environ["GLOO_SOCKET_IFNAME"] = link.interface
+        os.environ.update(vllm_environment(link))
         stop = asyncio.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)

@@ -194,3 +194,15 @@ def test_the_heads_last_handshake_is_read_from_wg():
     assert handshake_time(output, other) == 1733300000.0
     assert handshake_time(output, head) is None  # listed, but no handshake yet
     assert handshake_time("", head) is None
+
+
+def test_vllm_talks_between_vms_over_the_link_only():
+    from node.link import WireGuardLink, vllm_environment
+
+    link = WireGuardLink("tee-link0", LinkKeys.generate(), "10.99.0.2/24", 51820)
+    assert vllm_environment(link) == {
+        "VLLM_HOST_IP": "10.99.0.2",
+        "GLOO_SOCKET_IFNAME": "tee-link0",
+        "NCCL_SOCKET_IFNAME": "tee-link0",
+        "NCCL_IB_DISABLE": "1",  # verbs bypass the IP stack, so the link
+    }

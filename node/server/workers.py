@@ -31,7 +31,7 @@ from attestation.workers import CHALLENGE_SIZE, WorkerEntry
 
 from ..config import NodeConfig
 from ..errors import InvalidBody, MalformedJson, NotReady, WaitingForWorkers, WorkerRefused
-from ..link import LinkKeys, WireGuardLink, peer_address
+from ..link import LinkKeys, WireGuardLink, peer_address, vllm_environment
 from .middleware import CONTEXT
 from .serving import read_body
 from .state import NODE
@@ -92,9 +92,7 @@ class WorkerAdmission:
         settings = self.config.workers
         self._policy = self.worker_policy(head_policy)
         await self.link.start()
-        # vLLM's processes (rendezvous, Gloo, message queues) bind and connect on the link only.
-        os.environ["VLLM_HOST_IP"] = self.link.ip
-        os.environ["GLOO_SOCKET_IFNAME"] = self.link.interface
+        os.environ.update(vllm_environment(self.link))
         self._prepared.set()
         log.info("workers: waiting for %d worker VM(s) to join over %s", settings.count, self.link.address)
         await self._complete.wait()
