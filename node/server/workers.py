@@ -13,6 +13,7 @@ head's link address.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import secrets
@@ -222,5 +223,9 @@ async def workers_join(request: web.Request) -> web.Response:
         entry = WorkerEntry.from_json({**data, "role": "joining"})
     except AttestationError:
         raise InvalidBody("challenge, link_public_key or evidence is malformed") from None
-    answer = await admission.join(entry, link_port, request.remote or "")
+    try:
+        remote = ipaddress.ip_address(request.remote or "")
+    except ValueError:  # relayed (Oblivious HTTP): no address to reach the worker at
+        raise InvalidBody("a worker joins directly, not through a relay: the head needs its address for the link") from None
+    answer = await admission.join(entry, link_port, f"[{remote}]" if remote.version == 6 else str(remote))
     return web.Response(body=orjson.dumps(answer), content_type="application/json")
