@@ -14,6 +14,7 @@ from .appraisal import Policy, appraise, appraised_claims
 from .claims import Claims, GpuClaims, ReleaseClaims
 from .collateral import AmdCollateral, LocalCollateral
 from .errors import (
+    AttestationError,
     DocumentInvalid,
     GpuEvidenceInvalid,
     NonceMismatch,
@@ -25,6 +26,7 @@ from .errors import (
 from .evidence import FORMAT_NVIDIA, FORMAT_SNP, FORMAT_TDX, GpuProvider, TeeProvider
 from .intel import IntelCollateral
 from .nvidia.verify import verify_gpu_report
+from .workers import WorkerEntry
 
 # The version the node serves; a client verifies both.
 DOCUMENT_VERSION = 3
@@ -125,6 +127,8 @@ class VerifiedAttestation:
     public_keys: dict[str, str | None] = field(default_factory=binding.empty_public_keys)
     workers: list[dict[str, Any]] | None = None
     release_bundle: dict[str, Any] | None = None
+    # Each worker VM's own verified evidence, in `workers` order (appraised by verify_document).
+    worker_attestations: tuple["VerifiedAttestation", ...] = ()
     gpu_devices: int = 0
     gpu_verified: bool = False  # the document has GPU evidence and every entry verified (acceptance: appraise)
     notes: tuple[str, ...] = field(default=())
@@ -206,12 +210,6 @@ def _v3_fields(doc: dict[str, Any]) -> tuple[dict[str, str | None], list[dict[st
     workers = _optional(doc, "workers", lambda d, n: _field(d, n, list))
     if workers is not None and not all(isinstance(worker, dict) for worker in workers):
         raise DocumentInvalid("document workers must be a list of objects or null")
-    if workers:
-        # Default-deny: a VM whose evidence nobody checked must not touch the client's data.
-        raise DocumentInvalid(
-            f"the document lists {len(workers)} worker VM(s) and this verifier cannot check worker evidence: "
-            "use a client that verifies every VM of a multi-VM node"
-        )
     release_bundle = _optional(doc, "release_bundle", lambda d, n: _field(d, n, dict))
     return public_keys, workers, release_bundle
 
@@ -374,6 +372,15 @@ def verify_evidence(
     gpu_nonce = binding.gpu_nonce(nonce=expected_nonce, dh_public_key=dh_public_key, signing_public_key=signing_public_key)
     gpus = _check_gpu(gpu_entries, gpu_nonce, collateral, at, gpu_device_roots)
     release = _check_release(release_bundle, release_trusted_root) if check_release else None
+    worker_attestations = _verify_workers(
+        workers or [],
+        at=at,
+        trusted_roots=trusted_roots,
+        gpu_device_roots=gpu_device_roots,
+        local_collateral=local_collateral,
+        check_release=check_release,
+        release_trusted_root=release_trusted_root,
+    )
     claims = Claims(
         tee=tee,
         simulated=simulated,
@@ -400,6 +407,7 @@ def verify_evidence(
         public_keys=public_keys if public_keys is not None else binding.empty_public_keys(),
         workers=workers,
         release_bundle=release_bundle,
+        worker_attestations=worker_attestations,
         gpu_devices=len(gpus),
         gpu_verified=bool(gpus),
         notes=(*cpu_claims.collateral_notes, *(note for gpu in gpus for note in gpu.notes)),
@@ -430,6 +438,56 @@ def verify_document(
         release_trusted_root=policy.release.trusted_root if policy.release is not None else None,
     )
     verdict = appraise(verified.claims, policy)
-    if not verdict.accepted:
-        raise PolicyRefused(verdict.errors)
-    return replace(verified, warnings=verdict.warnings, claims=appraised_claims(verified.claims, verdict))
+    errors, warnings = list(verdict.errors), list(verdict.warnings)
+    workers = []
+    # Every VM that touches the client's data answers to the same policy: one refusal refuses the node.
+    for entry, worker in zip(verified.workers or [], verified.worker_attestations):
+        worker_verdict = appraise(worker.claims, policy)
+        errors += [f"worker {entry['role']}: {error}" for error in worker_verdict.errors]
+        warnings += [f"worker {entry['role']}: {warning}" for warning in worker_verdict.warnings]
+        workers.append(replace(worker, warnings=worker_verdict.warnings, claims=appraised_claims(worker.claims, worker_verdict)))
+    if errors:
+        raise PolicyRefused(errors)
+    return replace(
+        verified,
+        warnings=tuple(warnings),
+        claims=appraised_claims(verified.claims, verdict),
+        worker_attestations=tuple(workers),
+    )
+
+
+def _verify_workers(
+    entries: list[dict[str, Any]],
+    *,
+    at: datetime | None,
+    trusted_roots: tuple | None,
+    gpu_device_roots: tuple | None,
+    local_collateral: LocalCollateral | None,
+    check_release: bool,
+    release_trusted_root: Any,
+) -> tuple[VerifiedAttestation, ...]:
+    """Each worker's own document, authentic and bound to its link key (attestation/workers.py);
+    a worker lists no workers of its own. Appraisal is verify_document's."""
+    verified = []
+    for item in entries:
+        entry = WorkerEntry.from_json(item)
+        if entry.evidence.get("workers") is not None:
+            raise DocumentInvalid(f"worker {entry.role}: a worker's evidence must not list workers of its own")
+        try:
+            worker = verify_evidence(
+                entry.evidence,
+                expected_nonce=entry.expected_nonce,
+                at=at,
+                trusted_roots=trusted_roots,
+                gpu_device_roots=gpu_device_roots,
+                local_collateral=local_collateral,
+                # Each VM shows the release it runs; a policy with a [release] judges every one.
+                check_release=check_release,
+                release_trusted_root=release_trusted_root,
+            )
+        except NonceMismatch:
+            raise NonceMismatch(f"worker {entry.role}: its evidence does not bind its link key and challenge") from None
+        except AttestationError as exc:
+            raise type(exc)(f"worker {entry.role}: {exc}") from None
+        verified.append(worker)
+    return tuple(verified)

@@ -127,6 +127,23 @@ def _relay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _worker(args: argparse.Namespace) -> int:
+    from .worker import run
+
+    try:
+        config = config_from_args(args)
+    except (ValueError, AttestationError) as exc:
+        print(f"tee-node worker: cannot start: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_START
+    logging.basicConfig(level=config.log_level.upper(), format=LOG_FORMAT)
+    code = asyncio.run(run(config, args.head))
+    # vLLM's threads and exit handlers have nothing left to do (as after `serve`).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def _models_prepare(args: argparse.Namespace) -> int:
     from .models import prepare_all
 
@@ -224,6 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     relay.add_argument("--per-address-per-minute", type=int, default=120, help="requests a minute from one client address")
     relay.add_argument("--log-level", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     relay.set_defaults(func=_relay)
+    worker = with_config(
+        commands.add_parser("worker", help="run a worker VM of a multi-VM node: attest to the head, join its WireGuard link, run vLLM headless")
+    )
+    worker.add_argument("--head", required=True, help="the head node's URL (http(s)://HOST:PORT)")
+    worker.add_argument("--log-level", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    worker.set_defaults(func=_worker)
 
     models = _commands(commands.add_parser("models", help="model cache"), "models_command")
     prepare = with_config(models.add_parser("prepare", help="prepare the configured models ahead of time"))

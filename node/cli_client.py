@@ -264,6 +264,10 @@ def run_attest(args: argparse.Namespace, out: TextIO | None = None, err: TextIO 
         out.write(f"  Privacy Pass:  {'attested token key' if token_key else 'off'}\n")
         if wallet is not None:
             out.write(f"  token wallet:  {len(wallet)} unspent token(s) in {wallet.path}\n")
+        if len(identity.vms) > 1:  # a multi-VM node: every VM verified under the same policy
+            out.write(f"  VMs:           {len(identity.vms)}, each verified and appraised\n")
+            for vm in identity.vms:
+                out.write(f"    {vm['role']}: tee={vm['tee']} measurement={vm['measurement']} config_digest={vm['config_digest']}\n")
         if identity.simulated:
             out.write("  WARNING: simulated evidence proves nothing about confidentiality\n")
     return EXIT_OK

@@ -220,6 +220,25 @@ class AttestationConfig(_Section):
     release_bundle: Path | None = None
 
 
+class WorkersConfig(_Section):
+    """Worker VMs that run later pipeline stages of the model (`tee-node worker`), each admitted
+    only once its evidence passes the worker policy, and reached only over a WireGuard link."""
+
+    # How many worker VMs must join before the model loads (0: a single-VM node).
+    count: int = Field(default=0, ge=0)
+    # The policy a worker's evidence must pass (docs/policy.md). None: the head's own release,
+    # that is, every register of the head's own evidence and its config digest.
+    policy: Path | None = None
+    # The WireGuard link: the head's address on it (workers get the next ones), its UDP port,
+    # the interface name, and the port of vLLM's rendezvous on the head's link address.
+    link_address: str = "10.99.0.1/24"
+    link_port: int = Field(default=51820, ge=1, le=65535)
+    link_interface: str = "tee-link0"
+    rendezvous_port: int = Field(default=29501, ge=1, le=65535)
+    # Seconds a join challenge stays valid.
+    challenge_ttl: float = Field(default=120.0, gt=0)
+
+
 class NodeConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TEE_NODE_", env_nested_delimiter="__", extra="forbid")
 
@@ -239,6 +258,7 @@ class NodeConfig(BaseSettings):
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     tls: TlsConfig = Field(default_factory=TlsConfig)
     attestation: AttestationConfig = Field(default_factory=AttestationConfig)
+    workers: WorkersConfig = Field(default_factory=WorkersConfig)
 
     @model_validator(mode="after")
     def _privacy_pass_needs_accounts(self) -> NodeConfig:
@@ -255,6 +275,8 @@ class NodeConfig(BaseSettings):
 
     @model_validator(mode="after")
     def _tee_rules(self) -> NodeConfig:
+        if self.workers.count and (self.engine.kind != "vllm" or len(self.engine.models) != 1):
+            raise ValueError("workers.count > 0 needs engine.kind = 'vllm' and exactly one model (the one split over the VMs)")
         if self.tee_mode != "simulated":
             if not self.auth.api_token_sha256:
                 raise ValueError("a TEE mode needs at least one api token: open access is simulated-only")
@@ -298,7 +320,7 @@ class NodeConfig(BaseSettings):
         port, log level, URLs), so two hosts with the same config file report the same digest.
         The three parts of the config are listed in docs/configuration.md.
         """
-        return {
+        measured: dict[str, Any] = {
             "tee_mode": self.tee_mode,
             "allow_plaintext": self.allow_plaintext,
             "tokens_required": bool(self.auth.api_token_sha256),
@@ -322,6 +344,10 @@ class NodeConfig(BaseSettings):
             },
             "attestation": {"require_gpu": self.attestation.require_gpu},
         }
+        if self.workers.count:
+            # How many VMs hold the model (absent for one VM, so single-VM digests stay as they were).
+            measured["workers"] = {"count": self.workers.count}
+        return measured
 
     def digest(self, weights_sha256: Mapping[str, str | None]) -> bytes:
         """The config digest the attestation reports: SHA-256 of the measured part's canonical JSON."""

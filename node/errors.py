@@ -169,8 +169,32 @@ class TokenQuotaExceeded(NodeError, code="TOKEN_QUOTA_EXCEEDED"):
         self.retry_after = retry_after
 
 
+class WorkerRefused(NodeError, code="WORKER_REFUSED"):
+    """A worker VM's join refused; `failed_claims` says why (claims of public evidence, nothing secret)."""
+
+    def __init__(self, failed_claims: tuple[str, ...] | list[str]) -> None:
+        super().__init__()
+        self.failed_claims = list(failed_claims)
+
+    def extra(self) -> dict:
+        return {"failed_claims": self.failed_claims}
+
+
 class NotReady(NodeError, code="NOT_READY"):
     pass
+
+
+class WaitingForWorkers(NotReady):
+    """A multi-VM head before its model loads: how many worker VMs it has, and why any were refused."""
+
+    message = "waiting for worker VMs to join"
+
+    def __init__(self, expected: int, admitted: int, refused: list[str]) -> None:
+        super().__init__()
+        self.workers = {"expected": expected, "admitted": admitted, "refused": list(refused)}
+
+    def extra(self) -> dict:
+        return {"workers": self.workers}
 
 
 class InternalError(NodeError, code="INTERNAL_ERROR"):

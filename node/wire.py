@@ -177,6 +177,12 @@ ERROR_TABLE: tuple[ErrorKind, ...] = (
               "the account has been issued auth.privacy_pass.tokens_per_hour tokens; Retry-After says when "
               "the batch asked for is available", "token quota exceeded: come back after Retry-After seconds",
               "the account's token quota is used up", retry_after=True),
+    ErrorKind(
+        "WORKER_REFUSED", 403,
+        "a worker VM's join: its evidence does not verify or fails the node's worker policy, its challenge "
+        "is unknown or used, or the node takes no more workers; `failed_claims` names each reason",
+        "worker refused", "the head refused this worker VM",
+    ),
     ErrorKind("NOT_READY", 503, "engine not ready", "engine not ready", "the node's engine is not ready"),
     ErrorKind("INTERNAL_ERROR", 500, "anything else (no detail)", "internal error", "the node failed"),
     ErrorKind("NOT_FOUND", 404, "no such path", "not found", "the node has no such path", routing=True),

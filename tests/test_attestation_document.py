@@ -285,16 +285,17 @@ def test_release_bundle_is_shape_checked_but_not_bound():
         verify_document(without, expected_nonce=NONCE, policy=SIMULATED)
 
 
-def test_workers_are_bound_and_unverifiable_workers_refused():
+def test_workers_are_bound_and_malformed_workers_refused():
     empty = make_doc(workers=[])
     assert verify_document(empty, expected_nonce=NONCE, policy=SIMULATED).workers == []
     with pytest.raises(ReportDataMismatch):  # [] and null are different commitments
         verify_document({**empty, "workers": None}, expected_nonce=NONCE, policy=SIMULATED)
-    worker = {"role": "pipeline-stage-1", "link_public_key": "AA==", "evidence": make_doc()}
-    with pytest.raises(DocumentInvalid, match="worker VM"):
-        verify_document(make_doc(workers=[worker]), expected_nonce=NONCE, policy=SIMULATED)
     with pytest.raises(DocumentInvalid, match="workers"):
         verify_document({**empty, "workers": ["not an object"]}, expected_nonce=NONCE, policy=SIMULATED)
+    # An entry without the challenge its evidence answers cannot be checked: refused, not skipped.
+    worker = {"role": "pipeline-stage-1", "link_public_key": base64.b64encode(bytes(32)).decode(), "evidence": make_doc()}
+    with pytest.raises(DocumentInvalid, match="challenge"):
+        verify_document(make_doc(workers=[worker]), expected_nonce=NONCE, policy=SIMULATED)
 
 
 def test_a_different_nonce_fails():

@@ -79,12 +79,13 @@ def test_upstream_config_forwards_to_loopback() -> None:
     assert config.tee_mode == "tdx" and config.attestation.require_gpu
 
 
-def test_multi_gpu_config_uses_tensor_and_pipeline_parallelism_over_ray() -> None:
+def test_multi_gpu_config_splits_over_an_attested_worker_vm() -> None:
     config = load("multi-gpu.toml")
     (model,) = config.engine.models
     assert model.tensor_parallel_size in (4, 8)
     assert model.pipeline_parallel_size == 2
-    assert model.distributed_executor_backend == "ray"
+    assert model.distributed_executor_backend == "mp"  # vLLM's own multi-node over the node's link
+    assert config.workers.count == 1 and config.workers.policy is None
     assert model.engine_args == {"enable_prefix_caching": True, "max_num_seqs": 64}
     assert config.attestation.require_gpu
 
@@ -96,7 +97,7 @@ def test_engine_args_reach_vllm_unchanged() -> None:
     args = engine_args_for(model, model.source)
     assert args["served_model_name"] == ["meta-llama/Llama-3.1-405B-Instruct-FP8"]
     assert args["tensor_parallel_size"] == 8 and args["pipeline_parallel_size"] == 2
-    assert args["distributed_executor_backend"] == "ray"
+    assert args["distributed_executor_backend"] == "mp"
     assert args["gpu_memory_utilization"] == pytest.approx(0.92)
     assert args["enable_prefix_caching"] is True and args["max_num_seqs"] == 64
     assert "kv_cache_memory_bytes" not in args

@@ -16,6 +16,7 @@ unprinted, in `.server_message`.
     │   ├── BodyTooLargeError         413 BODY_TOO_LARGE
     │   ├── ReplayedRequestError      409 REPLAYED_REQUEST
     │   ├── StaleNodeKeyError         422 STALE_NODE_KEY (.key_epoch)
+    │   ├── WorkerRefusedError        403 WORKER_REFUSED (.failed_claims: a worker VM's join)
     │   ├── OverloadedError           429 OVERLOADED (.retry_after)
     │   ├── NotReadyError             503 NOT_READY
     │   ├── InternalServerError       500 INTERNAL_ERROR
@@ -127,6 +128,13 @@ class StaleNodeKeyError(NodeAPIError, code="STALE_NODE_KEY"):
     def key_epoch(self) -> int | None:
         epoch = self.body.get("key_epoch")
         return epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None
+
+
+class WorkerRefusedError(NodeAPIError, code="WORKER_REFUSED"):
+    @property
+    def failed_claims(self) -> list[str]:
+        claims = self.body.get("failed_claims")
+        return [c for c in claims if isinstance(c, str)] if isinstance(claims, list) else []
 
 
 class _Retryable(NodeAPIError):
@@ -355,5 +363,6 @@ __all__ = [
     "UnexpectedResponse",
     "UnsupportedMediaTypeError",
     "UsageMismatch",
+    "WorkerRefusedError",
     "error_from_body",
 ]

@@ -18,11 +18,14 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import TeeNodeError, error_from_response
 from .transports import Route, Transport
 from .types import NodeIdentity
+
+if TYPE_CHECKING:
+    from attestation.document import VerifiedAttestation
 
 log = logging.getLogger("tee_node.client")
 
@@ -213,5 +216,28 @@ class AttestedSession:
             release=None
             if release is None
             else {"version": release.version, "source": release.source, "identity": release.identity, "log_index": release.log_index},
+            vms=attested_vms(verified),
         )
         return Pinned(identity, self.route.attested(identity))
+
+
+def attested_vms(verified: VerifiedAttestation) -> tuple[dict[str, Any], ...]:
+    """The head and each worker VM as verified: role, TEE, measurement, config digest, TCB status
+    and (workers) the link key their evidence binds."""
+
+    def vm(role: str, attestation: VerifiedAttestation, link_public_key: str | None) -> dict[str, Any]:
+        return {
+            "role": role,
+            "tee": attestation.tee,
+            "simulated": bool(attestation.simulated),
+            "measurement": attestation.measurement,
+            "config_digest": attestation.config_digest.hex(),
+            "tcb_status": attestation.tcb_status,
+            "link_public_key": link_public_key,
+        }
+
+    entries = verified.workers or []
+    return (
+        vm("head", verified, None),
+        *(vm(e["role"], w, e["link_public_key"]) for e, w in zip(entries, verified.worker_attestations)),
+    )

@@ -47,6 +47,9 @@ class NodeIdentity:
     # The release the node serves, when the policy has [release] and its bundle verified:
     # version, source (repository, commit), identity (the signer) and log_index.
     release: dict[str, Any] | None = field(default=None, compare=False)
+    # Every VM that holds the model: the head first, then each worker VM, each verified and
+    # appraised under the same policy (a multi-VM node; one entry for a single VM).
+    vms: tuple[dict[str, Any], ...] = ()
 
     def summary(self) -> dict[str, Any]:
         import base64
@@ -67,6 +70,7 @@ class NodeIdentity:
             "claims": self.claims,
             "tls_cert_sha256": self.tls_cert_sha256.hex() if self.tls_cert_sha256 else None,
             "release": self.release,
+            "vms": list(self.vms),
         }
 
 

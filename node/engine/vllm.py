@@ -23,7 +23,7 @@ import logging.config
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,6 +136,18 @@ def engine_environment(cache_dir: Path, log_level: str, environ: dict[str, str])
         ignored = ["ignore::FutureWarning:vllm.triton_utils.dispatcher", "ignore::UserWarning:multiprocessing.resource_tracker"]
         env["PYTHONWARNINGS"] = ",".join(filter(None, [environ.get("PYTHONWARNINGS"), *ignored]))
     return env
+
+
+def set_engine_environment(cache_dir: Path, log_level: str) -> None:
+    """`engine_environment` in this process (inherited by vLLM's), with vLLM's logging file written."""
+    os.environ.update(engine_environment(cache_dir, log_level, dict(os.environ)))
+    if os.environ.get("VLLM_LOGGING_CONFIG_PATH") == str(cache_dir / VLLM_LOGGING_FILE):
+        _quiet_vllm_logging(cache_dir / VLLM_LOGGING_FILE)
+
+
+def end_engine_processes() -> None:
+    """Stop every vLLM process this one started (a worker VM's headless vLLM at exit)."""
+    _end_engine_processes(_engine_processes())
 
 
 def _quiet_vllm_logging(config_path: Path) -> None:
@@ -277,13 +289,16 @@ class VllmEngine:
         self._running: dict[str, _Running] = {}
         self._loading: list[str] = []
         self._ready = False
+        # A multi-VM head (node/server/workers.py): awaited once the models are prepared and
+        # measured, before any load; it returns once every worker VM has joined, and
+        # `distributed_args` then holds vLLM's multi-node settings (nnodes, master_addr ...).
+        self.before_load: Callable[[], Awaitable[None]] | None = None
+        self.distributed_args: dict[str, Any] = {}
 
     # --- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        os.environ.update(engine_environment(self._cache_dir, self._log_level, dict(os.environ)))
-        if os.environ.get("VLLM_LOGGING_CONFIG_PATH") == str(self._cache_dir / VLLM_LOGGING_FILE):
-            _quiet_vllm_logging(self._cache_dir / VLLM_LOGGING_FILE)
+        set_engine_environment(self._cache_dir, self._log_level)
         # vLLM's import (~10 s) overlaps the model checks (hashing).
         importing = asyncio.ensure_future(_in_daemon_thread(_import_vllm_serving))
         try:
@@ -299,6 +314,8 @@ class VllmEngine:
             if not importing.done():
                 log.info("engine: importing vLLM")
             await importing
+            if self.before_load is not None:
+                await self.before_load()
             pairs = list(zip(self.config.models, map(str, paths)))
             reporter = asyncio.create_task(self._report_loading(time.monotonic()))
             try:
@@ -369,7 +386,7 @@ class VllmEngine:
         from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        args = AsyncEngineArgs(**engine_args_for(cfg, model, cpu=current_platform.is_cpu()))
+        args = AsyncEngineArgs(**engine_args_for(cfg, model, cpu=current_platform.is_cpu()), **self.distributed_args)
         # Building the engine blocks for the whole load; a thread keeps /ready answering.
         llm = await _in_daemon_thread(AsyncLLM.from_engine_args, args, thread_name=ENGINE_LOAD_THREAD)
         served = _Served(cfg=cfg, llm=llm, max_model_len=llm.model_config.max_model_len)

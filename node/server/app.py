@@ -28,6 +28,7 @@ from .privacy_pass import DIRECTORY_PATH, ISSUANCE_PATH, PrivacyPass, privacy_pa
 from .serving import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint, authorize, read_body, serve_confidential, serve_plain
 from .state import NODE, NodeState, bearer_token
 from .tls import TlsIdentity
+from .workers import WorkerAdmission, own_policy, workers_challenge, workers_join
 
 log = logging.getLogger("tee_node.server")
 
@@ -125,7 +126,7 @@ async def health(request: web.Request) -> web.Response:
 async def ready(request: web.Request) -> web.Response:
     state = request.app[NODE]
     if not state.engine.ready:
-        raise NotReady()
+        raise state.workers.not_ready() if state.workers is not None else NotReady()
     return _json({"status": "ready", "key_epoch": state.keyring.current.epoch})
 
 
@@ -236,6 +237,25 @@ async def _key_maintenance(app: web.Application) -> AsyncIterator[None]:
         await task
 
 
+async def _workers_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    """A multi-VM head: the engine waits for its workers; the link goes down with the node."""
+    state = app[NODE]
+    admission: WorkerAdmission | None = state.workers
+    if admission is None:
+        yield
+        return
+
+    async def before_load() -> None:
+        service = state.attestation
+        service.measure(state.engine.weights_sha256())  # the models are prepared: the digest is known
+        await admission.gate(await asyncio.to_thread(own_policy, service, state))
+        state.engine.distributed_args = admission.engine_args()
+
+    state.engine.before_load = before_load
+    yield
+    await admission.stop()
+
+
 def server_settings(config: NodeConfig) -> dict[str, Any]:
     """Keyword arguments of aiohttp's server runner (`web.run_app`, `AppRunner`) for this config."""
     # aiohttp's own access log writes each client's address; the node's (the error middleware's)
@@ -252,6 +272,9 @@ def create_app(config: NodeConfig, engine: Engine | None = None) -> web.Applicat
     if config.tls_enabled:
         listen = [] if config.host in ("0.0.0.0", "::", "") else [config.host]
         state.tls = TlsIdentity.generate([*config.tls.names, *listen])
+    if config.workers.count:
+        state.workers = WorkerAdmission(config)
+        state.attestation.workers = state.workers.workers
     app = web.Application(middlewares=[error_middleware], client_max_size=config.limits.max_body_bytes)
     app[NODE] = state
     app[OPENAPI] = openapi_document(config, PLAIN_ROUTES)
@@ -274,8 +297,11 @@ def create_app(config: NodeConfig, engine: Engine | None = None) -> web.Applicat
         state.attestation.public_keys["privacy_pass"] = lambda: b64e(issuer.token_key())
         app.router.add_get(DIRECTORY_PATH, token_keys)
         app.router.add_post(ISSUANCE_PATH, token_request)
+    app.router.add_post("/v1/workers/challenge", workers_challenge)
+    app.router.add_post("/v1/workers/join", workers_join)
     app.on_shutdown.append(_stopping)
     app.cleanup_ctx.append(_announce)
+    app.cleanup_ctx.append(_workers_lifecycle)
     app.cleanup_ctx.append(_engine_lifecycle)
     app.cleanup_ctx.append(_key_maintenance)
     app.cleanup_ctx.append(collateral_lifecycle)

@@ -28,12 +28,16 @@ def _ref(name: str) -> dict[str, str]:
     return {"$ref": REF.format(model=name)}
 
 
+# Codes only the routes that name them answer (a worker VM's join), not every operation.
+NAMED_ONLY = frozenset({"WORKER_REFUSED"})
+
+
 def _errors(codes: tuple[str, ...] | None = None) -> dict[str, Any]:
     """The error table's responses (every error an operation can answer, or those of `codes`),
     one per status, its description naming each code and when it is answered."""
     by_status: dict[int, list[ErrorKind]] = {}
     for kind in ERROR_TABLE:
-        if codes is None and (kind.routing or kind.gateway) or codes is not None and kind.code not in codes:
+        if codes is None and (kind.routing or kind.gateway or kind.code in NAMED_ONLY) or codes is not None and kind.code not in codes:
             continue
         by_status.setdefault(kind.status, []).append(kind)
     responses: dict[str, Any] = {}
@@ -185,6 +189,21 @@ def openapi_document(config: NodeConfig, plain_paths: Iterable[str] = ()) -> dic
             }
         },
     }
+    if config.workers.count:
+        worker_errors = ("INVALID_BODY", "BODY_TOO_LARGE", "WORKER_REFUSED", "NOT_READY")
+        paths["/v1/workers/challenge"] = {
+            "post": {
+                "summary": "A worker VM's join challenge (hex, 32 bytes), valid once for workers.challenge_ttl",
+                "responses": {"200": {"description": "Challenge", "content": {"application/json": {}}}, **_errors(("WORKER_REFUSED",))},
+            }
+        }
+        paths["/v1/workers/join"] = {
+            "post": {
+                "summary": "A worker VM joins: its evidence, bound to its WireGuard key, is appraised with the worker policy",
+                "requestBody": {"required": True, "content": {"application/json": {}}},
+                "responses": {"200": {"description": "Admitted: rank and link", "content": {"application/json": {}}}, **_errors(worker_errors)},
+            }
+        }
     if not config.allow_plaintext:
         paths.update({path: _plaintext_disabled_operation() for path in plain_paths})
     if config.auth.privacy_pass.enabled:

@@ -32,6 +32,7 @@ class NodeState:
     attestation: Any = None  # AttestationService, set by the app factory
     tls: TlsIdentity | None = None  # attested TLS (tls.enabled): made at start, memory only
     privacy_pass: Any = None  # PrivacyPass (auth.privacy_pass.enabled), set by the app factory
+    workers: Any = None  # WorkerAdmission on a multi-VM head (workers.count > 0), set by the app factory
     started_at: float = field(default_factory=time.time)
 
     @classmethod
