@@ -12,7 +12,7 @@ ATOMA_SDK_VERSION := 0.1.3
 # Inside the SDK's venv, so that deleting .venv-atoma makes `make` rebuild it.
 ATOMA_STAMP := $(ATOMA_VENV)/.atoma-sdk-$(ATOMA_SDK_VERSION)
 
-.PHONY: setup run test test-long bench lint clean
+.PHONY: setup run test test-long test-multivm bench lint clean
 .DEFAULT_GOAL := run
 
 $(STAMP): pyproject.toml Makefile
@@ -56,6 +56,11 @@ test: setup
 
 test-long: setup
 	$(BIN)/python -m pytest -m long
+
+# A model split over two attested simulated VMs in network namespaces: needs root, wireguard-go,
+# wireguard-tools and tcpdump (.ci/run installs them).
+test-multivm: setup
+	$(BIN)/python -m pytest -m multivm tests/integration/test_multivm.py
 
 bench: setup
 	$(BIN)/python bench/envelope.py
