@@ -278,9 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--weights-sha256", action="append", metavar="NAME=HEX", help="a model's weight-manifest digest measured elsewhere, as `tee-node models digest` prints it (repeatable)"
     )
     digest.set_defaults(func=_config_digest)
-    from .cli_client import add_attest_parser, add_chat_parser, add_tokens_parser
+    from .cli_client import add_attest_parser, add_chat_parser, add_image_parser, add_tokens_parser
 
     add_chat_parser(commands)
+    add_image_parser(commands)
     add_attest_parser(commands)
     add_tokens_parser(commands)
     return parser

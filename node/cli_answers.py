@@ -58,18 +58,20 @@ def sampling_params(args: argparse.Namespace) -> dict[str, Any]:
     return params
 
 
-def attest_and_choose_model(client: Any, requested: str | None, err: TextIO) -> str | None:
+def attest_and_choose_model(client: Any, requested: str | None, err: TextIO, task: str = "chat") -> str | None:
     """Attest the node first (nothing else is sent to a node not yet verified), then choose the
-    requested model if the node serves it, else the node's first, and say on `err` what was
-    verified, the model last. None (said on `err`, with what the node serves) when no model fits."""
+    requested model if the node serves it for `task` ("chat" or "images"), else the node's first
+    such model, and say on `err` what was verified, the model last. None (said on `err`, with
+    what the node serves) when no model fits."""
     identity = client.attest()
-    # A node lists each model's `tasks`; one that does not (another server) may chat with any.
-    served = [card.id for card in client.models.list().data if "chat" in (getattr(card, "tasks", None) or ["chat"])]
+    # A node lists each model's `tasks`; one that does not (another server) may serve any.
+    served = [card.id for card in client.models.list().data if task in (getattr(card, "tasks", None) or [task])]
+    kind = {"chat": "chat", "images": "image"}.get(task, task)
     if not served:
-        err.write("error: the node serves no chat model\n")
+        err.write(f"error: the node serves no {kind} model\n")
         return None
     if requested is not None and requested not in served:
-        err.write(f"error: the node does not serve chat model {requested!r}; its chat models: {', '.join(served)}\n")
+        err.write(f"error: the node does not serve {kind} model {requested!r}; its {kind} models: {', '.join(served)}\n")
         return None
     model = requested or served[0]
     for line in identity_lines(identity):

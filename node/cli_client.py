@@ -1,5 +1,5 @@
-"""`tee-node chat`, `tee-node attest` and `tee-node tokens fetch`: talk to a node only after
-verifying its attestation.
+"""`tee-node chat`, `tee-node image`, `tee-node attest` and `tee-node tokens fetch`: talk to a
+node only after verifying its attestation.
 
 All are built on `node.client.Client`: the same attestation, key pinning and response checks
 as the library. Exit status 0 only when everything verified.
@@ -193,6 +193,75 @@ def run_chat(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | 
             return EXIT_OK
     except (TeeNodeError, AttestationError) as exc:
         return report_failure(err, exc, answer.printed)
+
+
+# --- image ----------------------------------------------------------------------------------
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def add_image_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "image",
+        help="generate images on a node after verifying its attestation",
+        description="Attest the node, send PROMPT sealed to its attested key as an image request, verify "
+        "the answer (signature, hash, receipt) and write each image as a PNG.",
+    )
+    _add_common(parser)
+    parser.add_argument("prompt", help="what the image shows")
+    parser.add_argument("--model", help="model name (default: the node's first image model)")
+    parser.add_argument("--size", default=None, help="WIDTHxHEIGHT (default: the model's first size)")
+    parser.add_argument("--n", type=int, default=None, help="how many images (default 1)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("image.png"), help="the PNG to write (default image.png); with --n N > 1, "
+        "FILE-1.png ... FILE-N.png"
+    )
+    parser.set_defaults(func=run_image)
+    return parser
+
+
+def image_paths(out: Path, count: int) -> list[Path]:
+    if count == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{index}{out.suffix or '.png'}") for index in range(1, count + 1)]
+
+
+def run_image(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    from attestation.errors import AttestationError
+
+    from .client import Client, TeeNodeError
+
+    out = out or sys.stdout
+    err = err or sys.stderr
+    try:
+        client_kwargs = _client_kwargs(args, err)
+    except (OSError, ValueError, AttestationError) as exc:
+        err.write(f"error: {exc}\n")
+        return EXIT_FAILED
+    try:
+        with Client(args.url, **client_kwargs) as client:
+            model = attest_and_choose_model(client, args.model, err, task="images")
+            if model is None:
+                return EXIT_FAILED
+            response = client.images.generate(model=model, prompt=args.prompt, n=args.n, size=args.size, response_format="b64_json")
+            images = [item.png() for item in response.data]
+            if not images or any(not png.startswith(PNG_SIGNATURE) for png in images):
+                err.write("error: the node's answer verified but does not hold PNG images\n")
+                return EXIT_FAILED
+            receipt = response.receipt
+            # The exact count inside the answer (the signed one in clear may be rounded up: privacy.clear_usage).
+            units = (response.usage or receipt.usage).total_tokens if (response.usage or receipt.usage) else 0
+            err.write(
+                f"receipt verified: events={receipt.events}, key epoch={receipt.key_epoch}, signed by the attested key, "
+                f"compute units (pixels)={units}\n"
+            )
+            for path, png in zip(image_paths(args.out, len(images)), images):
+                path.write_bytes(png)
+                out.write(f"{path}\n")
+                err.write(f"wrote {path} ({len(png)} bytes, PNG)\n")
+            return EXIT_OK
+    except (TeeNodeError, AttestationError, ValueError) as exc:
+        return report_failure(err, exc)
 
 
 # --- attest ---------------------------------------------------------------------------------

@@ -67,21 +67,57 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# Pixels per side at most: width x height x n stays within the receipt's 32-bit usage counts.
+MAX_IMAGE_SIDE = 4096
+MAX_IMAGES_PER_REQUEST = 16
+
+
+def parse_image_size(size: str) -> tuple[int, int] | None:
+    """(width, height) of a "WxH" size within MAX_IMAGE_SIDE, or None."""
+    width, sep, height = size.partition("x")
+    if not sep or not (width.isascii() and width.isdigit() and height.isascii() and height.isdigit()):
+        return None
+    w, h = int(width), int(height)
+    return (w, h) if 0 < w <= MAX_IMAGE_SIDE and 0 < h <= MAX_IMAGE_SIDE else None
+
+
 class ModelConfig(_Section):
     """One served model. `source` is `embedded:smollm2`, `embedded:minilm`, a local directory
-    or a model name vLLM can load; `name` is what clients put in `model`."""
+    or a model name vLLM can load; `name` is what clients put in `model`. With `task = "image"`
+    `source` is a directory holding a diffusers pipeline (`model_index.json`)."""
 
     name: str
     source: str
-    task: Literal["generate", "embed"] = "generate"
+    task: Literal["generate", "embed", "image"] = "generate"
     dtype: str = "auto"
     max_model_len: int | None = Field(default=None, ge=16)
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     tensor_parallel_size: int = Field(default=1, ge=1)
     pipeline_parallel_size: int = Field(default=1, ge=1)
     distributed_executor_backend: Literal["mp", "ray", "uni", "external_launcher"] | None = None
-    # Anything else vLLM's AsyncEngineArgs takes, passed through unchanged.
+    # Anything else vLLM's AsyncEngineArgs takes, passed through unchanged; for an image model,
+    # keyword arguments of the pipeline's call (num_inference_steps, guidance_scale, ...).
     engine_args: dict[str, Any] = Field(default_factory=dict)
+    # Image models: the sizes served ("WxH"), the first being the default; empty: the
+    # pipeline's own default size only (an upstream's image model: any size it accepts).
+    sizes: list[str] = Field(default_factory=list)
+    # Image models: most images one request may ask for (`n`).
+    max_images: int = Field(default=4, ge=1, le=MAX_IMAGES_PER_REQUEST)
+
+    @field_validator("sizes")
+    @classmethod
+    def _image_sizes(cls, values: list[str]) -> list[str]:
+        for value in values:
+            if parse_image_size(value) is None:
+                raise ValueError(f"sizes: {value!r} is not WIDTHxHEIGHT with each side 1..{MAX_IMAGE_SIDE}")
+        return list(dict.fromkeys(values))
+
+    @model_validator(mode="after")
+    def _image_fields_for_images(self) -> ModelConfig:
+        default_max = type(self).model_fields["max_images"].default
+        if self.task != "image" and (self.sizes or self.max_images != default_max):
+            raise ValueError(f"model {self.name!r}: sizes and max_images are for task = \"image\" models only")
+        return self
 
 
 def _default_models() -> list[ModelConfig]:
@@ -331,7 +367,7 @@ class NodeConfig(BaseSettings):
                 "kind": self.engine.kind,
                 "models": [
                     {
-                        **m.model_dump(mode="json", include={"name", "task", "dtype", "max_model_len", "engine_args"}),
+                        **m.model_dump(mode="json", include=_MEASURED_MODEL_FIELDS[m.task == "image"]),
                         "weights_sha256": weights_sha256.get(m.name),
                     }
                     for m in self.engine.models
@@ -353,6 +389,13 @@ class NodeConfig(BaseSettings):
         """The config digest the attestation reports: SHA-256 of the measured part's canonical JSON."""
         return config_digest(self.measured_config(weights_sha256))
 
+
+# What the measured config names of a model: text models as before image models existed (their
+# digests stay what they were), image models also what they answer (sizes, most images).
+_MEASURED_MODEL_FIELDS = {
+    False: {"name", "task", "dtype", "max_model_len", "engine_args"},
+    True: {"name", "task", "dtype", "max_model_len", "engine_args", "sizes", "max_images"},
+}
 
 _toml_path: Path | None = None
 

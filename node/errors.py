@@ -94,6 +94,10 @@ class InvalidPlaintext(InvalidBody):
     message = "decrypted body is not a valid request for this endpoint"
 
 
+class ComputeUnitsMismatch(InvalidBody):
+    message = "num_compute_units is not width x height x n of the image request"
+
+
 class Unauthorized(NodeError, code="UNAUTHORIZED"):
     pass
 
@@ -178,6 +182,33 @@ class WorkerRefused(NodeError, code="WORKER_REFUSED"):
 
     def extra(self) -> dict:
         return {"failed_claims": self.failed_claims}
+
+
+class UnsupportedImageSize(NodeError, code="UNSUPPORTED_IMAGE_SIZE"):
+    def __init__(self, sizes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.sizes = sizes
+
+    def extra(self) -> dict:
+        return {"sizes": list(self.sizes)}  # the model's config: public
+
+
+class TooManyImages(NodeError, code="TOO_MANY_IMAGES"):
+    def __init__(self, max_images: int) -> None:
+        super().__init__()
+        self.max_images = max_images
+
+    def extra(self) -> dict:
+        return {"max_images": self.max_images}
+
+
+class PromptTooLong(NodeError, code="PROMPT_TOO_LONG"):
+    def __init__(self, max_prompt_tokens: int) -> None:
+        super().__init__()
+        self.max_prompt_tokens = max_prompt_tokens
+
+    def extra(self) -> dict:
+        return {"max_prompt_tokens": self.max_prompt_tokens}
 
 
 class NotReady(NodeError, code="NOT_READY"):

@@ -38,6 +38,13 @@ class Metrics:
         self.tokens_redeemed = Counter("tee_node_privacy_pass_redeemed", "Privacy Pass tokens redeemed", registry=r)
         self.stream_events = Counter("tee_node_stream_events", "Sealed stream events sent", registry=r)
         self.engine_ready = Gauge("tee_node_engine_ready", "1 when the engine can serve", registry=r)
+        self.images = Counter("tee_node_images", "Images generated", registry=r)
+        self.image_seconds = Histogram(
+            "tee_node_image_request_seconds",
+            "Time the engine took for one image request (all its images)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.engine_running = Gauge("tee_node_engine_running", "Requests the engine still holds", registry=r)
 
     def answered(self, route: str, status: int, seconds: float) -> None:

@@ -183,3 +183,17 @@ class EmbeddingRequest(_OpenAIRequest):
     input: str | Annotated[list[str], Field(min_length=1)] | Annotated[list[int], Field(min_length=1)] | Annotated[
         list[list[int]], Field(min_length=1)
     ]
+
+
+class ImageGenerationRequest(_OpenAIRequest):
+    """OpenAI's image request. `quality`, `style` and `user` are taken and not acted on (a
+    diffusion pipeline has no such knobs); an image is never stored, so `url` answers carry
+    the PNG itself as a data URL."""
+
+    prompt: Annotated[str, Field(min_length=1)]
+    n: Annotated[int, Field(ge=1, le=INT32_MAX)] | None = None
+    size: str | None = None
+    response_format: Literal["url", "b64_json"] | None = None
+    quality: str | None = None
+    style: str | None = None
+    user: str | None = None

@@ -123,7 +123,9 @@ ERROR_TABLE: tuple[ErrorKind, ...] = (
     ErrorKind(
         "INVALID_BODY", 400,
         "outer JSON malformed, a field missing or of the wrong type, bad base64, a wrong decoded length; "
-        "or the decrypted plaintext is not a valid request for the endpoint",
+        "or the decrypted plaintext is not a valid request for the endpoint (an image request's "
+        "response_format other than url or b64_json included); or num_compute_units is not what an image "
+        "request asks for (width x height x n)",
         "invalid request body", "the node refused the request body",
     ),
     ErrorKind("UNAUTHORIZED", 401, "missing or unknown bearer token",
@@ -183,6 +185,16 @@ ERROR_TABLE: tuple[ErrorKind, ...] = (
         "is unknown or used, or the node takes no more workers; `failed_claims` names each reason",
         "worker refused", "the head refused this worker VM",
     ),
+    ErrorKind(
+        "UNSUPPORTED_IMAGE_SIZE", 400, "an image request's size is not WIDTHxHEIGHT or not one the model serves; "
+        "the body lists the sizes it serves",
+        "image size not served by this model", "the model does not make images of this size",
+    ),
+    ErrorKind("TOO_MANY_IMAGES", 400, "an image request's n is over the model's max_images; the body says the most",
+              "too many images in one request", "the model makes fewer images per request"),
+    ErrorKind("PROMPT_TOO_LONG", 400, "an image request's prompt has more tokens than the model's text encoder "
+              "takes (it would be cut); the body says the limit",
+              "prompt longer than the model takes", "the prompt is longer than the model takes"),
     ErrorKind("NOT_READY", 503, "engine not ready", "engine not ready", "the node's engine is not ready"),
     ErrorKind("INTERNAL_ERROR", 500, "anything else (no detail)", "internal error", "the node failed"),
     ErrorKind("NOT_FOUND", 404, "no such path", "not found", "the node has no such path", routing=True),

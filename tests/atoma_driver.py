@@ -13,10 +13,11 @@ it ran to the end, whatever the SDK concluded: an SDK refusal is reported as
 Commands
 --------
 encrypt      stdin {"node_public_key": b64, "model": str,
-                    "kind": "chat" | "chat_stream" | "embeddings"   (default "chat"),
+                    "kind": "chat" | "chat_stream" | "embeddings" | "images"   (default "chat"),
                     "params": {...}   fields of the SDK request model: for chat
                                       `messages` (default one user message "Hello"),
-                                      `max_tokens`, `temperature`, ...; for embeddings `input`,
+                                      `max_tokens`, `temperature`, ...; for embeddings `input`;
+                                      for images `prompt` (default "Hello"), `n`, `size`, ...
                     "stack_small_id": int (default 0), "node_small_id": int (default 1)}
              Calls `atoma_sdk.crypto_utils.encrypt_message` with an `AtomaSDK` whose HTTP
              client is an httpx.MockTransport answering POST /v1/nodes/lock with that key.
@@ -56,6 +57,11 @@ embeddings   --url URL [--token T] [--model M] [--input TEXT ...] [--async] [--t
              `confidential_embeddings.create` / `create_async`.
              stdout {"ok": true, "response": CreateEmbeddingResponse as JSON,
                      "dimensions": len of the first vector} or the error object above.
+
+images       --url URL [--token T] [--model M] [--prompt P] [--n N] [--size WxH]
+             [--response-format F] [--async] [--timeout-ms N] [--header NAME=VALUE ...]
+             `confidential_images.generate` / `generate_async`.
+             stdout {"ok": true, "response": CreateImageResponse as JSON} or the error object.
 
 lock         --url URL [--token T] [--model M]
              `nodes.nodes_create_lock` against the node: {"ok": true, "response": {...}}.
@@ -149,6 +155,9 @@ def cmd_encrypt(spec: dict[str, Any]) -> dict[str, Any]:
     elif kind == "embeddings":
         params.setdefault("input", "Hello")
         body = models.CreateEmbeddingRequest(model=model, **params)
+    elif kind == "images":
+        params.setdefault("prompt", "Hello")
+        body = models.CreateImageRequest(model=model, **params)
     else:
         raise SystemExit(f"unknown kind {kind!r}")
 
@@ -313,6 +322,23 @@ def cmd_embeddings(args: argparse.Namespace) -> None:
         _emit({"ok": True, "response": data, "dimensions": dims})
 
 
+def cmd_images(args: argparse.Namespace) -> None:
+    kwargs: dict[str, Any] = {"model": args.model, "prompt": args.prompt, "http_headers": _headers(args.header)}
+    for name in ("n", "size", "response_format", "timeout_ms"):
+        if getattr(args, name) is not None:
+            kwargs[name] = getattr(args, name)
+    with _sdk(args) as client:
+        try:
+            if args.use_async:
+                result = asyncio.run(client.confidential_images.generate_async(**kwargs))
+            else:
+                result = client.confidential_images.generate(**kwargs)
+        except Exception as exc:
+            _emit(_error(exc))
+            return
+        _emit({"ok": True, "response": _dump(result)})
+
+
 def cmd_lock(args: argparse.Namespace) -> None:
     with _sdk(args) as client:
         try:
@@ -346,6 +372,11 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_argument("--stream", action="store_true")
     emb = client_parser("embeddings", "confidential embeddings through the real SDK client")
     emb.add_argument("--input", action="append", help="input text (repeat for a batch)")
+    images = client_parser("images", "confidential image generation through the real SDK client")
+    images.add_argument("--prompt", default="Hello")
+    images.add_argument("--n", type=int, default=None)
+    images.add_argument("--size", default=None)
+    images.add_argument("--response-format", default=None)
     client_parser("lock", "POST /v1/nodes/lock through the SDK")
 
     args = parser.parse_args(argv)
@@ -358,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd_chat(args)
         elif args.command == "embeddings":
             cmd_embeddings(args)
+        elif args.command == "images":
+            cmd_images(args)
         elif args.command == "lock":
             cmd_lock(args)
     except SystemExit:

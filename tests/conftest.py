@@ -6,3 +6,4 @@ another conftest.py in tests/integration, and in a whole-suite run either can be
 
 from atoma import atoma_sdk  # noqa: F401  (pytest fixtures)
 from server_support import all_logs, echo_node, make_node, node_client, node_process  # noqa: F401
+from image_support import image_node, make_image_node, tiny_pipeline  # noqa: F401

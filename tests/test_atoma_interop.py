@@ -61,6 +61,8 @@ def open_sdk_request(sealed: dict, keyring: KeyRing, signer: Signer):
         ("chat", {"max_tokens": 16, "messages": [{"role": "user", "content": "Héllo ✓"}]}, False, 16),
         ("chat_stream", {"max_tokens": 8}, True, 8),
         ("embeddings", {"input": ["a", "b"]}, False, None),
+        # The SDK sends no num_compute_units for images (its request has no width or height).
+        ("images", {"prompt": "a cat", "n": 2, "size": "64x64"}, False, None),
     ],
 )
 def test_sdk_request_opens_with_our_envelope(node, kind, params, stream, units):
@@ -79,7 +81,7 @@ def test_sdk_request_opens_with_our_envelope(node, kind, params, stream, units):
     assert opened.plaintext == sealed["plaintext"].encode("utf-8")
     body = json.loads(opened.plaintext)
     assert body["model"] == MODEL
-    if kind != "embeddings":
+    if kind.startswith("chat"):
         assert body["stream"] is stream
     assert opened.key is keyring.current
     assert base64.b64encode(opened.request_hash).decode() == sealed["request"]["plaintext_body_hash"]

@@ -10,9 +10,9 @@ import json
 import pytest
 from aiohttp import web
 
-from node.config import EngineConfig
+from node.config import EngineConfig, ModelConfig
 from node.engine.upstream import UpstreamEngine
-from node.errors import EngineError
+from node.errors import EngineError, ModelNotFound
 
 MODEL = "up"
 ANSWER = b'{"id": "c1", "object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}], "usage": {"prompt_tokens": 1, "completion_tokens": 1}}'
@@ -85,3 +85,34 @@ async def test_no_weights_of_its_own(engine):
 async def test_an_answer_that_is_not_an_object_is_an_engine_error(engine):
     with pytest.raises(EngineError):
         await engine.chat({"model": MODEL, "messages": "array", "stream": False}, "r3")
+
+
+async def test_image_requests_pass_through_to_the_upstream_images_api(aiohttp_server):
+    """An image model on an upstream (vLLM-Omni serves diffusion models with OpenAI's images API)."""
+    seen = []
+
+    async def images(request: web.Request) -> web.Response:
+        seen.append(await request.json())
+        return web.json_response({"created": 1, "data": [{"b64_json": "iVBORw0KGgo="}]})
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"data": [{"id": "omni-image"}]})
+
+    app = web.Application()
+    app.router.add_get("/health", _health)
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/images/generations", images)
+    server = await aiohttp_server(app)
+    configured = ModelConfig(name="omni-image", source="upstream", task="image", sizes=["1024x1024"], max_images=2)
+    engine = UpstreamEngine(EngineConfig(kind="upstream", upstream_url=str(server.make_url("/v1")), models=[configured]))
+    await engine.start()
+    try:
+        (card,) = engine.models()
+        assert (card.tasks, card.image_sizes, card.max_images) == (frozenset({"images"}), ("1024x1024",), 2)
+        request = {"model": "omni-image", "prompt": "a cat", "n": 1, "size": "1024x1024", "response_format": "b64_json"}
+        assert await engine.generate_images(request, "i1") == {"created": 1, "data": [{"b64_json": "iVBORw0KGgo="}]}
+        assert seen == [request]
+        with pytest.raises(ModelNotFound):
+            await engine.chat({"model": "omni-image", "messages": []}, "i2")
+    finally:
+        await engine.stop()

@@ -34,6 +34,8 @@ PRIVACY_PASS_ERRORS = {
     "TOKEN_SPENT": 401, "INVALID_TOKEN": 401, "TOKEN_KEY_RETIRED": 401, "INVALID_TOKEN_REQUEST": 422,
     "TOKEN_BATCH_TOO_LARGE": 422, "TOKEN_QUOTA_EXCEEDED": 429,
 }
+# The node's own codes beyond the protocol's table: image requests the model cannot answer.
+IMAGE_ERRORS = {"UNSUPPORTED_IMAGE_SIZE": 400, "TOO_MANY_IMAGES": 400, "PROMPT_TOO_LONG": 400}
 
 
 # --- canonical JSON ---------------------------------------------------------------------------------
@@ -124,7 +126,7 @@ def test_encoder_round_trips():
 def test_protocol_codes_keep_their_status():
     # The protocol's codes, Privacy Pass's, and the node's own: a worker VM refused at join.
     assert {k.code: k.status for k in ERROR_TABLE if not k.routing and not k.gateway} == {
-        **PROTOCOL_ERRORS, **PRIVACY_PASS_ERRORS, "WORKER_REFUSED": 403,
+        **PROTOCOL_ERRORS, **PRIVACY_PASS_ERRORS, **IMAGE_ERRORS, "WORKER_REFUSED": 403,
     }
     # The Oblivious HTTP gateway's own answers (RFC 9458 section 5.3's 400 with a problem type).
     assert {k.code: (k.status, k.problem_type) for k in ERROR_TABLE if k.gateway} == {

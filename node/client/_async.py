@@ -14,7 +14,7 @@ from typing import Any
 
 import aiohttp
 
-from .calls import Calls, Chat, Completions, Embeddings, Models
+from .calls import Calls, Chat, Completions, Embeddings, Images, Models
 from .credentials import Bearer, Credential
 from .credentials.privacy_pass import PrivateTokens, Wallet, fetch_tokens
 from .errors import NotReadyError, OverloadedError, TeeNodeError
@@ -147,6 +147,7 @@ class ConfidentialClient:
         self.chat = Chat(self._calls)
         self.completions = Completions(self._calls)
         self.embeddings = Embeddings(self._calls)
+        self.images = Images(self._calls)
         self.models = Models(self._calls)
 
     def __repr__(self) -> str:

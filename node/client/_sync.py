@@ -15,6 +15,7 @@ from .types import (
     ChatCompletionChunk,
     Completion,
     CreateEmbeddingResponse,
+    ImagesResponse,
     ModelList,
     NodeIdentity,
 )
@@ -131,6 +132,14 @@ class _Embeddings:
         return self._client._loop.run(self._client._async.embeddings.create(model=model, input=input, **params))
 
 
+class _Images:
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def generate(self, *, model: str, prompt: str, **params: Any) -> ImagesResponse:
+        return self._client._loop.run(self._client._async.images.generate(model=model, prompt=prompt, **params))
+
+
 class _Models:
     def __init__(self, client: Client) -> None:
         self._client = client
@@ -158,6 +167,7 @@ class Client:
         self.chat = _Chat(self)
         self.completions = _Completions(self)
         self.embeddings = _Embeddings(self)
+        self.images = _Images(self)
         self.models = _Models(self)
 
     def _wrap(self, coro: Coroutine[Any, Any, Any]) -> Any:

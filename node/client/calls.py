@@ -26,6 +26,7 @@ from .types import (
     ChatCompletionChunk,
     Completion,
     CreateEmbeddingResponse,
+    ImagesResponse,
     ModelList,
     NodeIdentity,
 )
@@ -83,7 +84,9 @@ class Calls:
         except ValueError:
             raise UnexpectedResponse("response is not JSON") from None
 
-    async def confidential(self, path: str, payload: dict[str, Any], stream: bool, kind: type[T]) -> Any:
+    async def confidential(
+        self, path: str, payload: dict[str, Any], stream: bool, kind: type[T], num_compute_units: int | None = None
+    ) -> Any:
         """Seal, send, retry as the node asks, then open and verify the answer."""
         model = payload["model"]
         if not isinstance(model, str):
@@ -105,6 +108,7 @@ class Calls:
                 kem_public_key=self.session.hybrid_key(identity),
                 padding=self.length_hiding,
                 stream=stream or None,
+                num_compute_units=num_compute_units,
                 signing_key=identity.signing_public_key,
             )
             headers = {**await self._headers("POST", path, identity), "Content-Type": "application/json"}
@@ -192,6 +196,35 @@ class Embeddings:
     async def create(self, *, model: str, input: Any, **params: Any) -> CreateEmbeddingResponse:
         payload = {"model": model, "input": input, **params}
         return await self._calls.confidential("/v1/confidential/embeddings", payload, False, CreateEmbeddingResponse)
+
+
+class Images:
+    def __init__(self, calls: Calls) -> None:
+        self._calls = calls
+
+    async def generate(
+        self,
+        *,
+        model: str,
+        prompt: str,
+        n: int | None = None,
+        size: str | None = None,
+        response_format: str | None = None,
+        **params: Any,
+    ) -> ImagesResponse:
+        """Images as PNGs (`ImagesResponse.data[i].png()`); the node's defaults where None.
+        With `size` the outer `num_compute_units` (width x height x n) goes along, as Atoma's
+        proxy meters images by it; the node checks it against the sealed request."""
+        chosen = {"n": n, "size": size, "response_format": response_format}
+        payload = {"model": model, "prompt": prompt, **params, **{k: v for k, v in chosen.items() if v is not None}}
+        units = None
+        if size is not None:
+            width, _, height = size.partition("x")
+            if width.isdigit() and height.isdigit():
+                units = int(width) * int(height) * (n or 1)
+        return await self._calls.confidential(
+            "/v1/confidential/images/generations", payload, False, ImagesResponse, num_compute_units=units
+        )
 
 
 class Models:

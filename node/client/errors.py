@@ -149,6 +149,28 @@ class OverloadedError(_Retryable, code="OVERLOADED"):
     pass
 
 
+class UnsupportedImageSizeError(NodeAPIError, code="UNSUPPORTED_IMAGE_SIZE"):
+    @property
+    def sizes(self) -> list[str] | None:
+        """The sizes the model serves, as the node listed them."""
+        sizes = self.body.get("sizes")
+        return [s for s in sizes if isinstance(s, str)] if isinstance(sizes, list) else None
+
+
+class TooManyImagesError(NodeAPIError, code="TOO_MANY_IMAGES"):
+    @property
+    def max_images(self) -> int | None:
+        value = self.body.get("max_images")
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+class PromptTooLongError(NodeAPIError, code="PROMPT_TOO_LONG"):
+    @property
+    def max_prompt_tokens(self) -> int | None:
+        value = self.body.get("max_prompt_tokens")
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 class NotReadyError(_Retryable, code="NOT_READY"):
     pass
 
@@ -345,6 +367,7 @@ __all__ = [
     "MalformedEvent",
     "MethodNotAllowedError",
     "PlaintextDisabledError",
+    "PromptTooLongError",
     "RedirectRefused",
     "ModelNotFoundError",
     "NodeAPIError",
@@ -359,8 +382,10 @@ __all__ = [
     "TokenKeyRetiredError",
     "TokenQuotaExceededError",
     "TokenSpentError",
+    "TooManyImagesError",
     "UnauthorizedError",
     "UnexpectedResponse",
+    "UnsupportedImageSizeError",
     "UnsupportedMediaTypeError",
     "UsageMismatch",
     "WorkerRefusedError",

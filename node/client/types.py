@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict
 from ..protocol import Receipt
 
 
+PNG_DATA_URL_PREFIX = "data:image/png;base64,"
+
+
 class _Obj(BaseModel):
     model_config = ConfigDict(extra="allow", protected_namespaces=())
 
@@ -163,6 +166,39 @@ class CreateEmbeddingResponse(_Verified):
     usage: EmbeddingUsage | None = None
 
 
+class ImageData(_Obj):
+    """One image: a PNG as a data URL (`url`) or as base64 (`b64_json`)."""
+
+    url: str | None = None
+    b64_json: str | None = None
+    revised_prompt: str | None = None
+
+    def png(self) -> bytes:
+        """The image's PNG bytes, from whichever field carries it."""
+        import base64
+
+        encoded = self.b64_json
+        if encoded is None and self.url is not None and self.url.startswith(PNG_DATA_URL_PREFIX):
+            encoded = self.url[len(PNG_DATA_URL_PREFIX):]
+        if encoded is None:
+            raise ValueError("the image carries no PNG (neither b64_json nor a data:image/png URL)")
+        return base64.b64decode(encoded, validate=True)
+
+
+class ImageUsage(_Obj):
+    """Compute units: width x height x n."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class ImagesResponse(_Verified):
+    created: int = 0
+    data: list[ImageData] = []
+    usage: ImageUsage | None = None
+
+
 class Model(_Obj):
     id: str
     object: str = "model"
@@ -188,6 +224,9 @@ __all__ = [
     "CreateEmbeddingResponse",
     "Embedding",
     "EmbeddingUsage",
+    "ImageData",
+    "ImageUsage",
+    "ImagesResponse",
     "Model",
     "ModelList",
     "NodeIdentity",

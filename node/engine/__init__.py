@@ -1,4 +1,5 @@
-"""Engines behind the node: vLLM in-process, an upstream OpenAI-compatible server, or echo."""
+"""Engines behind the node: vLLM in-process, diffusers in-process (image models), an upstream
+OpenAI-compatible server, or echo."""
 
 from __future__ import annotations
 
@@ -21,9 +22,22 @@ def build_engine(config: NodeConfig) -> Engine:
         from .upstream import UpstreamEngine
 
         return UpstreamEngine(config.engine, max_connections=config.limits.max_in_flight)
-    from .vllm import VllmEngine
+    text = [m for m in config.engine.models if m.task != "image"]
+    image = [m for m in config.engine.models if m.task == "image"]
+    engines: list[Engine] = []
+    if text or not image:  # a config of image models only never imports vLLM
+        from .vllm import VllmEngine
 
-    return VllmEngine(config.engine, config.cache_dir, config.log_level)
+        engines.append(VllmEngine(config.engine.model_copy(update={"models": text}), config.cache_dir, config.log_level))
+    if image:
+        from .images import ImageEngine
+
+        engines.append(ImageEngine(image))
+    if len(engines) == 1:
+        return engines[0]
+    from .routed import RoutedEngine
+
+    return RoutedEngine(engines)
 
 
 __all__ = ["Engine", "ModelCard", "build_engine"]

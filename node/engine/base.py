@@ -11,20 +11,25 @@ client's X-Request-Id, so that clients cannot collide in (or abort) each other's
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from ..config import ModelConfig
 from ..errors import EngineBadRequest, EngineError, ModelNotFound
 
-Task = Literal["chat", "completions", "embeddings"]
+Task = Literal["chat", "completions", "embeddings", "images"]
 Chunk = dict[str, Any]
 
+# The text tasks: what a model serves when nothing says otherwise (echo, an upstream's unconfigured models).
 ALL_TASKS: frozenset[Task] = frozenset({"chat", "completions", "embeddings"})
 # What a configured model (`ModelConfig.task`) serves.
 TASKS_OF: dict[str, frozenset[Task]] = {
     "generate": frozenset({"chat", "completions"}),
     "embed": frozenset({"embeddings"}),
+    "image": frozenset({"images"}),
 }
 
 
@@ -53,6 +58,16 @@ class ModelCard:
     tasks: frozenset[Task] = field(default_factory=lambda: frozenset({"chat", "completions"}))
     owned_by: str = "tee-node"
     max_model_len: int | None = None
+    # Image models: the sizes served, the first the default (empty: any size the engine takes),
+    # and the most images one request may ask for.
+    image_sizes: tuple[str, ...] = ()
+    max_images: int = 1
+
+    @classmethod
+    def of(cls, cfg: ModelConfig, **fields: Any) -> ModelCard:
+        """The card of a configured model; `fields` (owned_by, max_model_len, image_sizes) as known once loaded."""
+        image = {"image_sizes": tuple(cfg.sizes), "max_images": cfg.max_images} if cfg.task == "image" else {}
+        return cls(id=cfg.name, tasks=TASKS_OF[cfg.task], **{**image, **fields})
 
     def to_openai(self, created: int) -> dict[str, Any]:
         """OpenAI's model object, plus `tasks` (the endpoints that serve it), which OpenAI-shaped
@@ -88,5 +103,41 @@ class Engine(Protocol):
 
     async def embed(self, request: dict[str, Any], request_id: str) -> dict[str, Any]: ...
 
+    async def generate_images(self, request: dict[str, Any], request_id: str) -> dict[str, Any]:
+        """An OpenAI images response (`created`, `data`, `usage`) for a checked request
+        (`node.protocol.ImageRequest`: size and n within the model's card)."""
+
     async def abort(self, request_id: str) -> None:
         """Free the engine slot of a request whose client went away (idempotent)."""
+
+
+async def in_daemon_thread(fn: Callable[..., Any], *args: Any, thread_name: str | None = None) -> Any:
+    """`fn(*args)` off the event loop in a daemon thread.
+
+    A load cannot be interrupted; a node stopped while loading abandons it, and interpreter
+    exit must not wait for it as it would for `asyncio.to_thread`'s pool threads.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def run() -> None:
+        try:
+            outcome: tuple[Any, BaseException | None] = (fn(*args), None)
+        except BaseException as exc:
+            outcome = (None, exc)
+        try:
+            loop.call_soon_threadsafe(settle, *outcome)
+        except RuntimeError:  # the loop is closed: nobody waits for this any more
+            pass
+
+    name = thread_name or f"tee-node-{getattr(fn, '__name__', 'call')}"
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return await future

@@ -26,7 +26,7 @@ import aiohttp
 import orjson
 
 from node.config import UNIX_SOCKET_PREFIX, EngineConfig
-from node.engine.base import ALL_TASKS, TASKS_OF, Chunk, ModelCard, Task, raise_for_engine_error, raise_for_engine_status
+from node.engine.base import ALL_TASKS, Chunk, ModelCard, Task, raise_for_engine_error, raise_for_engine_status
 from node.errors import EngineError, ModelNotFound, NotReady
 from node.wire import SSE_DONE, EventTooLarge, SSEDecoder
 
@@ -121,17 +121,15 @@ class UpstreamEngine:
             if response.status != 200:
                 return []
             listing = orjson.loads(await response.read())
-        configured = {m.name: TASKS_OF[m.task] for m in self.config.models}
-        return [
-            ModelCard(
-                id=entry["id"],
-                tasks=configured.get(entry["id"], ALL_TASKS),
-                owned_by=entry.get("owned_by") or "upstream",
-                max_model_len=entry.get("max_model_len"),
-            )
-            for entry in listing.get("data", [])
-            if isinstance(entry, dict) and isinstance(entry.get("id"), str)
-        ]
+        configured = {m.name: m for m in self.config.models}
+        cards = []
+        for entry in listing.get("data", []):
+            if not (isinstance(entry, dict) and isinstance(entry.get("id"), str)):
+                continue
+            known = {"owned_by": entry.get("owned_by") or "upstream", "max_model_len": entry.get("max_model_len")}
+            cfg = configured.get(entry["id"])
+            cards.append(ModelCard.of(cfg, **known) if cfg else ModelCard(id=entry["id"], tasks=ALL_TASKS, **known))
+        return cards
 
     @property
     def ready(self) -> bool:
@@ -225,6 +223,11 @@ class UpstreamEngine:
     async def embed(self, request: dict[str, Any], request_id: str) -> dict[str, Any]:
         self._check(request, "embeddings")
         return await self._unary("/v1/embeddings", request, request_id)
+
+    async def generate_images(self, request: dict[str, Any], request_id: str) -> dict[str, Any]:
+        """Passed through to the upstream's OpenAI images API (vLLM-Omni serves diffusion models so)."""
+        self._check(request, "images")
+        return await self._unary("/v1/images/generations", request, request_id)
 
     async def abort(self, request_id: str) -> None:
         response = self._responses.pop(request_id, None)

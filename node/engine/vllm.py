@@ -33,7 +33,15 @@ from pydantic import ValidationError
 
 from node import supervisor
 from node.config import LOG_FORMAT, EngineConfig, ModelConfig
-from node.engine.base import TASKS_OF, Chunk, ModelCard, Task, raise_for_engine_error, raise_for_engine_status
+from node.engine.base import (
+    TASKS_OF,
+    Chunk,
+    ModelCard,
+    Task,
+    in_daemon_thread,
+    raise_for_engine_error,
+    raise_for_engine_status,
+)
 from node.engine.vllm_logging import logging_config
 from node.errors import EngineBadRequest, EngineError, ModelNotFound, NotReady
 from node.models import HEAVY_IMPORTS, prepare_model, weights_sha256
@@ -159,38 +167,6 @@ def _quiet_vllm_logging(config_path: Path) -> None:
     logging.config.dictConfig(config)
 
 
-async def _in_daemon_thread(fn: Callable[..., Any], *args: Any, thread_name: str | None = None) -> Any:
-    """`fn(*args)` off the event loop in a daemon thread.
-
-    A load cannot be interrupted; a node stopped while loading abandons it, and interpreter
-    exit must not wait for it as it would for `asyncio.to_thread`'s pool threads.
-    """
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[Any] = loop.create_future()
-
-    def settle(result: Any, error: BaseException | None) -> None:
-        if future.done():
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
-
-    def run() -> None:
-        try:
-            outcome: tuple[Any, BaseException | None] = (fn(*args), None)
-        except BaseException as exc:
-            outcome = (None, exc)
-        try:
-            loop.call_soon_threadsafe(settle, *outcome)
-        except RuntimeError:  # the loop is closed: nobody waits for this any more
-            pass
-
-    name = thread_name or f"tee-node-{getattr(fn, '__name__', 'call')}"
-    threading.Thread(target=run, name=name, daemon=True).start()
-    return await future
-
-
 def _engine_processes() -> list[Any]:
     """vLLM's engine processes: every descendant but multiprocessing's resource tracker, which
     exits by itself with this process and frees the shared memory they leave."""
@@ -300,13 +276,13 @@ class VllmEngine:
     async def start(self) -> None:
         set_engine_environment(self._cache_dir, self._log_level)
         # vLLM's import (~10 s) overlaps the model checks (hashing).
-        importing = asyncio.ensure_future(_in_daemon_thread(_import_vllm_serving))
+        importing = asyncio.ensure_future(in_daemon_thread(_import_vllm_serving))
         try:
             paths = []
             for cfg in self.config.models:
                 started = time.monotonic()
-                path = await _in_daemon_thread(prepare_model, cfg.source, self._cache_dir, _model_progress)
-                digest = await _in_daemon_thread(weights_sha256, cfg.source, path)
+                path = await in_daemon_thread(prepare_model, cfg.source, self._cache_dir, _model_progress)
+                digest = await in_daemon_thread(weights_sha256, cfg.source, path)
                 if digest is not None:
                     self._weights[cfg.name] = digest
                 paths.append(path)
@@ -388,7 +364,7 @@ class VllmEngine:
 
         args = AsyncEngineArgs(**engine_args_for(cfg, model, cpu=current_platform.is_cpu()), **self.distributed_args)
         # Building the engine blocks for the whole load; a thread keeps /ready answering.
-        llm = await _in_daemon_thread(AsyncLLM.from_engine_args, args, thread_name=ENGINE_LOAD_THREAD)
+        llm = await in_daemon_thread(AsyncLLM.from_engine_args, args, thread_name=ENGINE_LOAD_THREAD)
         served = _Served(cfg=cfg, llm=llm, max_model_len=llm.model_config.max_model_len)
         try:
             models = OpenAIServingModels(
@@ -495,7 +471,7 @@ class VllmEngine:
     def models(self) -> list[ModelCard]:
         loaded = {name: s.max_model_len for name, s in self._served.items()}
         return [
-            ModelCard(id=m.name, tasks=TASKS_OF[m.task], max_model_len=loaded.get(m.name, m.max_model_len))
+            ModelCard.of(m, max_model_len=loaded.get(m.name, m.max_model_len))
             for m in self.config.models
         ]
 

@@ -25,7 +25,7 @@ from .middleware import CONTEXT, error_middleware
 from .ohttp import add_gateway
 from .openapi import openapi_document
 from .privacy_pass import DIRECTORY_PATH, ISSUANCE_PATH, PrivacyPass, privacy_pass_lifecycle
-from .serving import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint, authorize, read_body, serve_confidential, serve_plain
+from .serving import CHAT, COMPLETIONS, EMBEDDINGS, IMAGES, Endpoint, authorize, read_body, serve_confidential, serve_plain
 from .state import NODE, NodeState, bearer_token
 from .tls import TlsIdentity
 from .workers import WorkerAdmission, own_policy, workers_challenge, workers_join
@@ -36,8 +36,14 @@ CONFIDENTIAL_ROUTES = {
     "/v1/confidential/chat/completions": CHAT,
     "/v1/confidential/completions": COMPLETIONS,
     "/v1/confidential/embeddings": EMBEDDINGS,
+    "/v1/confidential/images/generations": IMAGES,
 }
-PLAIN_ROUTES = {"/v1/chat/completions": CHAT, "/v1/completions": COMPLETIONS, "/v1/embeddings": EMBEDDINGS}
+PLAIN_ROUTES = {
+    "/v1/chat/completions": CHAT,
+    "/v1/completions": COMPLETIONS,
+    "/v1/embeddings": EMBEDDINGS,
+    "/v1/images/generations": IMAGES,
+}
 
 
 def _json(data: object, status: int = 200) -> web.Response:

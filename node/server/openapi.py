@@ -14,6 +14,7 @@ from ..protocol import (
     ConfidentialComputeResponse,
     ConfidentialComputeStreamResponse,
     ErrorBody,
+    ImageGenerationRequest,
     NodesCreateLockRequest,
     NodesCreateLockResponse,
 )
@@ -57,13 +58,14 @@ def _errors(codes: tuple[str, ...] | None = None) -> dict[str, Any]:
     return responses
 
 
-def _confidential_operation(summary: str, streamable: bool) -> dict[str, Any]:
+def _confidential_operation(summary: str, streamable: bool, description: str | None = None) -> dict[str, Any]:
     content: dict[str, Any] = {"application/json": {"schema": _ref("ConfidentialComputeResponse")}}
     if streamable:
         content["text/event-stream"] = {"schema": _ref("ConfidentialComputeStreamResponse")}
     return {
         "post": {
             "summary": summary,
+            **({"description": description} if description else {}),
             "requestBody": {
                 "required": True,
                 "content": {"application/json": {"schema": _ref("ConfidentialComputeRequest")}},
@@ -124,6 +126,7 @@ def openapi_document(config: NodeConfig, plain_paths: Iterable[str] = ()) -> dic
             (ConfidentialComputeResponse, "serialization"),
             (ConfidentialComputeStreamResponse, "serialization"),
             (ErrorBody, "serialization"),
+            (ImageGenerationRequest, "validation"),
             (NodesCreateLockRequest, "validation"),
             (NodesCreateLockResponse, "serialization"),
         ],
@@ -133,6 +136,13 @@ def openapi_document(config: NodeConfig, plain_paths: Iterable[str] = ()) -> dic
         "/v1/confidential/chat/completions": _confidential_operation("Confidential chat completions", True),
         "/v1/confidential/completions": _confidential_operation("Confidential completions", True),
         "/v1/confidential/embeddings": _confidential_operation("Confidential embeddings", False),
+        "/v1/confidential/images/generations": _confidential_operation(
+            "Confidential image generations",
+            False,
+            "The plaintext is an ImageGenerationRequest; the sealed answer an OpenAI images response (`created`, "
+            "`data`), each image a PNG: `url` a data:image/png;base64 URL (the default) or `b64_json`. "
+            "num_compute_units, when given, must be width x height x n; usage counts those pixels.",
+        ),
         "/v1/nodes/lock": {
             "post": {
                 "summary": "The node's current X25519 public key",

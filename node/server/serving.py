@@ -18,9 +18,11 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from .. import envelope
-from ..engine.base import Engine, Task
+from ..config import parse_image_size
+from ..engine.base import Engine, ModelCard, Task
 from ..errors import (
     BodyTooLarge,
+    ComputeUnitsMismatch,
     InternalError,
     InvalidBody,
     InvalidPlaintext,
@@ -29,9 +31,11 @@ from ..errors import (
     ReplayedRequest,
     StaleNodeKey,
     TokenSpent,
+    TooManyImages,
     Unauthorized,
+    UnsupportedImageSize,
 )
-from ..protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, Usage
+from ..protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ImageGenerationRequest, Usage
 from ..wire import SSE_DONE, SSE_KEEPALIVE, sse_event
 from .coalesce import coalesce
 from .middleware import CONTEXT, RequestContext
@@ -43,6 +47,10 @@ log = logging.getLogger("tee_node.serving")
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # Engine chunks buffered between the engine and a slow client (then the engine waits).
 STREAM_QUEUE_DEPTH = 64
+# Seconds between checks that the client of a long unary call (an image) is still connected.
+CLIENT_GONE_POLL = 0.1
+# OpenAI's default size, for an engine that takes any size (an upstream's image model).
+DEFAULT_IMAGE_SIZE = "1024x1024"
 ENGINE_FAILED_EVENT = sse_event(orjson.dumps({"error": {"code": InternalError.code, "message": "engine failed"}}))
 
 
@@ -57,12 +65,15 @@ class Endpoint:
             return engine.chat(payload, engine_id)
         if self.task == "completions":
             return engine.complete(payload, engine_id)
+        if self.task == "images":
+            return engine.generate_images(payload, engine_id)
         return engine.embed(payload, engine_id)
 
 
 CHAT = Endpoint("chat", ChatCompletionRequest, True)
 COMPLETIONS = Endpoint("completions", CompletionRequest, True)
 EMBEDDINGS = Endpoint("embeddings", EmbeddingRequest, False)
+IMAGES = Endpoint("images", ImageGenerationRequest, False)
 
 
 async def authorize(state: NodeState, request: web.Request) -> None:
@@ -126,8 +137,76 @@ def _count_tokens(state: NodeState, usage: dict[str, Any] | None) -> None:
         state.metrics.completion_tokens.inc(usage["completion_tokens"])
 
 
+def prepare_image_request(payload: dict[str, Any], card: ModelCard) -> int:
+    """Fill in an image request's defaults (n 1, the model's first size, a data URL) and check
+    it against the model's card; return its compute units (width x height x n)."""
+    size = payload.get("size") or (card.image_sizes[0] if card.image_sizes else DEFAULT_IMAGE_SIZE)
+    dimensions = parse_image_size(size)
+    if dimensions is None or (card.image_sizes and size not in card.image_sizes):
+        raise UnsupportedImageSize(card.image_sizes)
+    n = payload.get("n") or 1
+    if n > card.max_images:
+        raise TooManyImages(card.max_images)
+    payload.update(size=size, n=n, response_format=payload.get("response_format") or "url")
+    payload.pop("stream", None)
+    payload.pop("stream_options", None)
+    return image_units(payload)
+
+
+def image_units(payload: dict[str, Any]) -> int:
+    """Compute units of a prepared image request: width x height x n."""
+    width, height = parse_image_size(payload["size"])  # type: ignore[misc]
+    return width * height * payload["n"]
+
+
+async def _while_connected(request: web.Request, call: Any) -> Any:
+    """Await `call`, cancelling it when the client hangs up (aiohttp does not cancel a unary
+    handler then): an image in the making is dropped at its next step."""
+    task = asyncio.ensure_future(call)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=CLIENT_GONE_POLL)
+            if done:
+                return task.result()
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                raise ConnectionResetError("the client went away")
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+async def _unary(
+    request: web.Request, state: NodeState, endpoint: Endpoint, payload: dict[str, Any], engine_id: str
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """A non-streamed engine call: its answer and usage, counted in the metrics (tokens, or
+    images); an image call is dropped if the client leaves."""
+    if endpoint.task != "images":
+        result = await endpoint.call(state.engine, payload, engine_id)
+        usage = usage_of(result)
+        _count_tokens(state, usage)
+        return result, usage
+    started = time.perf_counter()
+    try:
+        result = await _while_connected(request, endpoint.call(state.engine, payload, engine_id))
+    except ConnectionResetError:
+        await state.engine.abort(engine_id)
+        raise
+    state.metrics.image_seconds.observe(time.perf_counter() - started)
+    state.metrics.images.inc(payload["n"])
+    # Usage counts compute units (pixels), as Atoma meters images: the node's count, whatever
+    # an upstream server reports.
+    units = image_units(payload)
+    result["usage"] = {"prompt_tokens": 0, "completion_tokens": units, "total_tokens": units}
+    return result, usage_of(result)
+
+
 def _prepare_payload(payload: dict[str, Any], endpoint: Endpoint) -> bool:
     """Decide streaming from the plaintext; always ask the engine for usage on streams."""
+    if endpoint.task == "images":
+        return False  # prepare_image_request has set the request up
     stream = endpoint.streamable and payload.get("stream") is True
     if stream:
         payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
@@ -162,17 +241,21 @@ async def serve_confidential(request: web.Request, endpoint: Endpoint) -> web.St
         # Length hiding: the engine never sees the request's padding.
         opened.sealer.padding = envelope.take_obfuscation(payload)
         model = payload["model"]
-        if model != outer.model_name or state.model_card(model, endpoint.task) is None:
+        card = state.model_card(model, endpoint.task)
+        if model != outer.model_name or card is None:
             raise ModelNotFound()
         ctx.model = model
+        if endpoint.task == "images":
+            units = prepare_image_request(payload, card)
+            if outer.num_compute_units is not None and outer.num_compute_units != units:
+                raise ComputeUnitsMismatch()
         stream = _prepare_payload(payload, endpoint)
-        result = await endpoint.call(state.engine, payload, ctx.engine_id)
         if not stream:
-            usage = usage_of(result)
-            _count_tokens(state, usage)
+            result, usage = await _unary(request, state, endpoint, payload, ctx.engine_id)
             clear = envelope.usage_in_clear(usage, state.config.privacy.clear_usage)
             sealed = opened.sealer.seal_response(orjson.dumps(result), model, clear)
             return web.Response(body=orjson.dumps(sealed), content_type="application/json", headers={"X-Request-Id": ctx.request_id})
+        result = await endpoint.call(state.engine, payload, ctx.engine_id)
         sealer = opened.sealer
         cadence_ms = state.config.limits.stream_cadence_ms
         return await _stream(
@@ -427,12 +510,15 @@ async def serve_plain(request: web.Request, endpoint: Endpoint) -> web.StreamRes
         raise NotReady()
     async with state.admission.slot():
         model = payload["model"]
-        if state.model_card(model, endpoint.task) is None:
+        card = state.model_card(model, endpoint.task)
+        if card is None:
             raise ModelNotFound()
         ctx.model = model
+        if endpoint.task == "images":
+            prepare_image_request(payload, card)
         stream = _prepare_payload(payload, endpoint)
-        result = await endpoint.call(state.engine, payload, ctx.engine_id)
         if not stream:
-            _count_tokens(state, usage_of(result))
+            result, _ = await _unary(request, state, endpoint, payload, ctx.engine_id)
             return web.Response(body=orjson.dumps(result), content_type="application/json", headers={"X-Request-Id": ctx.request_id})
+        result = await endpoint.call(state.engine, payload, ctx.engine_id)
         return await _stream(request, state, ctx, result, _PlainEncoder(state))
