@@ -141,7 +141,7 @@ async def test_measured_config_names_the_image_model_and_its_weights(make_image_
 
 
 async def test_admission_queue_full_is_429_with_retry_after(make_image_node, tiny_pipeline):
-    slow = image_model(tiny_pipeline, engine_args={"num_inference_steps": 400, "guidance_scale": 1.0})
+    slow = image_model(tiny_pipeline, engine_args={"num_inference_steps": 100, "guidance_scale": 1.0})
     node = await make_image_node(model=slow, limits={"max_in_flight": 1, "max_queue": 0})
     first = asyncio.ensure_future(node.call(CONFIDENTIAL_IMAGES, image_body()))
     while node.state.admission.in_flight == 0:
@@ -201,3 +201,17 @@ def test_image_only_config_never_imports_vllm(tiny_pipeline):
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.split() == ["ImageEngine", "True", "False"]
+
+
+async def test_prompts_never_reach_a_log(make_image_node, all_logs):
+    node = await make_image_node(allow_plaintext=True)
+    secret = "picture of the secret house"
+    status, _, answer = await node.call(CONFIDENTIAL_IMAGES, image_body(secret))
+    assert status == 200 and answer["data"]
+    status, body, _ = await node.call(CONFIDENTIAL_IMAGES, image_body(" ".join([secret] * MAX_PROMPT_TOKENS)))
+    assert body["error"]["code"] == "PROMPT_TOO_LONG"
+    response = await node.client.post(PLAIN_IMAGES, data=compact(image_body(secret)))
+    assert response.status == 200
+    logs = all_logs()
+    assert "id=" in logs  # the access lines were captured
+    assert "secret" not in logs
