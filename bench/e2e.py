@@ -261,6 +261,9 @@ async def node_images(url: str, keys: tuple[bytes, bytes], prompts: list[str], s
 
 
 def images_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    # OpenMP threads spin for a while after each torch call: this process's would take cores
+    # from the node's turn (the node, frozen, cannot do that back). Both sides sleep instead.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from node.config import ModelConfig, parse_image_size
     from node.engine.images import load_model
 
@@ -341,7 +344,7 @@ def images_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "settings": {
             "size": size, "num_inference_steps": args.image_steps, "requests_per_round": args.image_requests,
             "concurrency": args.concurrency, "rounds_per_target": args.image_rounds, "latency_samples": args.image_samples,
-            "response_format": "b64_json", "padding": True,
+            "response_format": "b64_json", "padding": True, "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
         },
         "host": {
             "machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),

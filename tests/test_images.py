@@ -215,3 +215,16 @@ async def test_prompts_never_reach_a_log(make_image_node, all_logs):
     logs = all_logs()
     assert "id=" in logs  # the access lines were captured
     assert "secret" not in logs
+
+
+def test_a_model_without_sizes_serves_its_pipelines_own(tiny_pipeline):
+    from node.engine.images import load_model
+
+    cfg = ModelConfig(name=IMAGE_MODEL, source=str(tiny_pipeline), task="image")
+    loaded = load_model(cfg)
+    try:
+        # The tiny UNet's 32 latent pixels times the VAE's scale factor of 2.
+        assert loaded.card.image_sizes == ("64x64",)
+        assert loaded.max_prompt_tokens == MAX_PROMPT_TOKENS
+    finally:
+        loaded.worker.shutdown()

@@ -104,8 +104,9 @@ class Engine(Protocol):
     async def embed(self, request: dict[str, Any], request_id: str) -> dict[str, Any]: ...
 
     async def generate_images(self, request: dict[str, Any], request_id: str) -> dict[str, Any]:
-        """An OpenAI images response (`created`, `data`, `usage`) for a checked request
-        (`node.protocol.ImageRequest`: size and n within the model's card)."""
+        """An OpenAI images response (`created`, `data`) for a request the server has checked
+        and completed (`serving.prepare_image_request`: size, n and response_format set, within
+        the model's card); the server adds the usage."""
 
     async def abort(self, request_id: str) -> None:
         """Free the engine slot of a request whose client went away (idempotent)."""

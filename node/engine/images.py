@@ -93,23 +93,22 @@ def _default_size(pipeline: Any) -> str | None:
     return f"{latent * scale}x{latent * scale}"
 
 
+def _tokenizers(pipeline: Any) -> list[Any]:
+    """The pipeline's tokenizers that have a window (`model_max_length`)."""
+    found = (getattr(pipeline, name, None) for name in _TOKENIZER_ATTRIBUTES)
+    return [t for t in found if t is not None and 0 < getattr(t, "model_max_length", 0) < _NO_TOKEN_LIMIT]
+
+
 def _prompt_limit(pipeline: Any) -> int | None:
-    """The longest window among the pipeline's tokenizers (a prompt over it would be cut)."""
-    limits = [
-        tokenizer.model_max_length
-        for tokenizer in (getattr(pipeline, name, None) for name in _TOKENIZER_ATTRIBUTES)
-        if tokenizer is not None and 0 < getattr(tokenizer, "model_max_length", 0) < _NO_TOKEN_LIMIT
-    ]
-    return max(limits) if limits else None
+    """The longest window among the pipeline's tokenizers (what PROMPT_TOO_LONG reports)."""
+    return max((t.model_max_length for t in _tokenizers(pipeline)), default=None)
 
 
-def _prompt_tokens(pipeline: Any, prompt: str) -> int:
-    counts = [
-        len(tokenizer(prompt, truncation=False)["input_ids"])
-        for tokenizer in (getattr(pipeline, name, None) for name in _TOKENIZER_ATTRIBUTES)
-        if tokenizer is not None
-    ]
-    return min(counts) if counts else 0
+def _prompt_fits(pipeline: Any, prompt: str) -> bool:
+    """Whether some text encoder sees the whole prompt: one over every window would be cut
+    (diffusers truncates silently), so it is refused instead."""
+    tokenizers = _tokenizers(pipeline)
+    return not tokenizers or any(len(t(prompt, truncation=False)["input_ids"]) <= t.model_max_length for t in tokenizers)
 
 
 def load_model(cfg: ModelConfig) -> _Loaded:
@@ -121,7 +120,8 @@ def load_model(cfg: ModelConfig) -> _Loaded:
     pipeline = DiffusionPipeline.from_pretrained(cfg.source, dtype=dtype, local_files_only=True)
     pipeline = pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
-    sizes = tuple(cfg.sizes) or ((_default_size(pipeline),) if _default_size(pipeline) else ())
+    native = _default_size(pipeline)
+    sizes = tuple(cfg.sizes) or ((native,) if native else ())
     if not sizes:
         raise ValueError(f"model {cfg.name}: the pipeline has no default size; list the sizes it serves in `sizes`")
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tee-node-image-{cfg.name}")
@@ -144,10 +144,10 @@ def _generate(loaded: _Loaded, job: _Job, request: dict[str, Any]) -> dict[str, 
         raise _Cancelled()
     pipeline = loaded.pipeline
     prompt = request["prompt"]
-    if loaded.max_prompt_tokens is not None and _prompt_tokens(pipeline, prompt) > loaded.max_prompt_tokens:
+    if loaded.max_prompt_tokens is not None and not _prompt_fits(pipeline, prompt):
         raise PromptTooLong(loaded.max_prompt_tokens)
     size = parse_image_size(request["size"])
-    assert size is not None  # checked before the engine (node.protocol.ImageRequest)
+    assert size is not None  # checked before the engine (serving.prepare_image_request)
     width, height = size
     n = request["n"]
     arguments = {**loaded.cfg.engine_args}
