@@ -27,7 +27,9 @@ from pydantic import ValidationError
 from server_support import compact
 
 from node.config import ModelConfig, NodeConfig
+from node.envelope import usage_in_clear
 from node.models import weights_sha256
+from node.protocol import Usage
 
 DATA_URL_PREFIX = "data:image/png;base64,"
 
@@ -56,8 +58,10 @@ async def test_confidential_image_as_data_url_sealed_padded_and_receipted(make_i
     for item in answer["data"]:
         assert item["url"].startswith(DATA_URL_PREFIX)
         assert png_size(base64.b64decode(item["url"][len(DATA_URL_PREFIX):], validate=True)) == (32, 48)
+    # Usage counts compute units: exact inside the answer, rounded up in clear (privacy.clear_usage).
     units = 32 * 48 * 2
-    assert sealed["usage"]["total_tokens"] == units == answer["usage"]["total_tokens"]
+    assert answer["usage"]["total_tokens"] == answer["usage"]["completion_tokens"] == units
+    assert sealed["usage"] == usage_in_clear(Usage.from_openai(answer["usage"]).model_dump(), "bucketed")
     assert sealed["receipt"]["usage"] == sealed["usage"]
     assert sealed["receipt"]["model"] == IMAGE_MODEL
     # Padded to its bucket like every answer (the SDK's parsers ignore `obfuscation`).
