@@ -233,3 +233,22 @@ def test_a_model_without_sizes_serves_its_pipelines_own(tiny_pipeline):
         assert loaded.max_prompt_tokens == MAX_PROMPT_TOKENS
     finally:
         loaded.worker.shutdown()
+
+
+async def test_an_image_through_the_ohttp_gateway(make_image_node):
+    """Relayed (RFC 9458): the gateway dispatches the sealed image request as a direct one."""
+    import ohttp_reference as ref
+
+    node = await make_image_node()
+    (config, *_) = ref.parse_key_configs(await (await node.client.get("/v1/ohttp/keys")).read())
+    outer, opener = node.seal(image_body(size="32x48"))
+    exchange = ref.Exchange(config)
+    encapsulated = exchange.request(
+        ref.encode_request("POST", CONFIDENTIAL_IMAGES, [("content-type", "application/json")], compact(outer))
+    )
+    response = await node.client.post("/v1/ohttp", data=encapsulated, headers={"Content-Type": "message/ohttp-req"})
+    assert response.status == 200
+    inner = ref.decode_response(exchange.open(await response.read()))
+    assert inner.status == 200, inner.content
+    (item,) = json.loads(opener.open_response(json.loads(inner.content)))["data"]
+    assert png_size(base64.b64decode(item["url"][len(DATA_URL_PREFIX):])) == (32, 48)
