@@ -160,6 +160,15 @@ def _info(label: bytes, header: bytes) -> bytes:
     return label + b"\x00" + header
 
 
+def _response_aead(
+    context: ContextInterface, aead: AEADId, enc: bytes, chunked: bool, response_nonce: bytes
+) -> OhttpResponseAead:
+    """The response AEAD both ends derive from the request's HPKE context (RFC 9458 section 4.4)."""
+    label = OHTTP_CHUNKED_RESPONSE_LABEL if chunked else OHTTP_RESPONSE_LABEL
+    secret = context.export(label, OhttpResponseAead.nonce_size(aead))
+    return OhttpResponseAead(aead, secret, enc, response_nonce)
+
+
 class ResponseEncapsulator:
     """Seals the answer to one decapsulated request: whole (`seal`) or chunk by chunk
     (`chunked_start`, `chunk`, `final_chunk`)."""
@@ -173,9 +182,7 @@ class ResponseEncapsulator:
         self._counter = 0
 
     def _keys(self, response_nonce: bytes) -> OhttpResponseAead:
-        label = OHTTP_CHUNKED_RESPONSE_LABEL if self._chunked else OHTTP_RESPONSE_LABEL
-        secret = self._context.export(label, OhttpResponseAead.nonce_size(self._aead_id))
-        return OhttpResponseAead(self._aead_id, secret, self._enc, response_nonce)
+        return _response_aead(self._context, self._aead_id, self._enc, self._chunked, response_nonce)
 
     def seal(self, plaintext: bytes, response_nonce: bytes | None = None) -> bytes:
         """A `message/ohttp-res` body: response nonce, then the sealed answer."""
@@ -206,6 +213,27 @@ class ResponseEncapsulator:
 
 
 KeyLookup = Callable[[int], "GatewayKey | None"]
+
+
+def _open_whole_chunks(buffer: bytearray, open_chunk: Callable[[bytes, bytes], bytes]) -> tuple[bytes, bool]:
+    """Reads a chunked body's length-prefixed chunks for both receivers: opens and drops every
+    whole non-final chunk at the start of `buffer`; returns their plaintext and whether the final
+    chunk's zero length has come (dropped too: the final chunk runs to the end of the body)."""
+    out = []
+    while True:
+        try:
+            size, offset = read_varint(buffer, 0)
+        except BhttpError:
+            return b"".join(out), False
+        if size == 0:
+            del buffer[:offset]
+            return b"".join(out), True
+        if size > MAX_SEALED_CHUNK:
+            raise DecapsulationError()
+        if offset + size > len(buffer):
+            return b"".join(out), False
+        out.append(open_chunk(bytes(buffer[offset : offset + size]), b""))
+        del buffer[: offset + size]
 
 
 def _open_header(data: bytes, lookup: KeyLookup, label: bytes) -> tuple[ContextInterface, bytes, AEADId]:
@@ -257,7 +285,6 @@ class ChunkedRequestDecapsulator:
         if self._received > self._max_body:
             raise OhttpError("body too large")
         self._buffer += data
-        out = []
         if self._context is None:
             if len(self._buffer) < HEADER_SIZE + ENC_SIZE:
                 return b""
@@ -265,22 +292,10 @@ class ChunkedRequestDecapsulator:
             self._context, enc, aead = _open_header(head, self._lookup, OHTTP_CHUNKED_REQUEST_LABEL)
             self.encapsulator = ResponseEncapsulator(self._context, enc, aead, chunked=True)
             del self._buffer[: HEADER_SIZE + ENC_SIZE]
-        while not self._final:
-            try:
-                size, offset = read_varint(self._buffer, 0)
-            except BhttpError:
-                break
-            if size == 0:
-                self._final = True
-                del self._buffer[:offset]
-                break
-            if size > MAX_SEALED_CHUNK:
-                raise DecapsulationError()
-            if offset + size > len(self._buffer):
-                break
-            out.append(self._open(bytes(self._buffer[offset : offset + size]), b""))
-            del self._buffer[: offset + size]
-        return b"".join(out)
+        if self._final:
+            return b""
+        plaintext, self._final = _open_whole_chunks(self._buffer, self._open)
+        return plaintext
 
     def end(self) -> bytes:
         """The body has ended: the final chunk's plaintext."""
@@ -340,9 +355,7 @@ class RequestEncapsulator:
         return b"\x00" + self._context.seal(plaintext, OHTTP_FINAL_CHUNK_AAD)
 
     def _keys(self, response_nonce: bytes) -> OhttpResponseAead:
-        label = OHTTP_CHUNKED_RESPONSE_LABEL if self.chunked else OHTTP_RESPONSE_LABEL
-        secret = self._context.export(label, OhttpResponseAead.nonce_size(self.aead))
-        return OhttpResponseAead(self.aead, secret, self.enc, response_nonce)
+        return _response_aead(self._context, self.aead, self.enc, self.chunked, response_nonce)
 
     def open_response(self, data: bytes) -> bytes:
         """The Binary HTTP answer of a `message/ohttp-res` body."""
@@ -378,23 +391,10 @@ class ChunkedResponseOpener:
                 return b""
             self._aead = self._request._keys(bytes(self._buffer[:size]))
             del self._buffer[:size]
-        out = []
-        while not self._final:
-            try:
-                size, offset = read_varint(self._buffer, 0)
-            except BhttpError:
-                break
-            if size == 0:
-                self._final = True
-                del self._buffer[:offset]
-                break
-            if size > MAX_SEALED_CHUNK:
-                raise DecapsulationError()
-            if offset + size > len(self._buffer):
-                break
-            out.append(self._open(bytes(self._buffer[offset : offset + size]), b""))
-            del self._buffer[: offset + size]
-        return b"".join(out)
+        if self._final:
+            return b""
+        plaintext, self._final = _open_whole_chunks(self._buffer, self._open)
+        return plaintext
 
     def end(self) -> bytes:
         if self._aead is None or not self._final:
