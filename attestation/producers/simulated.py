@@ -6,10 +6,8 @@ whose subject says it is not a TEE; verifiers accept it only with allow_simulate
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
-import stat
 import struct
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -25,6 +23,7 @@ from .. import tdx
 from ..claims import TD_ATTRIBUTES_DEBUG
 from ..errors import AttestationUnavailable
 from ..evidence import FORMAT_TDX, CpuEvidence, check_report_data
+from ..private_files import create_private, open_private
 from ..trust import SIMULATED_ROOT_COMMON_NAME
 
 SEED_FILE = "simulated-tee.seed"
@@ -78,9 +77,9 @@ def _raw_point(key: ec.EllipticCurvePrivateKey) -> bytes:
 def load_or_create_seed(state_dir: str | Path) -> bytes:
     """The simulated root of trust: one random seed, created once, readable by its owner only.
 
-    Created atomically (temporary file, fsync, then a hard link to the final name), so a crash
-    never leaves a short seed behind and two nodes starting at once read the same seed. Opened
-    with O_NOFOLLOW and refused when others may read it: the seed signs simulated quotes.
+    Created atomically and never replaced (`create_private`), so a crash never leaves a short
+    seed behind and two nodes starting at once read the same seed. Opened with O_NOFOLLOW and
+    refused when others may read it: the seed signs simulated quotes.
     """
     state = Path(state_dir)
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -90,52 +89,19 @@ def load_or_create_seed(state_dir: str | Path) -> bytes:
     except FileNotFoundError:
         pass
     seed = os.urandom(SEED_SIZE)
-    temporary = state / f".{SEED_FILE}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(seed)
-            fh.flush()
-            os.fsync(fh.fileno())
-        try:
-            # A link, unlike rename, never replaces a seed another node created meanwhile.
-            os.link(temporary, path)
-        except FileExistsError:
-            return _read_seed(path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    directory = os.open(state, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(directory)  # the new name survives a crash too
-    finally:
-        os.close(directory)
+    if not create_private(path, seed):
+        return _read_seed(path)  # another node created it meanwhile
     return seed
 
 
 def _read_seed(path: Path) -> bytes:
+    fd = open_private(
+        path,
+        what="simulated TEE seed file",
+        error=AttestationUnavailable,
+        alternative=" or set attestation.state_dir to another directory of yours",
+    )
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise AttestationUnavailable(
-                f"simulated TEE seed file {path} is a symbolic link, which is not followed: "
-                "replace it with the file itself or set attestation.state_dir to another directory"
-            ) from None
-        raise
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise AttestationUnavailable(f"simulated TEE seed file {path} is not a regular file: remove it")
-        if info.st_uid != os.geteuid():
-            raise AttestationUnavailable(
-                f"simulated TEE seed file {path} belongs to uid {info.st_uid}, not to this user "
-                f"(uid {os.geteuid()}): run the node as its owner or set attestation.state_dir to a directory of yours"
-            )
-        if info.st_mode & 0o077:
-            raise AttestationUnavailable(
-                f"simulated TEE seed file {path} is accessible to group or others "
-                f"(mode {stat.S_IMODE(info.st_mode):04o}): run `chmod 600 {path}`"
-            )
         seed = os.read(fd, SEED_SIZE + 1)
     finally:
         os.close(fd)
