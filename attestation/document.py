@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hmac
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -24,6 +22,7 @@ from .errors import (
     TlsCertificateMismatch,
 )
 from .evidence import FORMAT_NVIDIA, FORMAT_SNP, FORMAT_TDX, GpuProvider, TeeProvider
+from .fields import b64_bytes, b64_text, hex_bytes
 from .intel import IntelCollateral
 from .nvidia.verify import verify_gpu_report
 from .workers import WorkerEntry
@@ -33,10 +32,6 @@ DOCUMENT_VERSION = 3
 DOCUMENT_VERSIONS = (2, 3)
 TEE_TYPES = ("tdx", "sev-snp", "simulated")
 _TEE_FORMAT = {"tdx": FORMAT_TDX, "simulated": FORMAT_TDX, "sev-snp": FORMAT_SNP}
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
 
 
 def empty_collateral() -> dict[str, Any]:
@@ -90,14 +85,14 @@ def build_document(
         "tee": evidence.tee,
         "simulated": evidence.simulated,
         "nonce": nonce.hex(),
-        "dh_public_key": _b64(dh_public_key),
-        "signing_public_key": _b64(signing_public_key),
+        "dh_public_key": b64_text(dh_public_key),
+        "signing_public_key": b64_text(signing_public_key),
         "key_epoch": key_epoch,
         "config_digest": config_digest.hex(),
         "report_data": report_data.hex(),
-        "cpu_evidence": {"format": evidence.format, "quote": _b64(evidence.quote), "certificates": evidence.certificates},
+        "cpu_evidence": {"format": evidence.format, "quote": b64_text(evidence.quote), "certificates": evidence.certificates},
         "gpu_evidence": gpu_evidence,
-        "kem_public_key": _b64(kem_public_key) if kem_public_key is not None else None,
+        "kem_public_key": b64_text(kem_public_key) if kem_public_key is not None else None,
         "tls_cert_sha256": tls_cert_sha256.hex() if tls_cert_sha256 is not None else None,
         "measured_config": measured_config,
         "collateral": collateral if collateral is not None else empty_collateral(),
@@ -157,14 +152,7 @@ def _field(doc: dict[str, Any], name: str, kind: type) -> Any:
 
 
 def _hex(doc: dict[str, Any], name: str, size: int) -> bytes:
-    text = _field(doc, name, str)
-    try:
-        value = bytes.fromhex(text)
-    except ValueError:
-        raise DocumentInvalid(f"document field {name!r} is not hex") from None
-    if len(value) != size:
-        raise DocumentInvalid(f"document field {name!r} must be {size} bytes")
-    return value
+    return hex_bytes(_field(doc, name, str), f"document field {name!r}", size)
 
 
 def _unb64(doc: dict[str, Any], name: str, size: int | None = None) -> bytes:
@@ -172,15 +160,7 @@ def _unb64(doc: dict[str, Any], name: str, size: int | None = None) -> bytes:
 
 
 def _b64_value(text: Any, name: str, size: int | None = None) -> bytes:
-    try:
-        if not isinstance(text, str):
-            raise ValueError
-        value = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise DocumentInvalid(f"document field {name!r} is not standard base64") from None
-    if size is not None and len(value) != size:
-        raise DocumentInvalid(f"document field {name!r} must be {size} bytes")
-    return value
+    return b64_bytes(text, f"document field {name!r}", size)
 
 
 def _optional(doc: dict[str, Any], name: str, decode) -> Any:

@@ -8,13 +8,12 @@ client later, offline) recomputes the nonce and verifies the document like any o
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import DocumentInvalid
+from .fields import b64_bytes, b64_text, hex_bytes
 
 LINK_NONCE_DOMAIN = b"tee-node/worker-link/v1"
 CHALLENGE_SIZE = 32
@@ -52,39 +51,15 @@ class WorkerEntry:
             raise DocumentInvalid(f"workers entry {role!r}: evidence must be an attestation document")
         return cls(
             role=role,
-            link_public_key=_b64(item.get("link_public_key"), f"workers entry {role!r} link_public_key", LINK_KEY_SIZE),
-            challenge=_hex(item.get("challenge"), f"workers entry {role!r} challenge", CHALLENGE_SIZE),
+            link_public_key=b64_bytes(item.get("link_public_key"), f"workers entry {role!r} link_public_key", LINK_KEY_SIZE),
+            challenge=hex_bytes(item.get("challenge"), f"workers entry {role!r} challenge", CHALLENGE_SIZE),
             evidence=evidence,
         )
 
     def to_json(self) -> dict[str, Any]:
         return {
             "role": self.role,
-            "link_public_key": base64.b64encode(self.link_public_key).decode("ascii"),
+            "link_public_key": b64_text(self.link_public_key),
             "challenge": self.challenge.hex(),
             "evidence": self.evidence,
         }
-
-
-def _b64(value: Any, name: str, size: int) -> bytes:
-    try:
-        if not isinstance(value, str):
-            raise ValueError
-        raw = base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise DocumentInvalid(f"{name} is not standard base64") from None
-    if len(raw) != size:
-        raise DocumentInvalid(f"{name} must be {size} bytes")
-    return raw
-
-
-def _hex(value: Any, name: str, size: int) -> bytes:
-    try:
-        if not isinstance(value, str):
-            raise ValueError
-        raw = bytes.fromhex(value)
-    except ValueError:
-        raise DocumentInvalid(f"{name} is not hex") from None
-    if len(raw) != size:
-        raise DocumentInvalid(f"{name} must be {size} bytes")
-    return raw
