@@ -22,7 +22,6 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from attestation.document import build_document
 from attestation.workers import link_nonce
 
 from .config import NodeConfig
@@ -88,18 +87,10 @@ async def join(session: aiohttp.ClientSession, head: str, config: NodeConfig, se
             if response.status != 200:
                 raise JoinRefused(response.status, _claims(body))
         challenge = bytes.fromhex(body["challenge"])
-        key = keyring.current
-        evidence = await asyncio.to_thread(
-            build_document,
-            service.cpu,
-            service.gpu,
-            nonce=link_nonce(challenge, link.public_key),
-            dh_public_key=key.public_key,
-            signing_public_key=signer.public_key,
-            key_epoch=key.epoch,
-            measured_config=service.measured_config,
-            kem_public_key=key.kem_public_key,
-            collateral=service.collateral(),
+        evidence = await service.document(
+            link_nonce(challenge, link.public_key),
+            keyring.current,
+            signer,
             # The release this VM runs (attestation.release_bundle), for policies with a [release].
             release_bundle=service.release_bundle,
         )

@@ -254,7 +254,7 @@ async def _workers_lifecycle(app: web.Application) -> AsyncIterator[None]:
     async def before_load() -> None:
         service = state.attestation
         service.measure(state.engine.weights_sha256())  # the models are prepared: the digest is known
-        await admission.gate(await asyncio.to_thread(own_policy, service, state))
+        await admission.gate(await own_policy(service, state))
         state.engine.distributed_args = admission.engine_args()
 
     state.engine.before_load = before_load

@@ -37,6 +37,7 @@ from attestation.producers.tsm import TsmProvider
 
 from ..config import NodeConfig
 from ..errors import InvalidBody, NotReady, Overloaded
+from ..keys import NodeKey, Signer
 from ..measurement import code_measurement
 from .admission import RateLimiter
 from .state import NODE, NodeState, bearer_token
@@ -114,6 +115,26 @@ class AttestationService:
             )
         log.info("measured config fixed: config_digest=%s", self.config_digest.hex())
 
+
+    async def document(self, nonce: bytes, key: NodeKey, signer: Signer, **additions: Any) -> dict[str, Any]:
+        """This VM's attestation document for `nonce`, binding `key` (of its keyring) and `signer`;
+        `additions` are build_document's optional fields (attested TLS, the v3 additions)."""
+        assert self.cpu is not None and self.measured_config is not None
+        # Providers do blocking file and device I/O (configfs-tsm, NVML): keep it off the loop.
+        # The collateral is read here, on the loop that refreshes it, so never half-replaced.
+        return await asyncio.to_thread(
+            build_document,
+            self.cpu,
+            self.gpu,
+            nonce=nonce,
+            dh_public_key=key.public_key,
+            signing_public_key=signer.public_key,
+            key_epoch=key.epoch,
+            measured_config=self.measured_config,
+            kem_public_key=key.kem_public_key,
+            collateral=self.collateral(),
+            **additions,
+        )
 
     async def keep_collateral(self) -> None:
         """Load the configured collateral directory, then (real TEEs) fetch and refresh forever."""
@@ -194,20 +215,10 @@ async def attestation_document(request: web.Request) -> web.Response:
         raise
     if service.measured_config is None:
         service.measure(state.engine.weights_sha256())
-    assert service.cpu is not None and service.measured_config is not None
-    key = state.keyring.current
-    # Providers do blocking file and device I/O (configfs-tsm, NVML): keep it off the loop.
-    document = await asyncio.to_thread(
-        build_document,
-        service.cpu,
-        service.gpu,
-        nonce=bytes.fromhex(nonce),
-        dh_public_key=key.public_key,
-        signing_public_key=state.signer.public_key,
-        key_epoch=key.epoch,
-        measured_config=service.measured_config,
-        kem_public_key=key.kem_public_key,
-        collateral=service.collateral(),
+    document = await service.document(
+        bytes.fromhex(nonce),
+        state.keyring.current,
+        state.signer,
         tls_cert_sha256=state.tls.sha256 if state.tls else None,
         public_keys={name: value() for name, value in service.public_keys.items()},
         workers=service.workers(),

@@ -26,7 +26,7 @@ import orjson
 from aiohttp import web
 
 from attestation.appraisal import Policy, load_policy, policy_from_claims
-from attestation.document import build_document, verify_document, verify_evidence
+from attestation.document import verify_document, verify_evidence
 from attestation.errors import AttestationError, PolicyRefused
 from attestation.workers import CHALLENGE_SIZE, WorkerEntry
 
@@ -172,23 +172,12 @@ def _load_worker_policy(path: Path) -> Policy:
         raise ValueError(f"workers.policy {path} cannot be read: {exc.strerror}: give a policy file (docs/policy.md) or none") from None
 
 
-def own_policy(service: Any, state: Any) -> Policy:
+async def own_policy(service: Any, state: Any) -> Policy:
     """The default worker policy: every register of the head's own evidence and its config digest
     (tee-node policy from-quote applied to itself), so a worker must run what the head runs."""
     nonce = secrets.token_bytes(32)
-    key = state.keyring.current
-    document = build_document(
-        service.cpu,
-        service.gpu,
-        nonce=nonce,
-        dh_public_key=key.public_key,
-        signing_public_key=state.signer.public_key,
-        key_epoch=key.epoch,
-        measured_config=service.measured_config,
-        kem_public_key=key.kem_public_key,
-        collateral=service.collateral(),
-    )
-    claims = verify_evidence(document, expected_nonce=nonce).claims
+    document = await service.document(nonce, state.keyring.current, state.signer)
+    claims = (await asyncio.to_thread(verify_evidence, document, expected_nonce=nonce)).claims
     return Policy.from_mapping(tomllib.loads(policy_from_claims(claims)))
 
 
