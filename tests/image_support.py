@@ -10,10 +10,7 @@ is the real one. Two denoising steps at 64x64 take about 0.1 s on one CPU core.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +20,7 @@ import pytest
 from node.config import load_config, merge_settings
 from node.engine import build_engine
 from node.server.app import create_app
-from server_support import TEE_NODE, Node, NodeProcess, NodeTestServer, free_port, http_get, wait_for
+from server_support import Node, NodeProcess, NodeTestServer, free_port, start_node_process, wait_for
 
 # The tokenizer knows these words; any other word is <unk> (still one token each).
 VOCABULARY = ("a", "an", "the", "red", "green", "blue", "cat", "dog", "house", "tree", "in", "on", "of", "picture")
@@ -183,29 +180,12 @@ def spawn_image_node(directory: Path, *settings: str, extra_args: list[str] | No
         + "\n"
     )
     config.close()
-    log_file = tempfile.NamedTemporaryFile(prefix="tee-node-images-", suffix=".log", delete=False)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TEE_NODE_")}
-    proc = subprocess.Popen(
-        [str(TEE_NODE), "serve", "--config", config.name, "--port", str(port), *(extra_args or [])],
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        env=env,
+    return start_node_process(
+        ["serve", "--config", config.name, "--port", str(port), *(extra_args or [])],
+        port,
+        ready_within=90,
+        log_prefix="tee-node-images-",
     )
-    log_file.close()
-    node = NodeProcess(proc, port, Path(log_file.name))
-    deadline = time.monotonic() + 90
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"tee-node exited {proc.returncode}:\n{node.log()}")
-        try:
-            if http_get(node.url + "/ready", timeout=1)[0] == 200:
-                return node
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            node.stop()
-            raise RuntimeError(f"tee-node not ready in time:\n{node.log()}")
-        time.sleep(0.1)
 
 
 @pytest.fixture(scope="session")

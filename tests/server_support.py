@@ -370,20 +370,33 @@ def spawn_node(model: str = MODEL, env: dict[str, str] | None = None, extra_args
     """`tee-node serve --engine echo --port P --model M` on a free port, once /ready answers 200
     (https:// with `--tls` among `extra_args`)."""
     port = free_port()
-    log_file = tempfile.NamedTemporaryFile(prefix="tee-node-", suffix=".log", delete=False)
-    log_path = Path(log_file.name)
-    proc_env = {k: v for k, v in os.environ.items() if not k.startswith("TEE_NODE_")}
-    proc_env["TEE_NODE_LIMITS__STREAM_COALESCE_MAX"] = "1"  # one event per chunk, as in echo_config
-    proc_env.update(env or {})
-    proc = subprocess.Popen(
-        [str(TEE_NODE), "serve", "--engine", "echo", "--port", str(port), "--model", model, *(extra_args or [])],
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        env=proc_env,
+    return start_node_process(
+        ["serve", "--engine", "echo", "--port", str(port), "--model", model, *(extra_args or [])],
+        port,
+        # one event per chunk, as in echo_config
+        env={"TEE_NODE_LIMITS__STREAM_COALESCE_MAX": "1", **(env or {})},
+        scheme="https" if "--tls" in (extra_args or []) else "http",
     )
+
+
+def start_node_process(
+    args: list[str],
+    port: int,
+    *,
+    env: dict[str, str] | None = None,
+    scheme: str = "http",
+    ready_within: float = 30,
+    log_prefix: str = "tee-node-",
+) -> NodeProcess:
+    """`tee-node ARGS` serving on `port`, once /ready answers 200; its environment is this one's
+    without the TEE_NODE_ settings (so the test decides them all), plus `env`."""
+    log_file = tempfile.NamedTemporaryFile(prefix=log_prefix, suffix=".log", delete=False)
+    proc_env = {k: v for k, v in os.environ.items() if not k.startswith("TEE_NODE_")}
+    proc_env.update(env or {})
+    proc = subprocess.Popen([str(TEE_NODE), *args], stdout=log_file, stderr=subprocess.STDOUT, env=proc_env)
     log_file.close()
-    node = NodeProcess(proc, port, log_path, "https" if "--tls" in (extra_args or []) else "http")
-    deadline = time.monotonic() + 30
+    node = NodeProcess(proc, port, Path(log_file.name), scheme)
+    deadline = time.monotonic() + ready_within
     while True:
         if proc.poll() is not None:
             raise RuntimeError(f"tee-node exited {proc.returncode}:\n{node.log()}")
