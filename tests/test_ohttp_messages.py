@@ -13,6 +13,7 @@ from node.crypto import hpke_x25519_key_pair
 from node.ohttp import bhttp
 from node.ohttp.encapsulation import (
     ChunkedRequestDecapsulator,
+    ChunkedResponseOpener,
     DecapsulationError,
     GatewayKey,
     KeyConfig,
@@ -235,13 +236,13 @@ def test_chunked_round_trip_and_truncation() -> None:
     responder = gateway.encapsulator
     assert responder is not None
     answer = responder.chunked_start() + responder.chunk(b"event 1") + responder.chunk(b"event 2") + responder.final_chunk(b"")
-    opener = client.response_opener()
+    opener = ChunkedResponseOpener(client)
     assert b"".join(opener.feed(answer[i : i + 3]) for i in range(0, len(answer), 3)) == b"event 1event 2"
     assert opener.end() == b""
     # A response cut before its final chunk, or with the final chunk dropped, never passes as whole.
     final_at = len(answer) - 17
     for cut in (answer[:final_at], answer[:final_at] + b"\x00", answer[:-1]):
-        opener = client.response_opener()
+        opener = ChunkedResponseOpener(client)
         opener.feed(cut)
         with pytest.raises(DecapsulationError):
             opener.end()

@@ -43,9 +43,8 @@ MEDIA_CHUNKED_RESPONSE = "message/ohttp-chunked-res"
 HEADER_SIZE = 7  # key id (1), KEM (2), KDF (2), AEAD (2)
 ENC_SIZE = X25519_KEY_SIZE
 TAG_SIZE = 16
-# The draft's limit on a chunk's plaintext that every receiver accepts.
-MAX_CHUNK_PLAINTEXT = 16 * 1024
-# Sealed chunk lengths a receiver takes (the plaintext limit, its tag, and room for larger peers).
+# Sealed chunk lengths a receiver takes (the draft's 16 KiB plaintext limit every receiver
+# accepts, its tag, and room for larger peers).
 MAX_SEALED_CHUNK = 1024 * 1024
 
 
@@ -326,7 +325,7 @@ def choose_aead(config: KeyConfig) -> AEADId:
 
 class RequestEncapsulator:
     """A client's request to one gateway key: `encapsulate` (whole) or chunked (`header`,
-    `chunk`, `final_chunk`); then the matching response opener."""
+    `chunk`, `final_chunk`); then `open_response`, or a ChunkedResponseOpener over it."""
 
     def __init__(self, config: KeyConfig, *, chunked: bool, aead: AEADId | None = None, ephemeral: KEMKeyPair | None = None) -> None:
         self.aead = aead or choose_aead(config)
@@ -366,9 +365,6 @@ class RequestEncapsulator:
         if plaintext is None:
             raise DecapsulationError()
         return plaintext
-
-    def response_opener(self) -> ChunkedResponseOpener:
-        return ChunkedResponseOpener(self)
 
 
 class ChunkedResponseOpener:
