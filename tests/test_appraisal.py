@@ -1,6 +1,6 @@
 """Appraisal: default-deny policy, policy files, `quote verify` and `policy from-quote`.
 
-On the real samples with the sample Intel collateral at fixed times, as the issue's "done when" asks.
+On the real samples with the sample Intel collateral at fixed times.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def verify(capsys, *argv) -> tuple[int, dict, str]:
     return code, json.loads(captured.out), captured.err
 
 
-# --- the issue's "done when", through `tee-node quote verify` ---
+# --- the real samples, through `tee-node quote verify` ---
 
 
 def test_sample_tcb_status_is_computed_and_refused_by_default(capsys, tmp_path):
