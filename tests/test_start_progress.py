@@ -5,7 +5,9 @@ once stopping. No vLLM here: a fake clock, a short interval, lines as vLLM's pro
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import logging.config
 import os
 import time
 
@@ -17,7 +19,7 @@ from node.config import LOG_FORMAT, load_config
 from node.engine.base import ModelCard
 from node.engine.echo import EchoEngine
 from node.engine.progress import PROGRESS_SECONDS, StartProgress, report
-from node.engine.vllm import VllmEngine
+from node.engine.vllm import VllmEngine, quiet_vllm_logging
 from node.engine.vllm_logging import STAGES, PlatformNoticeFilter, stage_of
 from node.server import create_app
 
@@ -181,3 +183,16 @@ async def test_a_node_stopping_while_its_engine_loads_says_nothing_more_of_the_s
     assert [line for line in said[:stopping] if line.startswith("engine: still importing vLLM (")], said
     assert not [line for line in said[stopping:] if "still" in line], said
     assert said[-1] == "tee-node stopped"
+
+
+def test_vllms_logging_file_maps_each_model_path_to_its_served_name(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("VLLM_LOGGING_CONFIG_PATH", str(tmp_path / "vllm-logging.json"))
+    applied: list[dict] = []
+    monkeypatch.setattr(logging.config, "dictConfig", applied.append)  # not this test process's logging
+    quiet_vllm_logging(tmp_path, {"/cache/smollm2": CHAT})
+    written = json.loads((tmp_path / "vllm-logging.json").read_text())
+    assert written == applied[0]
+    assert written["filters"]["platform_notices"]["models"] == {"/cache/smollm2": CHAT}
+    monkeypatch.setenv("VLLM_LOGGING_CONFIG_PATH", str(tmp_path / "the-operators.json"))
+    quiet_vllm_logging(tmp_path / "elsewhere", {"/cache/smollm2": CHAT})  # the operator's choice stays
+    assert not (tmp_path / "elsewhere").exists() and len(applied) == 1
