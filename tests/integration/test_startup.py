@@ -1,6 +1,7 @@
 """Start-up and stop of a real `tee-node serve` with the vLLM engine: a signal at any moment of
 the engine load ends every process of the node's (supervisor, node, engine cores, workers)
-within 3 s, and nothing is printed after the node's last line; a ready node stops with its own
+within 3 s, says nothing more of its start once stopping, and nothing is printed after the
+node's last line; a warm start is never silent for over 3 s; a ready node stops with its own
 last line and no vLLM warning."""
 
 from __future__ import annotations
@@ -141,6 +142,8 @@ def test_a_signal_during_start_up_ends_every_process_within_3_s_and_silently(tmp
     assert seconds <= STOP_WITHIN, f"{how} at {moment}: {seconds:.1f} s until no process was left:\n{proc.tail()}"
     assert lines[-1].endswith(LAST_LINE), f"{how} at {moment}: printed after the node's last line:\n{proc.tail()}"
     assert not [line for line in lines if "Traceback" in line], f"{how} at {moment}:\n{proc.tail()}"
+    stopping = next(i for i, line in enumerate(lines) if " stopping: " in line)
+    assert not [line for line in lines[stopping:] if " engine: still " in line], f"{how} at {moment}:\n{proc.tail()}"
     print(f"{how} at {moment}: no process left after {seconds:.1f} s")
 
 
