@@ -25,6 +25,7 @@ import sys
 import termios
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 # Names the supervisor's pid in the node's environment: the node checks that this parent is
@@ -70,6 +71,8 @@ _leading_group = False
 _gates: list["OutputGate"] = []
 # How long closing a gate waits for output already written to be forwarded.
 GATE_DRAIN_SECONDS = 0.2
+# A line the gate's watchers get is cut to this many bytes (output without newlines stays bounded).
+WATCHED_LINE_BYTES = 1 << 16
 
 
 def leads_group() -> bool:
@@ -124,9 +127,13 @@ def bind_to_supervisor() -> None:
 class OutputGate:
     """File descriptor `fd` (1 or 2) of this process becomes a pipe that every child inherits; a
     thread forwards what arrives to the original file, which this process itself keeps writing
-    to (`real`). Once closed, what children still write is read and dropped."""
+    to (`real`), and hands each line forwarded to the `watchers`. Once closed, what children
+    still write is read and dropped."""
 
     def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.watchers: list[Callable[[str], None]] = []
+        self._partial = b""
         self.real = os.dup(fd)
         self._read, write = os.pipe()
         os.dup2(write, fd)
@@ -141,6 +148,18 @@ class OutputGate:
                 if self._open:
                     with contextlib.suppress(OSError):
                         _write_all(self.real, data)
+                    if self.watchers:
+                        self._watch(data)
+
+    def _watch(self, data: bytes) -> None:
+        *lines, partial = (self._partial + data).split(b"\n")
+        self._partial = partial[-WATCHED_LINE_BYTES:]
+        for line in lines:
+            text = line[:WATCHED_LINE_BYTES].decode("utf-8", "replace")
+            for watcher in list(self.watchers):
+                # A failing watcher must not end the forwarding: children would block on a full pipe.
+                with contextlib.suppress(Exception):
+                    watcher(text)
 
     def close(self) -> None:
         deadline = time.monotonic() + GATE_DRAIN_SECONDS
@@ -169,6 +188,17 @@ def gate_child_output() -> None:
         gate = OutputGate(fd)
         _gates.append(gate)
         setattr(sys, name, open(gate.real, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False))
+
+
+def watch_child_output(watcher: Callable[[str], None]) -> Callable[[], None] | None:
+    """Hand `watcher` each line this node's children write to stderr (vLLM's logging), in the
+    gate's thread. Returns the call that stops it, or None when there is no gate (the node is
+    not supervised) and so nothing to watch."""
+    gate = next((gate for gate in _gates if gate.fd == 2), None)
+    if gate is None:
+        return None
+    gate.watchers.append(watcher)
+    return lambda: gate.watchers.remove(watcher)
 
 
 def end_leftovers() -> None:

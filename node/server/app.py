@@ -204,7 +204,7 @@ async def _engine_lifecycle(app: web.Application) -> AsyncIterator[None]:
         models = [card.id for card in state.engine.models()]
         log.info(ready_line(state.config, models, time.time() - state.started_at, service.config_digest))
 
-    loading = asyncio.create_task(load())
+    loading = state.loading = asyncio.create_task(load())
     yield
     log.info("stopping the engine")
     loading.cancel()
@@ -218,6 +218,8 @@ async def _stopping(app: web.Application) -> None:
     state = app[NODE]
     if not state.engine.ready:
         log.info("stopping: no new connections; the engine had not finished loading")
+        if state.loading is not None:
+            state.loading.cancel()  # at once: nothing of the start is said after this line
         return
     log.info(
         "stopping: no new connections; %d request(s) in flight get up to %.0f s to finish",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import time
@@ -34,6 +35,7 @@ class NodeState:
     privacy_pass: Any = None  # PrivacyPass (auth.privacy_pass.enabled), set by the app factory
     workers: Any = None  # WorkerAdmission on a multi-VM head (workers.count > 0), set by the app factory
     started_at: float = field(default_factory=time.time)
+    loading: asyncio.Task | None = None  # the engine's start, set by its lifecycle
 
     @classmethod
     def build(cls, config: NodeConfig, engine: Engine) -> NodeState:
