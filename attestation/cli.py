@@ -213,6 +213,12 @@ def iso_time(text: str) -> datetime:
         raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
 
 
+def command_group(parser: argparse.ArgumentParser, dest: str) -> Any:
+    """Subcommands of a `tee-node` command group: called without one, it prints its help and says
+    "COMMAND" (argparse would name `dest`, an internal name)."""
+    return parser.add_subparsers(dest=dest, required=True, metavar="COMMAND", title="commands")
+
+
 def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
     """--policy, --accept-any-measurement and --allow-simulated: shared by quote verify, attest and chat."""
     parser.add_argument("--policy", type=Path, metavar="FILE", help="TOML appraisal policy (docs/policy.md)")

@@ -193,15 +193,9 @@ class _HelpfulParser(argparse.ArgumentParser):
         self.exit(2, f"\n{self.prog}: error: {message}\n")
 
 
-def _commands(parser: argparse.ArgumentParser, dest: str) -> Any:
-    """Subcommands; a parser called without one prints its help and says "COMMAND" (argparse
-    would name `dest`, an internal name)."""
-    return parser.add_subparsers(dest=dest, required=True, metavar="COMMAND", title="commands")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _HelpfulParser(prog="tee-node", description=__doc__)
-    commands = _commands(parser, "command")
+    commands = attestation_cli.command_group(parser, "command")
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--config", type=Path, default=None, help="TOML config (default: configs/simulated.toml)")
@@ -248,31 +242,31 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--log-level", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     worker.set_defaults(func=_worker)
 
-    models = _commands(commands.add_parser("models", help="model cache"), "models_command")
+    models = attestation_cli.command_group(commands.add_parser("models", help="model cache"), "models_command")
     prepare = with_config(models.add_parser("prepare", help="prepare the configured models ahead of time"))
     prepare.add_argument("--model")
     prepare.set_defaults(func=_models_prepare)
     models_digest = with_config(models.add_parser("digest", help="print NAME=SHA256 of each model's weight manifest"))
     models_digest.set_defaults(func=_models_digest)
 
-    quote = _commands(commands.add_parser("quote", help="TEE evidence"), "quote_command")
+    quote = attestation_cli.command_group(commands.add_parser("quote", help="TEE evidence"), "quote_command")
     verify = quote.add_parser("verify", help="verify a raw TDX quote or SEV-SNP report")
     attestation_cli.add_arguments(verify)
     verify.set_defaults(func=attestation_cli.run)
 
-    policy = _commands(commands.add_parser("policy", help="appraisal policies"), "policy_command")
+    policy = attestation_cli.command_group(commands.add_parser("policy", help="appraisal policies"), "policy_command")
     from_quote = policy.add_parser("from-quote", help="print a policy pinning the registers of known-good evidence")
     attestation_cli.add_from_quote_arguments(from_quote)
     from_quote.set_defaults(func=attestation_cli.run_from_quote)
     from .cli_release import add_release_parser
 
     add_release_parser(commands)
-    gpu = _commands(commands.add_parser("gpu", help="NVIDIA GPU evidence"), "gpu_command")
+    gpu = attestation_cli.command_group(commands.add_parser("gpu", help="NVIDIA GPU evidence"), "gpu_command")
     gpu_verify = gpu.add_parser("verify", help="verify an NVIDIA GPU attestation report offline")
     gpu_cli.add_arguments(gpu_verify)
     gpu_verify.set_defaults(func=gpu_cli.gpu_verify)
 
-    config = _commands(commands.add_parser("config", help="configuration"), "config_command")
+    config = attestation_cli.command_group(commands.add_parser("config", help="configuration"), "config_command")
     digest = with_config(config.add_parser("digest", help="print the config digest the attestation will report (prepares the models to measure their weights)"))
     digest.add_argument(
         "--weights-sha256", action="append", metavar="NAME=HEX", help="a model's weight-manifest digest measured elsewhere, as `tee-node models digest` prints it (repeatable)"

@@ -346,8 +346,10 @@ def run_attest(args: argparse.Namespace, out: TextIO | None = None, err: TextIO 
 
 
 def add_tokens_parser(subparsers: Any) -> argparse.ArgumentParser:
+    from attestation.cli import command_group
+
     tokens = subparsers.add_parser("tokens", help="Privacy Pass tokens (anonymous credentials)")
-    commands = tokens.add_subparsers(dest="tokens_command", required=True, metavar="COMMAND", title="commands")
+    commands = command_group(tokens, "tokens_command")
     parser = commands.add_parser(
         "fetch",
         help="fetch tokens for an account into a wallet",

@@ -30,10 +30,10 @@ def _subject(value: str) -> tuple[str, str]:
 
 
 def add_release_parser(commands: Any) -> None:
-    from attestation.cli import iso_time
+    from attestation.cli import command_group, iso_time
 
     release = commands.add_parser("release", help="release statements and their Sigstore bundles (docs/releases.md)")
-    sub = release.add_subparsers(dest="release_command", required=True, metavar="COMMAND", title="commands")
+    sub = command_group(release, "release_command")
 
     statement = sub.add_parser(
         "statement",

@@ -201,9 +201,9 @@ class ResponseSealer:
     """Seals a request's answer: one response, or a stream of events each with a fresh nonce.
 
     Keeps the running transcript (BLAKE2b-256 over every response_hash in order) for the
-    receipt attached to the response or to the final event. With `padding` on (length hiding; the server sets it from the request, `take_obfuscation`) every plaintext is
-    padded before it is encrypted, hashed and signed: events to `event_size`, the response to
-    `bucket_size`.
+    receipt attached to the response or to the final event. With `padding` on (length hiding;
+    the server sets it from the request, `take_obfuscation`) every plaintext is padded before it
+    is encrypted, hashed and signed: events to `event_size`, the response to `bucket_size`.
     """
 
     __slots__ = ("_aead", "_signer", "request_hash", "key_epoch", "_transcript", "events", "finished", "padding")
