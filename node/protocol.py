@@ -1,6 +1,6 @@
-"""Wire models: the Atoma confidential-compute schemas (../shared/seeds) and this node's additions.
+"""Wire models: the Atoma confidential-compute schemas (atoma-node's OpenAPI) and this node's additions.
 
-Outer models are validated strictly (no string-to-int coercion: the seeds say integer and
+Outer models are validated strictly (no string-to-int coercion: Atoma's schemas say integer and
 string), unknown fields are ignored as Atoma's serde does. The OpenAI plaintext models check
 only what the node itself relies on and pass everything else through to the engine.
 """
